@@ -1,0 +1,177 @@
+"""A backfill, end to end: plan, run an attempt, find what failed, plan the retry.
+
+These functions are what the Dagster assets and the CLI call; they hold no
+Dagster code, so a backfill can also run from a script or a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.executors import Executor
+from pipeline.items import ItemSource, NormalizeReport, normalize
+from pipeline.ledger import Ledger
+from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
+from pipeline.manifests import ManifestStore, check_name
+from pipeline.plan import chunk_count, iter_chunks, make_plan
+from pipeline.report import AttemptReport, attempt_report
+from pipeline.runner import ChunkResult, make_chunk_function
+from pipeline.work import Work
+
+
+class AuthenticationFailed(RuntimeError):
+    """The service refused our credentials: stop before recording a million failures."""
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """Everything Paceline needs to run one backfill.
+
+    ``service`` names the external service; backfills that share a service
+    share its limit (and, in Dagster, its concurrency pool).
+    """
+
+    name: str
+    source: ItemSource
+    work: Work
+    limit: ServiceLimit
+    estimates: Estimates = Estimates()
+    overrides: Overrides = Overrides()
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.max_attempts < 1:
+            raise ValueError(f"{self.name}: max_attempts must be at least 1, got {self.max_attempts}.")
+
+    @property
+    def service(self) -> str:
+        return self.limit.name
+
+    def with_limit(self, limit: ServiceLimit) -> Backfill:
+        return dataclasses.replace(self, limit=limit)
+
+    def with_overrides(self, overrides: Overrides) -> Backfill:
+        return dataclasses.replace(self, overrides=overrides)
+
+    def execution_plan(self, item_count: int | None = None) -> ExecutionPlan:
+        return derive_plan(self.limit, self.estimates, self.overrides, item_count)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: pa.Table
+    normalized: NormalizeReport
+    execution: ExecutionPlan
+    path: str
+    attempt: int
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.plan)
+
+
+@dataclass(frozen=True)
+class Progress:
+    chunks_done: int
+    chunks_total: int
+    items_done: int
+    items_total: int
+    ok: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    report: AttemptReport
+    counts: dict[str, int]
+    skipped_chunks: int
+    unreadable_manifests: list[str]
+    execution: ExecutionPlan
+
+
+def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
+    """Read and normalise the items, derive the execution plan, write the chunk plan (attempt 0)."""
+    execution_check = backfill.execution_plan()  # refuse a bad declaration before reading anything
+    items, normalized = normalize(backfill.source.read())
+    execution = backfill.execution_plan(items.num_rows) if items.num_rows else execution_check
+    plan = make_plan(items, execution.chunk_size)
+    path = store.plan_path(backfill.name, 0)
+    store.write_table(path, plan)
+    return PlanResult(plan, normalized, execution, store.uri(path), 0)
+
+
+def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanResult:
+    """Plan attempt ``attempt`` from the items whose latest row is failed and retryable."""
+    if attempt < 1:
+        raise ValueError(f"a retry round is attempt 1 or later, got {attempt}.")
+    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
+        failed = ledger.failed_items(backfill.name)
+    original = store.read_table(store.plan_path(backfill.name, 0))
+    payloads = original.select(["item_id", "payload"])
+    items = failed.select(["item_id"]).join(payloads, "item_id", join_type="left outer")
+    items = items.take(pc.sort_indices(items["item_id"]))
+    execution = backfill.execution_plan(max(items.num_rows, 1))
+    plan = make_plan(items.select(["item_id", "payload"]), execution.chunk_size)
+    path = store.plan_path(backfill.name, attempt)
+    store.write_table(path, plan)
+    return PlanResult(plan, NormalizeReport(items.num_rows, 0, 0), execution, store.uri(path), attempt)
+
+
+def run_attempt(
+    backfill: Backfill,
+    store: ManifestStore,
+    executor: Executor,
+    attempt: int = 0,
+    run_id: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunResult:
+    """Run every unfinished chunk of an attempt and write each manifest as it finishes.
+
+    Chunks that already have a readable manifest are skipped (resume);
+    unreadable manifests are reported and their chunks run again.
+    """
+    run_id = run_id or uuid.uuid4().hex[:12]
+    plan = store.read_table(store.plan_path(backfill.name, attempt))
+    execution = backfill.execution_plan(max(plan.num_rows, 1))
+    scan = store.scan_chunks(backfill.name, attempt)
+    chunks = iter_chunks(
+        plan, backfill=backfill.name, attempt=attempt, run_id=run_id, pacing=execution.pacing, skip=scan.finished
+    )
+    total_chunks = chunk_count(plan)
+    done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(scan.finished), pa.int32()))).as_py() or 0)
+    progress = Progress(len(scan.finished), total_chunks, done_items, plan.num_rows, 0)
+    function = make_chunk_function(backfill.work)
+    for result in executor.map(function, chunks, execution.max_parallelism):
+        _stop_on_auth_failure(result, backfill)
+        store.write_chunk(result)
+        progress = Progress(
+            progress.chunks_done + 1,
+            total_chunks,
+            progress.items_done + len(result),
+            plan.num_rows,
+            progress.ok + sum(result.ok),
+        )
+        if on_progress:
+            on_progress(progress)
+    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
+        report = attempt_report(ledger, backfill.name, attempt, run_id)
+        counts = ledger.counts(backfill.name)
+    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution)
+
+
+def _stop_on_auth_failure(result: ChunkResult, backfill: Backfill) -> None:
+    if not result.auth_aborted:
+        return
+    statuses = sorted({s for s in result.http_status if s})
+    raise AuthenticationFailed(
+        f"{backfill.name}: the first calls of chunk {result.chunk_id} were all refused "
+        f"(HTTP {', '.join(map(str, statuses))}). Check the credentials the backfill uses "
+        "(for example the API token environment variable); nothing was recorded for this chunk, "
+        "so a rerun will do it."
+    )

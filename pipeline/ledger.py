@@ -1,0 +1,94 @@
+"""The ledger: DuckDB views over every manifest, the source of truth for retries.
+
+=========  ===============================================================
+view       rows
+=========  ===============================================================
+results    every row of every manifest (all attempts)
+latest     the latest row per (backfill, item): a later attempt wins
+failed     latest row failed, retryable, and attempts left: the retry source
+dead       latest row failed for good: permanent, or attempts exhausted
+summary    counts per backfill
+=========  ===============================================================
+
+DuckDB runs in memory and reads the manifests through Arrow, so the same
+views work on local folders and on S3, and the database holds no file lock
+(Dagster's DuckDBResource would lock a file). External access is switched off
+and the configuration locked once the views exist: ad-hoc SQL can read the
+manifests but cannot write, copy over or delete them.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from pipeline.manifests import MANIFEST_SCHEMA, ManifestStore
+
+VIEWS = ("results", "latest", "failed", "dead", "summary")
+
+
+class Ledger:
+    """Read-only SQL over the manifests of one store (optionally one backfill)."""
+
+    def __init__(self, store: ManifestStore, max_attempts: int = 3, backfill: str | None = None):
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}.")
+        self.store = store
+        self.max_attempts = max_attempts
+        self.con = duckdb.connect(":memory:")
+        files = store.manifest_files(backfill)
+        rows = store.dataset(backfill) if files else MANIFEST_SCHEMA.empty_table()
+        self.con.register("manifest_rows", rows)
+        self._create_views()
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+
+    def _create_views(self) -> None:
+        left = f"attempt + 1 < {int(self.max_attempts)}"
+        self.con.execute("CREATE VIEW results AS SELECT * FROM manifest_rows")
+        self.con.execute(
+            "CREATE VIEW latest AS SELECT * FROM results "
+            "QUALIFY row_number() OVER (PARTITION BY backfill, item_id "
+            "ORDER BY attempt DESC, finished_at DESC) = 1"
+        )
+        self.con.execute(f"CREATE VIEW failed AS SELECT * FROM latest WHERE NOT ok AND retryable AND {left}")
+        self.con.execute(
+            f"CREATE VIEW dead AS SELECT * FROM latest WHERE NOT ok AND NOT (retryable AND {left})"
+        )
+        self.con.execute(
+            f"""CREATE VIEW summary AS SELECT backfill,
+                count(*) AS items,
+                count(*) FILTER (WHERE ok) AS ok,
+                count(*) FILTER (WHERE NOT ok AND retryable AND {left}) AS failed,
+                count(*) FILTER (WHERE NOT ok AND NOT (retryable AND {left})) AS dead,
+                max(attempt) AS last_attempt
+            FROM latest GROUP BY backfill ORDER BY backfill"""
+        )
+
+    def query(self, sql: str) -> pa.Table:
+        """Run any read-only SQL against the views; returns an Arrow table."""
+        return self.con.execute(sql).to_arrow_table()
+
+    def failed_items(self, backfill: str) -> pa.Table:
+        """The retry source: the latest failed-retryable row of each item, without result payloads."""
+        return self.con.execute(
+            "SELECT item_id, attempt, status, http_status, error, finished_at FROM failed "
+            "WHERE backfill = ? ORDER BY item_id",
+            [backfill],
+        ).to_arrow_table()
+
+    def counts(self, backfill: str) -> dict[str, int]:
+        """items / ok / failed / dead / last_attempt for one backfill (zeros if it never ran)."""
+        row = self.con.execute(
+            "SELECT items, ok, failed, dead, last_attempt FROM summary WHERE backfill = ?", [backfill]
+        ).fetchone()
+        return dict(zip(("items", "ok", "failed", "dead", "last_attempt"), row or (0, 0, 0, 0, -1)))
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

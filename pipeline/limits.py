@@ -1,0 +1,357 @@
+"""Service limits, and the execution plan derived from them.
+
+A user writes down the contract of the service they are about to hit (1,000
+requests/s, 200 safe connections, 60,000 tokens/min...). Everything else —
+how many workers run at once, how far apart one worker spaces its calls, how
+many items a chunk holds — is derived here, so that the declared limit holds
+*by construction*: no worker ever needs to know what the others are doing.
+
+The arithmetic is the one from the Burla guide,
+
+    global throughput = live workers x per-worker throughput,
+
+applied with a ``safety`` factor so a first run aims well below the contract.
+``safety`` scales the *global* limits (rates, tokens, connections, batches).
+Per-worker politeness and the worker cap are ceilings the user chose
+themselves, so they are applied as written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class LimitError(ValueError):
+    """A declaration or an override that cannot be run safely.
+
+    The message always names the field, the numbers and the fix, because it is
+    shown to the user as is, before any external call is made.
+    """
+
+
+@dataclass(frozen=True)
+class ServiceLimit:
+    """The external contract of one service. Declare any combination."""
+
+    name: str = "service"
+    requests_per_second: float | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    safe_connections: int | None = None
+    concurrent_batches: int | None = None
+    per_worker_requests_per_second: float | None = None
+    jitter_s: float = 0.0
+    max_workers: int | None = None
+    safety: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LimitError(
+                    f"{self.name}: {name} must be a positive number, got {value!r}. "
+                    f"Write the service's real limit, or leave {name} unset."
+                )
+        for name in ("safe_connections", "concurrent_batches", "max_workers"):
+            value = getattr(self, name)
+            if value is not None and int(value) != value:
+                raise LimitError(f"{self.name}: {name} must be a whole number, got {value!r}.")
+        if not 0 < self.safety <= 1:
+            raise LimitError(
+                f"{self.name}: safety must be in (0, 1], got {self.safety!r}. "
+                "It is the fraction of the limit a run aims at: 0.5 is a good first run."
+            )
+        if self.jitter_s < 0:
+            raise LimitError(f"{self.name}: jitter_s must be >= 0 seconds, got {self.jitter_s!r}.")
+        if not any(getattr(self, name) is not None for name in _LIMIT_FIELDS):
+            raise LimitError(
+                f"{self.name}: no limit declared. Set at least one of "
+                f"{', '.join(_LIMIT_FIELDS)} (for example requests_per_second=1000)."
+            )
+
+    def global_rate(self) -> float | None:
+        """Requests/s the service allows in total (the tighter of /s and /min)."""
+        rates = [self.requests_per_second]
+        if self.requests_per_minute is not None:
+            rates.append(self.requests_per_minute / 60)
+        return _min_defined(rates)
+
+    def concurrency_cap(self) -> int | None:
+        """Live workers the service tolerates (connections or batches in flight)."""
+        caps = [self.safe_connections, self.concurrent_batches]
+        return None if all(c is None for c in caps) else int(_min_defined(caps))
+
+
+_LIMIT_FIELDS = (
+    "requests_per_second",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "safe_connections",
+    "concurrent_batches",
+    "per_worker_requests_per_second",
+    "max_workers",
+)
+_POSITIVE_FIELDS = _LIMIT_FIELDS
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What the user knows about the work, used to size chunks and token pacing.
+
+    ``seconds_per_call`` is the service's typical latency; a worker cannot go
+    faster than one call per latency, so it bounds per-worker throughput.
+    """
+
+    seconds_per_call: float = 0.05
+    tokens_per_item: float | None = None
+    target_chunk_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.seconds_per_call > 0:
+            raise LimitError(f"seconds_per_call must be > 0, got {self.seconds_per_call!r}.")
+        if self.tokens_per_item is not None and not self.tokens_per_item > 0:
+            raise LimitError(f"tokens_per_item must be > 0, got {self.tokens_per_item!r}.")
+        if not self.target_chunk_seconds > 0:
+            raise LimitError(f"target_chunk_seconds must be > 0, got {self.target_chunk_seconds!r}.")
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How one worker spaces its calls. Travels to the worker inside each chunk."""
+
+    min_interval_s: float = 0.0
+    jitter_s: float = 0.0
+    tokens_per_second: float | None = None
+    max_throttle_retries: int = 3
+    max_retry_after_s: float = 60.0
+    auth_fail_fast: int = 5
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values the user pins instead of letting Paceline derive them.
+
+    Pinned values still pass the admission check: a pin that would exceed the
+    declared limit is refused, never silently lowered.
+    """
+
+    max_parallelism: int | None = None
+    per_worker_requests_per_second: float | None = None
+    chunk_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """The derived numbers, plus the reasoning in words for the UI and CLI."""
+
+    max_parallelism: int
+    chunk_size: int
+    pacing: Pacing
+    target_rate: float | None
+    target_tokens_per_minute: float | None
+    explanation: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return "\n".join(self.explanation)
+
+
+def derive_plan(
+    limit: ServiceLimit,
+    estimates: Estimates = Estimates(),
+    overrides: Overrides = Overrides(),
+    item_count: int | None = None,
+) -> ExecutionPlan:
+    """Turn a service limit into max_parallelism, pacing and chunk size.
+
+    Raises ``LimitError`` when the user's pins would exceed the declared limit.
+    """
+    why: list[str] = []
+    rate = _target_rate(limit, estimates, why)
+    cap = _worker_cap(limit, why)
+    per_worker = _per_worker_ceiling(limit, estimates, overrides, why)
+
+    workers = _choose_workers(rate, cap, per_worker, overrides, limit, why)
+    interval = _choose_interval(rate, workers, per_worker, overrides, why)
+    _admit(limit, workers, interval, estimates, overrides)
+
+    tokens_per_second = None
+    if limit.tokens_per_minute is not None:
+        tokens_per_second = limit.tokens_per_minute * limit.safety / 60 / workers
+        why.append(
+            f"token pacing: each worker spends at most {tokens_per_second:,.1f} tokens/s "
+            f"({limit.tokens_per_minute:,.0f} tokens/min x safety {limit.safety:g} / {workers} workers), "
+            "reconciled with the usage each response reports"
+        )
+    pacing = Pacing(min_interval_s=interval, jitter_s=limit.jitter_s, tokens_per_second=tokens_per_second)
+    chunk_size = _choose_chunk_size(workers, interval, estimates, overrides, item_count, why)
+    target_tpm = None if limit.tokens_per_minute is None else limit.tokens_per_minute * limit.safety
+    return ExecutionPlan(workers, chunk_size, pacing, rate, target_tpm, why)
+
+
+def _target_rate(limit: ServiceLimit, estimates: Estimates, why: list[str]) -> float | None:
+    rates: list[float] = []
+    declared = limit.global_rate()
+    if declared is not None:
+        rates.append(declared * limit.safety)
+        why.append(
+            f"{_fmt(declared)} req/s x safety {limit.safety:g} = {_fmt(declared * limit.safety)} req/s target"
+        )
+    if limit.tokens_per_minute is not None and estimates.tokens_per_item:
+        by_tokens = limit.tokens_per_minute * limit.safety / 60 / estimates.tokens_per_item
+        rates.append(by_tokens)
+        why.append(
+            f"{limit.tokens_per_minute:,.0f} tokens/min x safety {limit.safety:g} / "
+            f"~{estimates.tokens_per_item:,.0f} tokens per item = {_fmt(by_tokens)} req/s target"
+        )
+    return min(rates) if rates else None
+
+
+def _worker_cap(limit: ServiceLimit, why: list[str]) -> int | None:
+    caps: list[int] = []
+    declared = limit.concurrency_cap()
+    if declared is not None:
+        safe = max(1, math.floor(declared * limit.safety))
+        caps.append(safe)
+        why.append(f"{declared} connections/batches in flight x safety {limit.safety:g} = {safe} workers at most")
+    if limit.max_workers is not None:
+        caps.append(limit.max_workers)
+        why.append(f"worker cap: {limit.max_workers} workers at most")
+    return min(caps) if caps else None
+
+
+def _per_worker_ceiling(
+    limit: ServiceLimit, estimates: Estimates, overrides: Overrides, why: list[str]
+) -> float:
+    """The fastest one worker may (politeness) or can (latency) call."""
+    natural = 1 / estimates.seconds_per_call
+    polite = overrides.per_worker_requests_per_second or limit.per_worker_requests_per_second
+    if polite is None:
+        return natural
+    why.append(f"politeness: each worker calls at most {_fmt(polite)} times/s")
+    return min(natural, polite)
+
+
+def _choose_workers(
+    rate: float | None,
+    cap: int | None,
+    per_worker: float,
+    overrides: Overrides,
+    limit: ServiceLimit,
+    why: list[str],
+) -> int:
+    if overrides.max_parallelism is not None:
+        if overrides.max_parallelism < 1:
+            raise LimitError(
+                f"{limit.name}: max_parallelism must be at least 1, got {overrides.max_parallelism}."
+            )
+        why.append(f"max_parallelism pinned at {overrides.max_parallelism}")
+        return overrides.max_parallelism
+    if rate is None:
+        if cap is None:
+            raise LimitError(
+                f"{limit.name}: only a per-worker rate was declared, so the number of workers is "
+                "unbounded. Add max_workers, requests_per_second or safe_connections."
+            )
+        workers = cap
+    else:
+        workers = max(1, math.ceil(rate / per_worker - 1e-9))
+        if cap is not None:
+            workers = min(workers, cap)
+    why.append(f"max_parallelism = {workers}")
+    return workers
+
+
+def _choose_interval(
+    rate: float | None, workers: int, per_worker: float, overrides: Overrides, why: list[str]
+) -> float:
+    """Spacing between one worker's calls so that workers x per-worker rate <= target.
+
+    A pinned per-worker rate is kept as written (the admission check judges it);
+    otherwise the spacing is stretched until the workers together meet the target.
+    """
+    interval = 1 / per_worker
+    if rate is not None and overrides.per_worker_requests_per_second is None:
+        interval = max(interval, workers / rate)
+    if interval > 0:
+        why.append(
+            f"pacing: one call every {interval:.3g} s per worker "
+            f"= {_fmt(workers / interval)} req/s across {workers} workers"
+        )
+    return interval
+
+
+def _admit(
+    limit: ServiceLimit, workers: int, interval: float, estimates: Estimates, overrides: Overrides
+) -> None:
+    """Refuse pinned numbers whose product breaks the declared (not the target) limit."""
+    cap = limit.concurrency_cap()
+    if cap is not None and workers > cap:
+        raise LimitError(
+            f"{limit.name}: max_parallelism {workers} exceeds the {cap} safe connections/batches "
+            f"declared. Lower max_parallelism to at most {cap} (a first run should use "
+            f"{max(1, math.floor(cap * limit.safety))})."
+        )
+    if limit.max_workers is not None and workers > limit.max_workers:
+        raise LimitError(
+            f"{limit.name}: max_parallelism {workers} exceeds max_workers {limit.max_workers}. "
+            f"Lower max_parallelism or raise max_workers."
+        )
+    polite = limit.per_worker_requests_per_second
+    pinned_rate = overrides.per_worker_requests_per_second
+    if polite is not None and pinned_rate is not None and pinned_rate > polite:
+        raise LimitError(
+            f"{limit.name}: per-worker rate {_fmt(pinned_rate)} req/s exceeds the declared politeness "
+            f"of {_fmt(polite)} req/s per worker. Lower it to {_fmt(polite)} or less."
+        )
+    declared = limit.global_rate()
+    if declared is None or interval <= 0:
+        return
+    planned = workers / interval
+    if planned > declared * (1 + 1e-9):
+        raise LimitError(
+            f"{limit.name}: {workers} workers x {_fmt(1 / interval)} req/s each = {_fmt(planned)} req/s, "
+            f"over the declared limit of {_fmt(declared)} req/s. Lower max_parallelism to "
+            f"{max(1, math.floor(declared * interval))} or the per-worker rate to "
+            f"{_fmt(declared / workers)} req/s."
+        )
+
+
+def _choose_chunk_size(
+    workers: int,
+    interval: float,
+    estimates: Estimates,
+    overrides: Overrides,
+    item_count: int | None,
+    why: list[str],
+) -> int:
+    seconds_per_item = max(interval, estimates.seconds_per_call)
+    if overrides.chunk_size is not None:
+        if overrides.chunk_size < 1:
+            raise LimitError(f"chunk_size must be at least 1, got {overrides.chunk_size}.")
+        size = overrides.chunk_size
+    else:
+        size = max(1, min(10_000, math.floor(estimates.target_chunk_seconds / seconds_per_item)))
+        if item_count:
+            # At least two chunks per worker, so a slow chunk does not leave the others idle.
+            size = max(1, min(size, math.ceil(item_count / (2 * workers))))
+    minutes = size * seconds_per_item / 60
+    why.append(f"chunks of {size:,} items take about {_fmt_duration(minutes * 60)} each")
+    return size
+
+
+def _min_defined(values: list[float | int | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return min(defined) if defined else None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.3g}"
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,292 @@
+"""A rate-limited JSON API, batch endpoint and small website, for demos and tests.
+
+    python -m pipeline.localservices.http_api --port 0 --rps 50 \\
+        [--max-concurrent-batches 4] [--token SECRET] [--demo-faults 0.03] [--latency-ms 0]
+
+It prints ``READY http://127.0.0.1:<port>`` once listening. It exists so that
+"the job never broke the service's limits" is checked by the service itself:
+every request is logged server-side and ``/_stats`` reports the busiest second.
+
+Limits
+    ``--rps`` caps requests admitted in any sliding 1-second window (default:
+    unlimited). Every non-admin request goes through it, before auth and
+    before routing, so ``busiest_1s`` (non-429 arrivals) can never exceed it.
+    Over the limit: ``429``, ``Retry-After: 1``, ``{"error": "rate limited"}``.
+    ``--max-concurrent-batches K`` caps ``POST /batch`` calls in flight at once
+    (over it: ``429``, ``Retry-After: 1``).
+
+Auth
+    ``--token SECRET`` requires ``Authorization: Bearer SECRET`` on every
+    non-admin endpoint, else ``401 {"error": "bad token"}``.
+
+Endpoints
+    ``GET /items/{id}``   ``200 {"id": id, "value": crc32(id) % 1000}``
+    ``POST /batch``       JSON list body -> ``200 {"upserted": len}``; takes
+                          ``--latency-ms`` (50 ms when that is 0) so concurrency is visible
+    ``GET /robots.txt``   disallows ``/private/``
+    ``GET /site/{n}``     product page: ``<title>Page n</title>``, ``<h1>``,
+                          ``<a class="link">`` links, ``<p class="price">``
+    ``GET /private/{n}``  a page robots.txt forbids
+    ``GET /js-shell``     an empty JavaScript app shell (nothing to scrape without JS)
+    ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``  admin, never logged or limited
+
+``--latency-ms`` is slept by every admitted non-batch request, to simulate work.
+
+Faults, chosen by the item id's prefix in ``GET /items/{id}`` (deterministic)
+    ``e500-*``            500 every time
+    ``e503-*``            503 with ``Retry-After: 1`` every time
+    ``e404-*``            404 every time
+    ``e400-*``            400 every time
+    ``throttle-*``        429 with ``Retry-After: 1`` every time (a 429 that never clears)
+    ``throttlenoretry-*`` 429 without ``Retry-After``
+    ``slow-*``            answers 200 after 5 s (for client timeouts)
+    ``badjson-*``         200, ``application/json``, body ``{not json``
+    ``reset-*``           headers with a full Content-Length, part of the body, then a TCP reset
+    ``heal{N}-*``         503 with ``Retry-After: 0`` for the first N hits of that exact id,
+                          then 200 forever (per-id counter, cleared by ``/_reset``)
+    plain ids             with ``--demo-faults P``: a stable fraction P (by crc32 of the id)
+                          behaves as ``heal1``, and a fraction P/5 is 404 forever
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import zlib
+from typing import Any, Callable
+
+from pipeline.localservices._common import (
+    Reply,
+    Request,
+    Service,
+    SlidingWindowLimiter,
+    busiest_window,
+    count_by_status,
+    json_reply,
+    serve,
+    service_parser,
+)
+
+SLOW_S = 5.0
+DEFAULT_BATCH_S = 0.05
+ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
+JS_SHELL = (
+    '<html><head><title></title><script src="/app.js"></script></head>'
+    '<body><div id="root"></div></body></html>'
+)
+_HEAL = re.compile(r"heal(\d+)")
+_RETRY_1S = {"Retry-After": "1"}
+
+
+def item_value(item_id: str) -> int:
+    """The deterministic value served for an item, so clients can verify what they stored."""
+    return zlib.crc32(item_id.encode()) % 1000
+
+
+def _item_ok(item_id: str) -> Reply:
+    return json_reply(200, {"id": item_id, "value": item_value(item_id)})
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
+    return json_reply(status, {"error": message}, headers)
+
+
+def _slow(item_id: str) -> Reply:
+    time.sleep(SLOW_S)
+    return _item_ok(item_id)
+
+
+def _bad_json(item_id: str) -> Reply:
+    return Reply(200, b"{not json")
+
+
+def _reset_mid_body(item_id: str) -> Reply:
+    reply = _item_ok(item_id)
+    reply.cut_after = len(reply.body) // 2
+    return reply
+
+
+_FIXED_FAULTS: dict[str, Callable[[str], Reply]] = {
+    "e500": lambda _: _error(500, "internal server error"),
+    "e503": lambda _: _error(503, "service unavailable", _RETRY_1S),
+    "e404": lambda _: _error(404, "not found"),
+    "e400": lambda _: _error(400, "bad request"),
+    "throttle": lambda _: _error(429, "rate limited", _RETRY_1S),
+    "throttlenoretry": lambda _: _error(429, "rate limited"),
+    "slow": _slow,
+    "badjson": _bad_json,
+    "reset": _reset_mid_body,
+}
+
+
+def _item_id(path: str) -> str | None:
+    """The id in ``/items/{id}``, recorded with every arrival on that path (even 429s)."""
+    if not path.startswith("/items/"):
+        return None
+    return path.removeprefix("/items/") or None
+
+
+def _site_page(n: int) -> str:
+    links = "".join(
+        f'<li><a class="link" href="{href}">{text}</a></li>'
+        for href, text in ((f"/site/{n + 1}", "next"), (f"/site/{n * 2}", "double"), (f"/private/{n}", "private"))
+    )
+    return (
+        f"<html><head><title>Page {n}</title></head><body><h1>Product {n}</h1>"
+        f'<ul>{links}</ul><p class="price">${(n * 7) % 100 + 0.99:.2f}</p></body></html>'
+    )
+
+
+def _private_page(n: int) -> str:
+    return f"<html><head><title>Private {n}</title></head><body><h1>Secret {n}</h1></body></html>"
+
+
+def _html(text: str) -> Reply:
+    return Reply(200, text.encode(), "text/html; charset=utf-8")
+
+
+class HttpApi(Service):
+    """State shared by handler threads: limiter, heal counters, batch concurrency."""
+
+    def __init__(
+        self,
+        rps: float | None,
+        token: str | None,
+        demo_faults: float,
+        latency_ms: float,
+        max_concurrent_batches: int | None,
+    ) -> None:
+        super().__init__()
+        self.limiter = SlidingWindowLimiter(1.0, {"requests": rps})
+        self.token = token
+        self.demo_faults = demo_faults
+        self.latency_s = latency_ms / 1000
+        self.batch_s = self.latency_s or DEFAULT_BATCH_S
+        self.max_batches = max_concurrent_batches
+        self._lock = threading.Lock()
+        self._heal_hits: dict[str, int] = {}
+        self._batches_in_flight = 0
+        self._peak_batches = 0
+
+    def handle(self, request: Request) -> Reply:
+        """Limiter first (so every non-429 arrival was admitted), then auth, then the route."""
+        admission = self.limiter.try_admit({"requests": 1})
+        reply = self._admitted(request) if admission.wait == 0 else _error(429, "rate limited", _RETRY_1S)
+        reply.t = admission.t
+        reply.item = _item_id(request.path)
+        return reply
+
+    def _admitted(self, request: Request) -> Reply:
+        if not request.bearer_ok(self.token):
+            return _error(401, "bad token")
+        if (request.method, request.path) == ("POST", "/batch"):
+            return self._batch(request)
+        time.sleep(self.latency_s)
+        return self._get(request) if request.method == "GET" else _error(404, "not found")
+
+    def _get(self, request: Request) -> Reply:
+        item_id = _item_id(request.path)
+        if item_id:
+            return self._item(item_id)
+        kind, _, rest = request.path.lstrip("/").partition("/")
+        if kind in ("site", "private") and rest.isdigit():
+            return _html((_site_page if kind == "site" else _private_page)(int(rest)))
+        if request.path == "/robots.txt":
+            return Reply(200, ROBOTS_TXT.encode(), "text/plain; charset=utf-8")
+        if request.path == "/js-shell":
+            return _html(JS_SHELL)
+        return _error(404, "not found")
+
+    def _item(self, item_id: str) -> Reply:
+        prefix = item_id.partition("-")[0] if "-" in item_id else ""
+        if prefix in _FIXED_FAULTS:
+            return _FIXED_FAULTS[prefix](item_id)
+        heal = _HEAL.fullmatch(prefix)
+        if heal:
+            return self._healing(item_id, int(heal.group(1)))
+        return self._plain(item_id)
+
+    def _plain(self, item_id: str) -> Reply:
+        """A stable pseudo-random slice of ids fails, so the demo has something to retry."""
+        u = zlib.crc32(b"demo-fault:" + item_id.encode()) / 2**32
+        if u < self.demo_faults / 5:
+            return _error(404, "not found")
+        if u < self.demo_faults / 5 + self.demo_faults:
+            return self._healing(item_id, 1)
+        return _item_ok(item_id)
+
+    def _healing(self, item_id: str, failures: int) -> Reply:
+        """503 for the first ``failures`` hits of this exact id, then 200 forever."""
+        with self._lock:
+            hits = self._heal_hits[item_id] = self._heal_hits.get(item_id, 0) + 1
+        if hits <= failures:
+            return _error(503, "service unavailable", {"Retry-After": "0"})
+        return _item_ok(item_id)
+
+    def _batch(self, request: Request) -> Reply:
+        try:
+            rows = request.json()
+        except ValueError:
+            rows = None
+        if not isinstance(rows, list):
+            return _error(400, "body must be a JSON list")
+        if not self._enter_batch():
+            return _error(429, "too many concurrent batches", _RETRY_1S)
+        try:
+            time.sleep(self.batch_s)
+        finally:
+            with self._lock:
+                self._batches_in_flight -= 1
+        return json_reply(200, {"upserted": len(rows)})
+
+    def _enter_batch(self) -> bool:
+        with self._lock:
+            if self.max_batches is not None and self._batches_in_flight >= self.max_batches:
+                return False
+            self._batches_in_flight += 1
+            self._peak_batches = max(self._peak_batches, self._batches_in_flight)
+            return True
+
+    def stats(self) -> dict[str, Any]:
+        arrivals = self.log.snapshot()
+        by_peer: dict[str, list[float]] = {}
+        for arrival in arrivals:
+            by_peer.setdefault(arrival["peer"], []).append(arrival["t"])
+        return {
+            "count": len(arrivals),
+            "by_status": count_by_status(arrivals),
+            "busiest_1s": busiest_window((a["t"] for a in arrivals if a["status"] != 429), 1.0),
+            "busiest_1s_all": busiest_window((a["t"] for a in arrivals), 1.0),
+            "peak_concurrent_batches": self._peak_batches,
+            "peers": len(by_peer),
+            "max_peer_rps_1s": max((busiest_window(ts, 1.0) for ts in by_peer.values()), default=0),
+        }
+
+    def reset(self) -> None:
+        """Clear arrivals, the rate window, heal counters and the batch peak.
+
+        Batches still in flight keep their slot, so the in-flight count stays true.
+        """
+        super().reset()
+        self.limiter.clear()
+        with self._lock:
+            self._heal_hits.clear()
+            self._peak_batches = self._batches_in_flight
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and serve forever."""
+    parser = service_parser("Rate-limited JSON API, batch endpoint and website with deterministic faults.")
+    parser.add_argument("--rps", type=float, default=None, help="requests per sliding second (default unlimited)")
+    parser.add_argument("--max-concurrent-batches", type=int, default=None)
+    parser.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN")
+    parser.add_argument("--demo-faults", type=float, default=0.0, help="fraction of plain ids that fail once")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    service = HttpApi(args.rps, args.token, args.demo_faults, args.latency_ms, args.max_concurrent_batches)
+    serve(service, args.port, args.watch_stdin)
+
+
+if __name__ == "__main__":
+    main()

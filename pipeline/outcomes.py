@@ -1,0 +1,127 @@
+"""What happened to one call, in the few classes a retry policy needs.
+
+A call either returns a payload or raises. The exception decides the row:
+throttled (429/503: wait Retry-After, try again in the chunk), retryable
+(5xx, timeout, connection trouble: a later retry round may heal it) or
+permanent (other 4xx, a payload we cannot decode, a bug in ``call``).
+Work functions may raise ``Throttled``, ``Retryable`` or ``Permanent``
+themselves; common httpx and psycopg errors are classified without them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+AUTH_STATUSES = frozenset({401, 403})
+THROTTLE_STATUSES = frozenset({429, 503})
+_RETRYABLE_HTTP = frozenset({408, 425, 500, 502, 504})
+_RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
+_MAX_ERROR_CHARS = 500
+
+
+class Throttled(Exception):
+    """The service asked us to slow down; ``retry_after`` is in seconds, if it said."""
+
+    def __init__(self, message: str = "throttled", retry_after: float | None = None, http_status: int = 429):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.http_status = http_status
+
+
+class Retryable(Exception):
+    """A failure a later retry round may heal (the service was down, a timeout)."""
+
+    def __init__(self, message: str, status: str = "retryable"):
+        super().__init__(message)
+        self.status = status
+
+
+class Permanent(Exception):
+    """A failure retrying will not fix (bad input, a missing record)."""
+
+    def __init__(self, message: str, status: str = "permanent"):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed call, classified. ``status`` is a short machine-friendly word."""
+
+    status: str
+    retryable: bool
+    error: str
+    http_status: int | None = None
+    retry_after: float | None = None
+
+    @property
+    def throttled(self) -> bool:
+        return self.http_status in THROTTLE_STATUSES or self.status == "throttled"
+
+    @property
+    def auth(self) -> bool:
+        return self.http_status in AUTH_STATUSES
+
+
+def classify(error: BaseException) -> Failure:
+    """Map any exception raised by ``connect`` or ``call`` to a ``Failure``."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, Throttled):
+        return Failure("throttled", True, text, error.http_status, error.retry_after)
+    if isinstance(error, Retryable):
+        return Failure(error.status, True, text)
+    if isinstance(error, Permanent):
+        return Failure(error.status, False, text)
+    response = getattr(error, "response", None)
+    if response is not None and hasattr(response, "status_code"):
+        return _classify_http(response, text)
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+        return Failure("bad_payload", False, text)
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if "TimeoutException" in names or isinstance(error, TimeoutError):
+        return Failure("timeout", True, text)
+    if "TransportError" in names or isinstance(error, (ConnectionError, OSError)):
+        return Failure("connection", True, text)
+    if type(error).__module__.startswith("psycopg") and names & _RETRYABLE_DB_ERRORS:
+        return Failure("db_unavailable", True, text)
+    return Failure("exception", False, text)
+
+
+def _classify_http(response: object, text: str) -> Failure:
+    code = int(response.status_code)  # type: ignore[attr-defined]
+    status = f"http_{code}"
+    if code in THROTTLE_STATUSES:
+        return Failure(status, True, text, code, parse_retry_after(response.headers.get("retry-after")))  # type: ignore[attr-defined]
+    if code in _RETRYABLE_HTTP or code >= 500:
+        return Failure(status, True, text, code)
+    return Failure(status, False, text, code)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; HTTP dates are rare from APIs and read as unknown."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+_SECRETISH = re.compile(r"(?i)(bearer\s+|(?:api[_-]?key|token|secret|password)=)[^\s&'\"]+")
+
+
+def redact(text: str | None, secrets: tuple[str, ...] = ()) -> str | None:
+    """Remove secrets from text that is about to be stored or logged.
+
+    Known secret values are removed wherever they appear; bearer tokens and
+    key-like query parameters are removed even when we were not told about them.
+    """
+    if text is None:
+        return None
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _SECRETISH.sub(lambda m: m.group(1) + "***", text)
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"

@@ -1,0 +1,95 @@
+"""What a run achieved, computed from its manifests (never from in-memory counters).
+
+The same numbers feed the CLI, the Dagster metadata and the asset checks:
+counts, achieved rate against the target, latency percentiles, an error
+breakdown, the busiest one-second window, and calls per second over time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.ledger import Ledger
+
+
+@dataclass(frozen=True)
+class AttemptReport:
+    backfill: str
+    attempt: int
+    run_id: str
+    rows: int
+    ok: int
+    failed: int
+    seconds: float
+    achieved_rate: float
+    busiest_1s: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    errors: list[tuple[str, int, str]] = field(default_factory=list)
+    per_second: list[int] = field(default_factory=list)
+    max_tokens_per_minute: float | None = None
+
+
+def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> AttemptReport:
+    """Numbers for the rows one run wrote (a resumed run reports only its own calls)."""
+    where = "backfill = ? AND attempt = ? AND run_id = ?"
+    args = [backfill, attempt, run_id]
+    rows, ok, p50, p95 = ledger.con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE ok), quantile_cont(latency_ms, 0.5), "
+        f"quantile_cont(latency_ms, 0.95) FROM results WHERE {where} AND tries > 0",
+        args,
+    ).fetchone()
+    errors = ledger.con.execute(
+        f"SELECT status, count(*) AS n, any_value(error) FROM results WHERE {where} AND NOT ok "
+        "GROUP BY status ORDER BY n DESC LIMIT 10",
+        args,
+    ).fetchall()
+    starts = ledger.con.execute(
+        f"SELECT epoch(started_at) AS t, coalesce(tokens, 0) FROM results WHERE {where} AND tries > 0 ORDER BY t",
+        args,
+    ).fetchnumpy()
+    times = np.asarray(starts["t"], dtype=np.float64)
+    tokens = np.asarray(starts[list(starts)[1]], dtype=np.float64)
+    seconds = float(times[-1] - times[0]) if len(times) > 1 else 0.0
+    return AttemptReport(
+        backfill=backfill,
+        attempt=attempt,
+        run_id=run_id,
+        rows=int(rows),
+        ok=int(ok),
+        failed=int(rows - ok),
+        seconds=seconds,
+        achieved_rate=(len(times) - 1) / seconds if seconds > 0 else 0.0,
+        busiest_1s=busiest_window(times, 1.0),
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        errors=[(s, int(n), e or "") for s, n, e in errors],
+        per_second=calls_per_second(times),
+        max_tokens_per_minute=busiest_sum(times, tokens, 60.0) if tokens.any() else None,
+    )
+
+
+def busiest_window(times: np.ndarray, width: float) -> int:
+    """Most events in any half-open window [t, t + width) of sorted timestamps."""
+    if len(times) == 0:
+        return 0
+    ends = np.searchsorted(times, times + width, side="left")
+    return int((ends - np.arange(len(times))).max())
+
+
+def busiest_sum(times: np.ndarray, weights: np.ndarray, width: float) -> float:
+    """Largest total weight (tokens) in any half-open window [t, t + width)."""
+    if len(times) == 0:
+        return 0.0
+    cumulative = np.concatenate(([0.0], np.cumsum(weights)))
+    ends = np.searchsorted(times, times + width, side="left")
+    return float((cumulative[ends] - cumulative[np.arange(len(times))]).max())
+
+
+def calls_per_second(times: np.ndarray) -> list[int]:
+    if len(times) == 0:
+        return []
+    seconds = (times - times[0]).astype(np.int64)
+    return np.bincount(seconds).tolist()

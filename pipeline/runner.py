@@ -1,0 +1,252 @@
+"""The chunk runner: the code a worker executes, locally or on Burla.
+
+It holds the promises that matter most, so it is small and paranoid:
+
+* pace before every call (spacing, jitter, tokens), so N workers x one
+  worker's rate never exceeds the target, whatever the other workers do;
+* honour Retry-After on 429/503 with a bounded number of in-chunk retries;
+* give every item exactly one row, whatever happens — including a failing
+  ``connect()`` and a runner that dies half-way;
+* stop early when the first calls all fail authentication, instead of
+  recording a million 401s.
+
+Nothing here imports Dagster; everything here pickles with cloudpickle.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.limits import Pacing
+from pipeline.outcomes import Failure, classify, redact
+from pipeline.work import Item, Work, item_cost, reported_usage, work_secrets
+
+
+@dataclass
+class Chunk:
+    """A list of items for one worker. Not a tuple: Burla would unpack it."""
+
+    backfill: str
+    attempt: int
+    run_id: str
+    chunk_id: int
+    item_ids: list[str]
+    payloads: list[str | None]
+    pacing: Pacing = field(default_factory=Pacing)
+
+    def items(self) -> list[Item]:
+        return [Item(i, p) for i, p in zip(self.item_ids, self.payloads)]
+
+
+@dataclass
+class ChunkResult:
+    """One row per item of a chunk, as columns (cheap to pickle and to turn into Arrow).
+
+    The result names its own chunk, because Burla returns results in no
+    particular order and without their input index.
+    """
+
+    backfill: str
+    attempt: int
+    run_id: str
+    chunk_id: int
+    item_id: list[str] = field(default_factory=list)
+    ok: list[bool] = field(default_factory=list)
+    retryable: list[bool] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
+    http_status: list[int | None] = field(default_factory=list)
+    error: list[str | None] = field(default_factory=list)
+    tries: list[int] = field(default_factory=list)
+    started_at: list[float] = field(default_factory=list)
+    finished_at: list[float] = field(default_factory=list)
+    payload: list[str | None] = field(default_factory=list)
+    tokens: list[float | None] = field(default_factory=list)
+    auth_aborted: bool = False
+    max_retry_after: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+    def add(self, item_id: str, started: float, tries: int, failure: Failure | None = None,
+            payload: str | None = None, tokens: float | None = None) -> None:
+        self.item_id.append(item_id)
+        self.ok.append(failure is None)
+        self.retryable.append(failure.retryable if failure else False)
+        self.status.append(failure.status if failure else "ok")
+        self.http_status.append(failure.http_status if failure else None)
+        self.error.append(failure.error if failure else None)
+        self.tries.append(tries)
+        self.started_at.append(started)
+        self.finished_at.append(time.time())
+        self.payload.append(payload)
+        self.tokens.append(tokens)
+
+
+def failed_chunk_result(chunk: Chunk, status: str, error: str, done: set[str] | None = None) -> ChunkResult:
+    """Every item (not already done) failed and retryable: used when a chunk could not run."""
+    result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
+    fill_failed(result, chunk, Failure(status, True, error), done or set())
+    return result
+
+
+def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[str]) -> None:
+    now = time.time()
+    for item_id in chunk.item_ids:
+        if item_id not in done:
+            result.add(item_id, now, 0, failure)
+
+
+class Pacer:
+    """One worker's schedule: a virtual clock that each call pushes forward.
+
+    A call may start once the clock allows it; it then moves the clock by the
+    larger of the request spacing and its token cost at the worker's token
+    rate. Reconciling with the reported usage moves it again, so a bad
+    estimate is paid back on the next call instead of accumulating.
+    """
+
+    def __init__(self, pacing: Pacing, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self._pacing = pacing
+        self._clock = clock
+        self._sleep = sleep
+        self._ready_at = clock()
+
+    def before_call(self, estimated_tokens: float = 0.0) -> None:
+        now = self._clock()
+        if self._ready_at > now:
+            self._sleep(self._ready_at - now)
+        start = max(now, self._ready_at)
+        spacing = self._pacing.min_interval_s
+        if self._pacing.jitter_s:
+            spacing += random.uniform(0, self._pacing.jitter_s)
+        self._ready_at = start + max(spacing, self._token_seconds(estimated_tokens))
+
+    def reconcile(self, estimated_tokens: float, actual_tokens: float) -> None:
+        self._ready_at += self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
+
+    def hold(self, seconds: float) -> None:
+        """Wait at least ``seconds`` before the next call (Retry-After)."""
+        self._ready_at = max(self._ready_at, self._clock() + seconds)
+
+    def finish(self) -> None:
+        """Keep the slot until the schedule allows another call.
+
+        Without this, a chunk that ends right after a call would let the next
+        chunk on the same slot call at once: two calls inside one interval.
+        """
+        remaining = self._ready_at - self._clock()
+        if remaining > 0:
+            self._sleep(remaining)
+
+    def _token_seconds(self, tokens: float) -> float:
+        rate = self._pacing.tokens_per_second
+        return tokens / rate if rate and tokens else 0.0
+
+
+def make_chunk_function(work: Work) -> Callable[[Chunk], ChunkResult]:
+    """The function executors map over chunks; it carries the work by value."""
+
+    def run_paceline_chunk(chunk: Chunk) -> ChunkResult:
+        return run_chunk(work, chunk)
+
+    return run_paceline_chunk
+
+
+def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
+    """Run one chunk and return exactly one row per item."""
+    result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
+    secrets = work_secrets(work)
+    try:
+        client = work.connect()
+    except Exception as error:  # noqa: BLE001 - any connect failure fails the whole chunk, retryably
+        failure = classify(error)
+        fill_failed(result, chunk, Failure("connect_failed", True, redact(failure.error, secrets) or ""), set())
+        return result
+    pacer = Pacer(chunk.pacing)
+    try:
+        _run_items(work, client, chunk, pacer, result, secrets)
+        pacer.finish()
+    except BaseException as error:  # the runner itself died: record the rest, then let it go
+        done = set(result.item_id)
+        fill_failed(result, chunk, Failure("runner_error", True, redact(repr(error), secrets) or ""), done)
+        if not isinstance(error, Exception):
+            raise
+    finally:
+        _close(client)
+    return result
+
+
+def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: ChunkResult,
+               secrets: tuple[str, ...]) -> None:
+    pacing = chunk.pacing
+    auth_failures = 0
+    for position, item in enumerate(chunk.items()):
+        failure, payload, tokens, tries, started = _call_with_retries(work, client, item, pacing, pacer, result)
+        if failure is None:
+            result.add(item.id, started, tries, payload=redact_payload(payload, secrets), tokens=tokens)
+            continue
+        failure = Failure(failure.status, failure.retryable, redact(failure.error, secrets) or "",
+                          failure.http_status, failure.retry_after)
+        result.add(item.id, started, tries, failure)
+        auth_failures += failure.auth
+        if failure.auth and auth_failures == position + 1 >= pacing.auth_fail_fast:
+            result.auth_aborted = True
+            fill_failed(result, chunk, Failure("auth_aborted", True, failure.error, failure.http_status),
+                        set(result.item_id))
+            return
+
+
+def _call_with_retries(work: Work, client: Any, item: Item, pacing: Pacing, pacer: Pacer,
+                       result: ChunkResult) -> tuple[Failure | None, str | None, float | None, int, float]:
+    """Call one item, waiting out throttling up to the bounded number of retries."""
+    estimate = item_cost(work, item)
+    tries = 0
+    while True:
+        pacer.before_call(estimate)
+        started = time.time()
+        tries += 1
+        try:
+            value = work.call(client, item)
+        except Exception as error:  # noqa: BLE001 - every failure becomes a row
+            failure = classify(error)
+            if failure.throttled and tries <= pacing.max_throttle_retries:
+                wait = min(failure.retry_after if failure.retry_after is not None else 1.0,
+                           pacing.max_retry_after_s)
+                result.max_retry_after = max(result.max_retry_after, wait)
+                pacer.hold(wait)
+                continue
+            if failure.retry_after:
+                result.max_retry_after = max(result.max_retry_after, failure.retry_after)
+            return failure, None, None, tries, started
+        actual = reported_usage(work, value)
+        if actual is not None:
+            pacer.reconcile(estimate, actual)
+        try:
+            payload = json.dumps(value, default=str)
+        except (TypeError, ValueError) as error:
+            return classify(error), None, None, tries, started
+        return None, payload, actual if actual is not None else (estimate or None), tries, started
+
+
+def redact_payload(payload: str | None, secrets: tuple[str, ...]) -> str | None:
+    """Secrets must not reach a manifest, even if a service echoes them back."""
+    if payload is None or not secrets:
+        return payload
+    for secret in secrets:
+        payload = payload.replace(secret, "***")
+    return payload
+
+
+def _close(client: Any) -> None:
+    close = getattr(client, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - a failing close must not lose the chunk's rows
+            pass

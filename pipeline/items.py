@@ -59,7 +59,7 @@ def normalize(table: pa.Table) -> tuple[pa.Table, NormalizeReport]:
         .group_by("item_id", use_threads=False)
         .aggregate([("_row", "min")])["_row_min"]
     )
-    table = table.take(pc.sort_indices(first))
+    table = table.take(pc.take(first, pc.sort_indices(first)))
     return table, NormalizeReport(read, blanks, before - table.num_rows)
 
 
@@ -71,7 +71,7 @@ class TextLines:
 
     def read(self) -> pa.Table:
         path = _existing(self.path)
-        options = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False)
+        options = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False, ignore_empty_lines=False)
         read = pacsv.ReadOptions(column_names=["item_id"], block_size=1 << 24)
         convert = pacsv.ConvertOptions(column_types={"item_id": pa.string()}, strings_can_be_null=False)
         try:

@@ -139,6 +139,8 @@ class Overrides:
     max_parallelism: int | None = None
     per_worker_requests_per_second: float | None = None
     chunk_size: int | None = None
+    max_throttle_retries: int = 3
+    max_retry_after_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,13 @@ def derive_plan(
             f"({limit.tokens_per_minute:,.0f} tokens/min x safety {limit.safety:g} / {workers} workers), "
             "reconciled with the usage each response reports"
         )
-    pacing = Pacing(min_interval_s=interval, jitter_s=limit.jitter_s, tokens_per_second=tokens_per_second)
+    pacing = Pacing(
+        min_interval_s=interval,
+        jitter_s=limit.jitter_s,
+        tokens_per_second=tokens_per_second,
+        max_throttle_retries=overrides.max_throttle_retries,
+        max_retry_after_s=overrides.max_retry_after_s,
+    )
     chunk_size = _choose_chunk_size(workers, interval, estimates, overrides, item_count, why)
     target_tpm = None if limit.tokens_per_minute is None else limit.tokens_per_minute * limit.safety
     return ExecutionPlan(workers, chunk_size, pacing, rate, target_tpm, why)

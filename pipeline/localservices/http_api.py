@@ -30,7 +30,7 @@ Endpoints
     ``GET /js-shell``     an empty JavaScript app shell (nothing to scrape without JS)
     ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``  admin, never logged or limited
 
-``--latency-ms`` is slept by every admitted non-batch request, to simulate work.
+``--latency-ms`` is slept by every admitted, authorised non-batch request, to simulate work.
 
 Faults, chosen by the item id's prefix in ``GET /items/{id}`` (deterministic)
     ``e500-*``            500 every time
@@ -97,10 +97,6 @@ def _slow(item_id: str) -> Reply:
     return _item_ok(item_id)
 
 
-def _bad_json(item_id: str) -> Reply:
-    return Reply(200, b"{not json")
-
-
 def _reset_mid_body(item_id: str) -> Reply:
     reply = _item_ok(item_id)
     reply.cut_after = len(reply.body) // 2
@@ -115,7 +111,7 @@ _FIXED_FAULTS: dict[str, Callable[[str], Reply]] = {
     "throttle": lambda _: _error(429, "rate limited", _RETRY_1S),
     "throttlenoretry": lambda _: _error(429, "rate limited"),
     "slow": _slow,
-    "badjson": _bad_json,
+    "badjson": lambda _: Reply(200, b"{not json"),
     "reset": _reset_mid_body,
 }
 

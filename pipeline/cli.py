@@ -1,0 +1,204 @@
+"""The ``paceline`` command: demo, plan, query, status.
+
+Errors are one line that says what is wrong and what to do; a traceback is
+only shown with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import duckdb
+
+from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.chart import rate_chart
+from pipeline.console import ProgressBar, format_table
+from pipeline.executors import LocalExecutor
+from pipeline.items import ItemsError, Values
+from pipeline.ledger import VIEWS, Ledger
+from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
+from pipeline.localservices import start_http_api
+from pipeline.manifests import ManifestError, ManifestStore
+from pipeline.workloads.http_api import HttpWork
+
+DEFAULT_ROOT = "data"
+_USER_ERRORS = (LimitError, ItemsError, ManifestError, AuthenticationFailed, duckdb.Error, ValueError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args)
+    except _USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"paceline: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npaceline: interrupted. Finished chunks are saved; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paceline", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = _command(commands, "demo", cmd_demo, "run a backfill against the bundled rate-limited service")
+    demo.add_argument("--items", type=int, default=3000, help="how many items (default 3000)")
+    demo.add_argument("--limit-rps", type=float, default=200, help="the demo service's limit (default 200/s)")
+    demo.add_argument("--safety", type=float, default=0.5, help="fraction of the limit to aim at (default 0.5)")
+    demo.add_argument("--root", default=str(Path(DEFAULT_ROOT) / "demo"), help="where manifests go")
+
+    plan = _command(commands, "plan", cmd_plan, "print how a limit becomes workers, pacing and chunks")
+    plan.add_argument("--rps", type=float, help="requests per second the service allows")
+    plan.add_argument("--rpm", type=float, help="requests per minute the service allows")
+    plan.add_argument("--tpm", type=float, help="tokens per minute the service allows")
+    plan.add_argument("--connections", type=int, help="safe connections")
+    plan.add_argument("--batches", type=int, help="concurrent batches in flight")
+    plan.add_argument("--per-worker-rps", type=float, help="politeness: requests/s per worker")
+    plan.add_argument("--max-workers", type=int, help="a global worker cap")
+    plan.add_argument("--safety", type=float, default=0.5)
+    plan.add_argument("--seconds-per-call", type=float, default=0.05, help="typical latency of one call")
+    plan.add_argument("--tokens-per-item", type=float, help="estimated tokens per item")
+    plan.add_argument("--items", type=int, help="number of items, to size chunks")
+    plan.add_argument("--max-parallelism", type=int, help="pin the number of workers (checked)")
+
+    query = _command(commands, "query", cmd_query, f"run SQL on the ledger views ({', '.join(VIEWS)})")
+    query.add_argument("sql")
+    query.add_argument("--root", default=DEFAULT_ROOT)
+    query.add_argument("--max-attempts", type=int, default=3)
+
+    status = _command(commands, "status", cmd_status, "summarise the backfills in a manifest store")
+    status.add_argument("--root", default=DEFAULT_ROOT)
+    status.add_argument("--backfill", help="only this backfill")
+    status.add_argument("--max-attempts", type=int, default=3)
+    return parser
+
+
+def _command(commands: argparse._SubParsersAction, name: str, fn: Callable[[argparse.Namespace], int],
+             text: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=text, description=text)
+    sub.set_defaults(command=fn)
+    return sub
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    limit = ServiceLimit(
+        name="service",
+        requests_per_second=args.rps,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        safe_connections=args.connections,
+        concurrent_batches=args.batches,
+        per_worker_requests_per_second=args.per_worker_rps,
+        max_workers=args.max_workers,
+        safety=args.safety,
+    )
+    estimates = Estimates(seconds_per_call=args.seconds_per_call, tokens_per_item=args.tokens_per_item)
+    plan = derive_plan(limit, estimates, Overrides(max_parallelism=args.max_parallelism), args.items)
+    print(plan.describe())
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    with Ledger(ManifestStore(args.root), args.max_attempts) as ledger:
+        print(format_table(ledger.query(args.sql)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Ledger(ManifestStore(args.root), args.max_attempts, args.backfill) as ledger:
+        summary = ledger.query("SELECT * FROM summary")
+        if summary.num_rows == 0:
+            print(f"No manifests under {args.root}. Run a backfill first (for example `paceline demo`).")
+            return 0
+        print(format_table(summary))
+        errors = ledger.query(
+            "SELECT backfill, status, count(*) AS items FROM latest WHERE NOT ok "
+            "GROUP BY ALL ORDER BY items DESC LIMIT 10"
+        )
+        if errors.num_rows:
+            print("\nWhy items are not ok (latest row per item):")
+            print(format_table(errors))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.items < 1:
+        raise ValueError(f"--items must be at least 1, got {args.items}.")
+    limit = ServiceLimit("demo_api", requests_per_second=args.limit_rps, safety=args.safety)
+    store = ManifestStore(args.root)
+    print(f"Starting the bundled demo service (limit {args.limit_rps:g} req/s, answers 429 above it)...")
+    with start_http_api(rps=args.limit_rps, demo_faults=0.03) as service:
+        backfill = Backfill(
+            name="demo_api",
+            source=Values.of(range(1, args.items + 1)),
+            work=HttpWork(url_template=service.url + "/items/{id}"),
+            limit=limit,
+            estimates=Estimates(seconds_per_call=0.01, target_chunk_seconds=10),
+        )
+        planned = plan_backfill(backfill, store)
+        print(f"\nPlan: {planned.plan.num_rows:,} items in {planned.chunks} chunks ({planned.path})")
+        print("  " + planned.execution.describe().replace("\n", "\n  "))
+        _demo_attempt(backfill, store, 0, service)
+        attempt = 1
+        while attempt < backfill.max_attempts and _failed_count(backfill, store):
+            retry = plan_retry(backfill, store, attempt)
+            print(f"\nRetry round {attempt}: {retry.plan.num_rows:,} failed items")
+            _demo_attempt(backfill, store, attempt, service)
+            attempt += 1
+    _print_next_steps(store)
+    return 0
+
+
+def _failed_count(backfill: Backfill, store: ManifestStore) -> int:
+    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
+        return ledger.counts(backfill.name)["failed"]
+
+
+def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, service: object) -> None:
+    bar = ProgressBar(f"attempt {attempt}")
+    service.reset()  # type: ignore[attr-defined]
+    try:
+        result = run_attempt(backfill, store, LocalExecutor(), attempt, on_progress=bar)
+    finally:
+        bar.close()
+    report, counts = result.report, result.counts
+    server = service.stats()  # type: ignore[attr-defined]
+    limit = backfill.limit.requests_per_second or 0
+    target = limit * backfill.limit.safety
+    print(f"  items: {counts['ok']:,} ok, {counts['failed']:,} failed (will retry), {counts['dead']:,} dead")
+    print(f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
+          f"({report.achieved_rate / target:.0%} of target)")
+    print(f"  busiest second seen by the service: {server['busiest_1s']} accepted calls (limit {limit:g}), "
+          f"429s from the service: {server['by_status'].get('429', 0)}")
+    if report.latency_p50_ms is not None:
+        print(f"  latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms")
+    for status, count, example in report.errors:
+        print(f"  {count:>6,} x {status:<14} e.g. {example[:70]}")
+    if attempt == 0 and len(report.per_second) > 2:
+        print()
+        print(rate_chart(report.per_second, limit, target))
+
+
+def _print_next_steps(store: ManifestStore) -> None:
+    print(f"\nManifests: {store.uri(store.attempt_dir('demo_api', 0)).rsplit('/attempt=', 1)[0]}/")
+    print("Try:")
+    print(f"  paceline status --root {store.root}")
+    print(f'  paceline query --root {store.root} "SELECT status, count(*) FROM latest GROUP BY status"')
+    print(f"  duckdb -c \"SELECT * FROM read_parquet('{store.root}/manifests/**/*.parquet', "
+          "hive_partitioning=true) LIMIT 5\"")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

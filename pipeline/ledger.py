@@ -67,14 +67,14 @@ class Ledger:
 
     def query(self, sql: str) -> pa.Table:
         """Run any read-only SQL against the views; returns an Arrow table."""
-        return self.con.execute(sql).to_arrow_table()
+        return self.con.sql(sql).to_arrow_table()
 
     def failed_items(self, backfill: str) -> pa.Table:
         """The retry source: the latest failed-retryable row of each item, without result payloads."""
-        return self.con.execute(
+        return self.con.sql(
             "SELECT item_id, attempt, status, http_status, error, finished_at FROM failed "
             "WHERE backfill = ? ORDER BY item_id",
-            [backfill],
+            params=[backfill],
         ).to_arrow_table()
 
     def counts(self, backfill: str) -> dict[str, int]:

@@ -22,6 +22,10 @@ import math
 from dataclasses import dataclass, field
 
 
+JITTER_HEADROOM = 0.02
+"""Per-worker ceilings are hard (no safety factor), so pacing keeps this margin below them."""
+
+
 class LimitError(ValueError):
     """A declaration or an override that cannot be run safely.
 
@@ -233,11 +237,17 @@ def _per_worker_ceiling(
 ) -> float:
     """The fastest one worker may (politeness) or can (latency) call."""
     natural = 1 / estimates.seconds_per_call
-    polite = overrides.per_worker_requests_per_second or limit.per_worker_requests_per_second
+    if overrides.per_worker_requests_per_second is not None:
+        why.append(f"per-worker rate pinned at {_fmt(overrides.per_worker_requests_per_second)} req/s")
+        return min(natural, overrides.per_worker_requests_per_second)
+    polite = limit.per_worker_requests_per_second
     if polite is None:
         return natural
-    why.append(f"politeness: each worker calls at most {_fmt(polite)} times/s")
-    return min(natural, polite)
+    why.append(
+        f"politeness: each worker calls at most {_fmt(polite)} times/s "
+        f"(paced {JITTER_HEADROOM:.0%} below, so network jitter cannot squeeze an extra call into a second)"
+    )
+    return min(natural, polite * (1 - JITTER_HEADROOM))
 
 
 def _choose_workers(

@@ -121,7 +121,8 @@ class Pacer:
         now = self._clock()
         if self._ready_at > now:
             self._sleep(self._ready_at - now)
-        start = max(now, self._ready_at)
+            now = self._clock()  # sleep can overshoot; space the next call from the real start
+        start = now
         spacing = self._pacing.min_interval_s
         if self._pacing.jitter_s:
             spacing += random.uniform(0, self._pacing.jitter_s)

@@ -29,7 +29,7 @@ def test_safety_scales_global_limits_but_not_politeness():
     limit = ServiceLimit("site", per_worker_requests_per_second=2, max_workers=100, safety=0.5)
     plan = derive_plan(limit, Estimates(seconds_per_call=0.1))
     assert plan.max_parallelism == 100
-    assert plan.pacing.min_interval_s == pytest.approx(0.5)
+    assert plan.pacing.min_interval_s == pytest.approx(0.5 / 0.98)
 
 
 def test_tokens_per_minute_sets_token_pacing_per_worker():
@@ -52,7 +52,7 @@ def test_pinned_product_over_declared_limit_is_refused_with_numbers_and_fix():
 def test_pin_between_target_and_limit_is_allowed():
     limit = ServiceLimit("api", requests_per_second=1000)
     plan = derive_plan(limit, overrides=Overrides(max_parallelism=450, per_worker_requests_per_second=2))
-    assert plan.max_parallelism == 450 and plan.pacing.min_interval_s == 0.5
+    assert plan.max_parallelism == 450 and plan.pacing.min_interval_s == pytest.approx(0.5)
 
 
 def test_pinned_parallelism_alone_is_paced_to_the_target():

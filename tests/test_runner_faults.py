@@ -1,0 +1,152 @@
+"""Every fault ends as exactly one row per item, classified right (real HTTP server)."""
+
+import json
+
+import httpx
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, run_attempt
+from pipeline.executors import LocalExecutor
+from pipeline.items import Values
+from pipeline.ledger import Ledger
+from pipeline.limits import Estimates, Overrides, ServiceLimit
+from pipeline.localservices import start_http_api
+from pipeline.manifests import ManifestStore
+from pipeline.work import FunctionWork
+
+EXPECTED = {
+    "1": ("ok", True, False),
+    "e500-a": ("http_500", False, True),
+    "e503-a": ("http_503", False, True),
+    "e404-a": ("http_404", False, False),
+    "e400-a": ("http_400", False, False),
+    "throttle-a": ("http_429", False, True),
+    "throttlenoretry-a": ("http_429", False, True),
+    "slow-a": ("timeout", False, True),
+    "badjson-a": ("bad_payload", False, False),
+    "reset-a": ("connection", False, True),
+    "raise-a": ("exception", False, False),
+}
+
+
+@pytest.fixture(scope="module")
+def api():
+    with start_http_api(rps=500) as service:
+        yield service
+
+
+def _http_work(base_url: str, token: str = "") -> FunctionWork:
+    def connect():
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=base_url, timeout=1.0, headers=headers)
+
+    def call(client, item):
+        if item.id.startswith("raise-"):
+            raise KeyError(item.id)
+        response = client.get(f"/items/{item.id}")
+        response.raise_for_status()
+        return response.json()
+
+    return FunctionWork(connect, call, secret_values=(token,) if token else ())
+
+
+def _backfill(items, work, **limit) -> Backfill:
+    return Backfill(
+        "faults",
+        Values.of(items),
+        work,
+        ServiceLimit("api", **(limit or {"requests_per_second": 200})),
+        Estimates(seconds_per_call=0.01),
+        Overrides(max_throttle_retries=1, max_retry_after_s=0.2),
+    )
+
+
+def _run(backfill, tmp_path):
+    store = ManifestStore(str(tmp_path))
+    plan_backfill(backfill, store)
+    return store, run_attempt(backfill, store, LocalExecutor())
+
+
+def _rows(store):
+    with Ledger(store) as ledger:
+        return {r["item_id"]: r for r in ledger.query("SELECT * FROM results").to_pylist()}
+
+
+def test_each_fault_gets_one_row_classified(api, tmp_path):
+    store, result = _run(_backfill(list(EXPECTED), _http_work(api.url)), tmp_path)
+    rows = _rows(store)
+    assert sorted(rows) == sorted(EXPECTED)  # exactly one row per item, none lost
+    for item_id, (status, ok, retryable) in EXPECTED.items():
+        row = rows[item_id]
+        assert (row["status"], row["ok"], row["retryable"]) == (status, ok, retryable), item_id
+    assert rows["throttle-a"]["tries"] == 2  # one in-chunk retry after Retry-After, then recorded
+    assert json.loads(rows["1"]["payload"])["id"] == "1"
+    assert result.counts["items"] == len(EXPECTED)
+
+
+def test_failing_connect_fails_every_item_retryably(tmp_path):
+    def connect():
+        raise ConnectionRefusedError("database is down")
+
+    work = FunctionWork(connect, lambda client, item: None)
+    store, result = _run(_backfill([str(i) for i in range(25)], work), tmp_path)
+    rows = _rows(store)
+    assert len(rows) == 25
+    assert {(r["status"], r["ok"], r["retryable"]) for r in rows.values()} == {("connect_failed", False, True)}
+    assert result.counts["failed"] == 25
+
+
+def test_a_worker_exception_becomes_rows_not_a_lost_chunk(tmp_path):
+    calls = []
+
+    def call(client, item):
+        calls.append(item.id)
+        return {"ok": True}
+
+    backfill = _backfill([str(i) for i in range(10)], FunctionWork(lambda: None, call))
+    store = ManifestStore(str(tmp_path))
+    plan_backfill(backfill, store)
+
+    class ExplodingExecutor(LocalExecutor):
+        def map(self, fn, chunks, max_parallelism):
+            def explode_on_chunk_zero(chunk):
+                if chunk.chunk_id == 0:
+                    raise MemoryError("worker ran out of memory")
+                return fn(chunk)
+
+            return super().map(explode_on_chunk_zero, chunks, max_parallelism)
+
+    result = run_attempt(backfill, store, ExplodingExecutor())
+    rows = _rows(store)
+    assert len(rows) == 10 and result.counts["items"] == 10
+    lost = [r for r in rows.values() if r["status"] == "worker_error"]
+    assert lost and all(r["retryable"] and "out of memory" in r["error"] for r in lost)
+
+
+def test_bad_credentials_stop_the_run_and_record_nothing(tmp_path):
+    with start_http_api(token="right-token") as api:
+        backfill = _backfill([str(i) for i in range(400)], _http_work(api.url, token="wrong-token"))
+        with pytest.raises(AuthenticationFailed, match="HTTP 401"):
+            _run(backfill, tmp_path)
+        arrivals = api.stats()["count"]
+    store = ManifestStore(str(tmp_path))
+    assert store.manifest_files() == []  # a rerun with fixed credentials does every chunk
+    assert arrivals < 100, "fail-fast should stop long before all 400 items are tried"
+
+
+def test_secrets_are_redacted_from_errors_and_payloads(api, tmp_path):
+    secret = "sk-live-SECRET-123"
+
+    def call(client, item):
+        if item.id == "echo":
+            return {"echo": f"token was {secret}"}
+        raise RuntimeError(f"failed calling https://x/?api_key={secret}")
+
+    work = FunctionWork(lambda: None, call, secret_values=(secret,))
+    store, _ = _run(_backfill(["echo", "boom"], work), tmp_path)
+    table = Ledger(store).query("SELECT * FROM results")
+    text = " ".join(str(v) for row in table.to_pylist() for v in row.values())
+    assert secret not in text
+    assert "***" in text
+    assert pc.sum(table["ok"]).as_py() == 1

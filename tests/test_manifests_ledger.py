@@ -1,0 +1,151 @@
+"""Manifests as checkpoints, and the ledger's views over them."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import duckdb
+import pytest
+
+from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.executors import LocalExecutor
+from pipeline.items import Values
+from pipeline.ledger import Ledger
+from pipeline.limits import Overrides, ServiceLimit
+from pipeline.manifests import ManifestError, ManifestStore
+from pipeline.outcomes import Permanent, Retryable
+from pipeline.work import FunctionWork
+
+
+def _flaky_backfill(failing: set[str], permanent: set[str] = frozenset(), max_attempts: int = 3) -> Backfill:
+    """Items in ``failing`` fail retryably; heal by removing them from the set."""
+
+    def call(client, item):
+        if item.id in permanent:
+            raise Permanent("no such record", "http_404")
+        if item.id in failing:
+            raise Retryable("service unavailable", "http_503")
+        return {"id": item.id}
+
+    return Backfill(
+        "ledger_test",
+        Values.of(range(50)),
+        FunctionWork(lambda: None, call),
+        ServiceLimit("svc", requests_per_second=5000),
+        max_attempts=max_attempts,
+    )
+
+
+def test_later_success_wins_and_views_partition_items(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    failing = {"3", "7", "11"}
+    backfill = _flaky_backfill(failing, permanent={"20"})
+    plan_backfill(backfill, store)
+    first = run_attempt(backfill, store, LocalExecutor())
+    assert first.counts == {"items": 50, "ok": 46, "failed": 3, "dead": 1, "last_attempt": 0}
+
+    failing.discard("3")
+    failing.discard("7")
+    retry = plan_retry(backfill, store, 1)
+    assert sorted(retry.plan["item_id"].to_pylist()) == ["11", "3", "7"]
+    second = run_attempt(backfill, store, LocalExecutor(), attempt=1)
+    assert second.counts == {"items": 50, "ok": 48, "failed": 1, "dead": 1, "last_attempt": 1}
+
+    plan_retry(backfill, store, 2)
+    third = run_attempt(backfill, store, LocalExecutor(), attempt=2)
+    assert third.counts == {"items": 50, "ok": 48, "failed": 0, "dead": 2, "last_attempt": 2}
+    with Ledger(store) as ledger:
+        dead = ledger.query("SELECT item_id, status, attempt FROM dead ORDER BY item_id").to_pylist()
+        assert dead == [
+            {"item_id": "11", "status": "http_503", "attempt": 2},  # attempts exhausted
+            {"item_id": "20", "status": "http_404", "attempt": 0},  # permanent
+        ]
+        assert ledger.query("SELECT count(*) AS n FROM results")["n"][0].as_py() == 50 + 3 + 1
+
+
+def test_rerun_skips_finished_chunks_and_reruns_unreadable_ones(tmp_path):
+    store = ManifestStore(str(tmp_path / "store"))
+    log = tmp_path / "calls.log"  # the work runs on a pickled copy, so it reports through a file
+
+    def call(client, item):
+        with open(log, "a") as handle:
+            handle.write(item.id + "\n")
+        return item.id
+
+    backfill = Backfill("resume", Values.of(range(40)), FunctionWork(lambda: None, call),
+                        ServiceLimit("svc", requests_per_second=5000))
+    plan = plan_backfill(backfill, store)
+    run_attempt(backfill, store, LocalExecutor())
+    assert len(log.read_text().split()) == 40
+    broken = store.chunk_path("resume", 0, 1)
+    with open(broken, "wb") as handle:
+        handle.write(b"PAR1 this is not parquet")
+    with pytest.raises(ManifestError, match="cannot be read"):
+        Ledger(store)
+    log.unlink()
+    result = run_attempt(backfill, store, LocalExecutor())
+    assert result.unreadable_manifests == [broken]
+    chunk_one = plan.plan.filter(plan.plan["chunk_id"].to_numpy() == 1)["item_id"].to_pylist()
+    assert sorted(log.read_text().split()) == sorted(chunk_one)
+    assert result.skipped_chunks == plan.chunks - 1
+    assert result.counts["ok"] == 40
+
+
+def test_no_temp_files_or_half_files_are_left(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    backfill = _flaky_backfill(set())
+    plan_backfill(backfill, store)
+    run_attempt(backfill, store, LocalExecutor())
+    names = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert names and not [n for n in names if n.endswith(".tmp")]
+
+
+def test_two_concurrent_runs_of_one_attempt_replace_rather_than_duplicate(tmp_path):
+    store = ManifestStore(str(tmp_path))
+
+    def slow_call(client, item):
+        time.sleep(0.002)
+        return item.id
+
+    backfill = Backfill("twice", Values.of(range(400)), FunctionWork(lambda: None, slow_call),
+                        ServiceLimit("svc", requests_per_second=5000), overrides=Overrides(chunk_size=20))
+    plan_backfill(backfill, store)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run_attempt, backfill, store, LocalExecutor(), 0, run_id) for run_id in ("a", "b")]
+        [run.result() for run in runs]
+    with Ledger(store) as ledger:
+        counts = ledger.query("SELECT count(*) AS n, count(DISTINCT item_id) AS d FROM results").to_pylist()
+        assert counts == [{"n": 400, "d": 400}]
+    assert len(store.manifest_files()) == 20
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT 1) TO '{root}/manifests/backfill=ledger_test/attempt=0/chunk-000000.parquet'",
+        "INSERT INTO results SELECT * FROM results",
+        "DELETE FROM results",
+        "SET enable_external_access = true",
+        "CREATE TABLE stolen AS SELECT * FROM read_parquet('{root}/manifests/*/*/*.parquet')",
+    ],
+)
+def test_ad_hoc_sql_cannot_change_manifests(tmp_path, sql):
+    store = ManifestStore(str(tmp_path))
+    backfill = _flaky_backfill(set())
+    plan_backfill(backfill, store)
+    run_attempt(backfill, store, LocalExecutor())
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.parquet")}
+    with Ledger(store) as ledger:
+        with pytest.raises(duckdb.Error):
+            ledger.query(sql.format(root=tmp_path))
+        assert ledger.query("SELECT count(*) AS n FROM latest")["n"][0].as_py() == 50
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.parquet")} == before
+
+
+def test_bad_backfill_names_and_roots_are_refused():
+    with pytest.raises(ManifestError, match="cannot be used as a folder name"):
+        ManifestStore("/tmp/x").chunk_path("../escape", 0, 0)
+    with pytest.raises(ManifestError, match="names no bucket"):
+        ManifestStore("s3://")
+    with pytest.raises(ManifestError, match="only local folders and s3://"):
+        ManifestStore("gs://bucket/x")

@@ -82,7 +82,9 @@ class BurlaExecutor:
     carry their own chunk id because Burla returns them unordered and
     unindexed; exceptions map back through ``burla_input_index``. If the job
     itself fails (``NodeDisconnected``), the chunks already returned are
-    kept and the rest are recorded as failed-retryable.
+    kept and the rest are recorded as failed-retryable; if it fails before
+    returning anything (not signed in, no cluster), that is an error and
+    nothing is recorded.
     """
 
     func_cpu: int | str = 1
@@ -122,6 +124,11 @@ class BurlaExecutor:
                     yield chunk_result
         except Exception as error:  # noqa: BLE001 - a lost job must not lose the chunks already returned
             job_error = error
+        if job_error is not None and len(waiting) == len(inputs):
+            raise ExecutorError(
+                f"the Burla job did not start or returned nothing ({type(job_error).__name__}: {job_error}). "
+                "Check `burla login` and the cluster dashboard; nothing was recorded, so a rerun does every chunk."
+            ) from job_error
         reason = "the Burla job ended before this chunk returned"
         if job_error is not None:
             reason = f"{type(job_error).__name__}: {job_error}"

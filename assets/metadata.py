@@ -1,0 +1,120 @@
+"""Engine results turned into small Dagster metadata: counts, previews, paths, one chart.
+
+Item lists stay in Parquet; metadata carries what a person needs to judge a
+run at a glance and what the retry sensor needs to decide (``failed_count``,
+``next_attempt``, ``max_retry_after``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+
+from pipeline.backfill import PlanResult, RunResult
+from pipeline.chart import rate_chart
+from pipeline.limits import ServiceLimit
+
+PREVIEW_ROWS = 10
+_PREVIEW_CHARS = 80
+_ERROR_SCHEMA = TableSchema(
+    columns=[
+        TableColumn("status", "string"),
+        TableColumn("count", "int"),
+        TableColumn("example", "string"),
+    ]
+)
+
+
+def plan_metadata(planned: PlanResult) -> dict[str, Any]:
+    execution = planned.execution
+    return {
+        "item_count": MetadataValue.int(planned.plan.num_rows),
+        "items_read": MetadataValue.int(planned.normalized.read),
+        "blanks_dropped": MetadataValue.int(planned.normalized.blanks_dropped),
+        "duplicates_dropped": MetadataValue.int(planned.normalized.duplicates_dropped),
+        "chunk_count": MetadataValue.int(planned.chunks),
+        "chunk_size": MetadataValue.int(execution.chunk_size),
+        "max_parallelism": MetadataValue.int(execution.max_parallelism),
+        "target_rate_per_s": _float(execution.target_rate),
+        "derivation": MetadataValue.md("\n".join(f"- {line}" for line in execution.explanation)),
+        "plan_path": MetadataValue.path(planned.path),
+    }
+
+
+def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
+    """What one run did: counts, rate against target and limit, latency, errors, the chart."""
+    report = result.report
+    target = result.execution.target_rate
+    declared = limit.global_rate()
+    metadata = {
+        "ok_count": MetadataValue.int(result.counts["ok"]),
+        "failed_count": MetadataValue.int(result.counts["failed"]),
+        "dead_count": MetadataValue.int(result.counts["dead"]),
+        "calls_this_run": MetadataValue.int(report.rows),
+        "chunks_resumed": MetadataValue.int(result.skipped_chunks),
+        "unreadable_manifests": MetadataValue.int(len(result.unreadable_manifests)),
+        "max_parallelism": MetadataValue.int(result.execution.max_parallelism),
+        "achieved_rate_per_s": MetadataValue.float(round(report.achieved_rate, 2)),
+        "target_rate_per_s": _float(target),
+        "limit_rate_per_s": _float(declared),
+        "achieved_vs_target": _ratio(report.achieved_rate, target),
+        "achieved_vs_limit": _ratio(report.achieved_rate, declared),
+        "busiest_1s": MetadataValue.int(report.busiest_1s),
+        "latency_p50_ms": _float(report.latency_p50_ms),
+        "latency_p95_ms": _float(report.latency_p95_ms),
+        "max_retry_after": MetadataValue.float(result.max_retry_after),
+        "errors": MetadataValue.table(
+            [TableRecord({"status": s, "count": n, "example": _short(e)}) for s, n, e in report.errors],
+            schema=_ERROR_SCHEMA,
+        ),
+        "rate_chart": MetadataValue.md(f"```\n{rate_chart(report.per_second, declared, target)}\n```"),
+    }
+    if report.max_tokens_per_minute is not None:
+        metadata["busiest_tokens_per_minute"] = MetadataValue.float(round(report.max_tokens_per_minute, 1))
+    return metadata
+
+
+def failed_metadata(
+    failed: pa.Table, counts: dict[str, int], max_attempts: int, max_retry_after: float, path: str
+) -> dict[str, Any]:
+    next_attempt = counts["last_attempt"] + 1
+    return {
+        "failed_count": MetadataValue.int(counts["failed"]),
+        "dead_count": MetadataValue.int(counts["dead"]),
+        "ok_count": MetadataValue.int(counts["ok"]),
+        "next_attempt": MetadataValue.int(next_attempt),
+        "attempts_left": MetadataValue.int(max(0, max_attempts - next_attempt)),
+        "max_retry_after": MetadataValue.float(max_retry_after),
+        "preview": MetadataValue.md(markdown_preview(failed)),
+        "path": MetadataValue.path(path),
+    }
+
+
+def markdown_preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> str:
+    """The first rows as a Markdown table, each cell shortened and pipe-safe."""
+    if table.num_rows == 0:
+        return "(none)"
+    head = table.slice(0, rows).to_pylist()
+    lines = [
+        "| " + " | ".join(table.column_names) + " |",
+        "|" + "---|" * len(table.column_names),
+        *("| " + " | ".join(_short(row[c]) for c in table.column_names) + " |" for row in head),
+    ]
+    if table.num_rows > rows:
+        lines.append(f"\n…and {table.num_rows - rows:,} more in the Parquet file.")
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    text = "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 1] + "…"
+
+
+def _float(value: float | None) -> MetadataValue:
+    return MetadataValue.null() if value is None else MetadataValue.float(round(float(value), 2))
+
+
+def _ratio(achieved: float, reference: float | None) -> MetadataValue:
+    return MetadataValue.null() if not reference else MetadataValue.float(round(achieved / reference, 3))

@@ -1,0 +1,60 @@
+"""Where chunks run and where manifests go, as Dagster resources.
+
+Thin on purpose: configuration in, plain engine objects out, so the assets
+stay the same whether chunks run in local threads or on a Burla cluster and
+whether manifests land in a folder or in S3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from pipeline.executors import BurlaExecutor, Executor, LocalExecutor
+from pipeline.limits import Overrides
+from pipeline.manifests import ManifestStore
+
+EXECUTOR_KINDS = ("local", "burla")
+
+
+class ExecutorResource(ConfigurableResource):
+    """Local threads (the default) or Burla, and an optional max_parallelism pin.
+
+    The pin goes through the engine's admission check like any override: a
+    value the declared limit cannot carry is refused, never silently lowered.
+    """
+
+    kind: str = Field(default="local", description="'local' (threads in the step) or 'burla'.")
+    func_cpu: int = Field(default=1, description="Burla: CPUs per worker.")
+    func_ram: int = Field(default=2, description="Burla: GB of RAM per worker.")
+    grow: bool = Field(default=False, description="Burla: let the cluster add nodes.")
+    image: str = Field(default="", description="Burla: container image; empty uses the cluster default.")
+    max_parallelism: Optional[int] = Field(
+        default=None, description="Pin live workers instead of deriving them from the limit."
+    )
+
+    def executor(self) -> Executor:
+        if self.kind == "local":
+            return LocalExecutor()
+        if self.kind == "burla":
+            return BurlaExecutor(func_cpu=self.func_cpu, func_ram=self.func_ram, grow=self.grow, image=self.image or None)
+        raise ValueError(f"executor kind {self.kind!r} is not known: set kind to one of {', '.join(EXECUTOR_KINDS)}.")
+
+    def overrides(self, declared: Overrides) -> Overrides:
+        """The backfill's own overrides, with this resource's max_parallelism pin if set."""
+        if self.max_parallelism is None:
+            return declared
+        return dataclasses.replace(declared, max_parallelism=self.max_parallelism)
+
+
+class ManifestStoreResource(ConfigurableResource):
+    """A folder (relative to the working directory) or an ``s3://bucket/prefix`` URI."""
+
+    root: str = Field(default="data", description="Folder or s3://bucket/prefix for plans and manifests.")
+    s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint (MinIO, moto); empty for AWS.")
+
+    def store(self) -> ManifestStore:
+        return ManifestStore(self.root, self.s3_endpoint_url or None)

@@ -1,0 +1,106 @@
+"""The external service a backfill calls, as a Dagster resource: its limit, URL and secret.
+
+One resource per service, keyed by the service's name, so its limit is set —
+and raised after clean runs — in the launchpad or in run config, without a
+code change, and every backfill that calls the service reads the same numbers.
+Set ``secret`` with ``dagster.EnvVar("...")``: Dagster then stores the variable's
+name, never its value, and the engine redacts the value from every row.
+
+With no ``url`` and ``embedded`` set to ``"http_api"`` or ``"llm"``, the
+resource starts the bundled local service for the duration of the run, with
+the declared limit as the service's own server-side limit, so ``dagster dev``
+and the demo work with no account anywhere. Its state (arrivals, fault
+counters) lives and dies with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from pipeline.limits import ServiceLimit
+from pipeline.localservices import ServiceHandle, start_http_api, start_llm
+from pipeline.spec import Service
+
+EMBEDDED_SERVICES = ("http_api", "llm")
+LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceLimit))
+
+
+class ServiceResource(ConfigurableResource):
+    """A service limit (the ``ServiceLimit`` fields), where the service is, and its secret."""
+
+    name: str = Field(description="The service's name: resource key, concurrency pool and folder-safe label.")
+    requests_per_second: Optional[float] = None
+    requests_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+    safe_connections: Optional[int] = None
+    concurrent_batches: Optional[int] = None
+    per_worker_requests_per_second: Optional[float] = None
+    jitter_s: float = ServiceLimit.jitter_s
+    max_workers: Optional[int] = None
+    safety: float = Field(
+        default=ServiceLimit.safety, description="Fraction of the limit a run aims at (0.5 for a first run)."
+    )
+    url: str = Field(default="", description="Base URL of the service; empty starts the embedded one.")
+    secret: str = Field(default="", description='Token or key; set it with EnvVar("...").')
+    embedded: str = Field(
+        default="", description="'http_api' or 'llm': start the bundled local service when url is empty."
+    )
+    demo_faults: float = Field(
+        default=0.0, description="Embedded http_api only: the fraction of plain ids it fails on purpose."
+    )
+
+    _handle: Optional[ServiceHandle] = PrivateAttr(default=None)
+
+    def limit(self) -> ServiceLimit:
+        """The declared limit; a bad value raises the engine's ``LimitError`` naming the field."""
+        return ServiceLimit(**{field: getattr(self, field) for field in LIMIT_FIELDS})
+
+    def service(self) -> Service:
+        """The configured service, starting the embedded one on first use if configured so."""
+        limit = self.limit()
+        return Service(limit, self.url or self._embedded_url(limit), self.secret)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        """Refuse a bad limit or embedded setting when the run starts, before any step runs."""
+        self.limit()
+        if self.embedded not in ("", *EMBEDDED_SERVICES):
+            raise ValueError(
+                f"{self.name}: embedded must be empty or one of {', '.join(EMBEDDED_SERVICES)}, "
+                f"got {self.embedded!r}. Set url to call a real service instead."
+            )
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._handle is not None:
+            self._handle.stop()
+            self._handle = None
+
+    def _embedded_url(self, limit: ServiceLimit) -> str:
+        if not self.embedded:
+            raise ValueError(
+                f"{self.name}: url is empty. Set url to the service's base URL, or embedded to "
+                f"one of {', '.join(EMBEDDED_SERVICES)} to run against the bundled local service."
+            )
+        if self._handle is None:
+            self._handle = self._start_embedded(limit)
+        return self._handle.url
+
+    def _start_embedded(self, limit: ServiceLimit) -> ServiceHandle:
+        """The bundled service, enforcing the declared (not the target) limit server-side."""
+        secret = self.secret or None
+        if self.embedded == "http_api":
+            return start_http_api(
+                rps=limit.global_rate(),
+                max_concurrent_batches=limit.concurrent_batches,
+                token=secret,
+                demo_faults=self.demo_faults,
+            )
+        rate = limit.global_rate()
+        return start_llm(
+            tpm=limit.tokens_per_minute,
+            rpm=None if rate is None else rate * 60,
+            key=secret,
+        )

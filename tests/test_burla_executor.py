@@ -1,0 +1,179 @@
+"""BurlaExecutor, through Burla's own pre-flight, pickling and call contract.
+
+No Burla cluster can run here (it needs a cloud account), so these tests
+replace only Burla's network layer (``_execute_job_wrapped``): everything in
+front of it — input wrapping, the environment scan, the call-time import
+check, by-value pickling, signal handlers, the result generator — is Burla's
+real code (burla==1.8.4, pinned in pyproject.toml because the test reaches
+into internals).
+"""
+
+import random
+import subprocess
+import sys
+import threading
+import types
+
+import burla._env_scan as env_scan
+import burla._remote_parallel_map as rpm
+import cloudpickle
+import httpx
+import pytest
+from burla._node import NodeDisconnected
+
+import assets  # noqa: F401 - load every project module, so Burla's scan covers them all
+import pipeline.cli  # noqa: F401
+import pipeline.definitions  # noqa: F401
+import resources  # noqa: F401
+from pipeline.executors import BurlaExecutor, ExecutorError
+from pipeline.limits import Pacing
+from pipeline.localservices import start_http_api
+from pipeline.runner import Chunk, make_chunk_function
+from pipeline.work import FunctionWork
+
+
+
+def _connect_to(url):
+    return lambda: httpx.Client(base_url=url, timeout=5)
+
+
+def _get_item(client, item):
+    if item.id == "boom":
+        raise RuntimeError("bug in call")
+    response = client.get(f"/items/{item.id}")
+    response.raise_for_status()
+    return response.json()
+
+
+def _chunks(n_chunks: int, per_chunk: int = 3) -> list[Chunk]:
+    return [
+        Chunk("burla_test", 0, "run", c, [f"{c}-{i}" for i in range(per_chunk)], [None] * per_chunk, Pacing())
+        for c in range(n_chunks)
+    ]
+
+
+@pytest.fixture(scope="module")
+def api():
+    with start_http_api() as service:
+        yield service
+
+
+def test_burla_preflight_accepts_the_chunk_function_and_it_runs_without_dagster(api):
+    function = make_chunk_function(FunctionWork(_connect_to(api.url), _get_item))
+    scan = env_scan.scan_environment()
+    names = env_scan.modules_to_pickle_by_value(scan)
+    assert any(n.startswith("pipeline") for n in names), "the project travels by value, as on a real cluster"
+    assert "paceline" not in scan.requirements, "Burla would try to pip-install paceline on the workers"
+    env_scan.raise_on_call_time_local_imports(function, scan, names)
+    payload = rpm._pickle_function(function, names)
+    chunk = cloudpickle.dumps(_chunks(1)[0])
+    worker = (
+        "import sys, cloudpickle\n"
+        "sys.modules['dagster'] = None  # a Burla worker has no Dagster\n"
+        "fn = cloudpickle.loads(sys.stdin.buffer.read(int(sys.argv[1])))\n"
+        "result = fn(cloudpickle.loads(sys.stdin.buffer.read()))\n"
+        "print(result.chunk_id, sum(result.ok), len(result.item_id))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", worker, str(len(payload))], input=payload + chunk, capture_output=True, check=True
+    )
+    assert out.stdout.split() == [b"0", b"3", b"3"]
+
+
+class FakeNodes:
+    """Stands in for Burla's network layer: runs the pickled function, returns results unordered."""
+
+    def __init__(self, disconnect_after: int | None = None):
+        self.disconnect_after = disconnect_after
+        self.calls: list[dict] = []
+
+    async def __call__(self, job_id, return_queue, function_, inputs, by_value_module_names, raise_errors, **kw):
+        self.calls.append({"max_parallelism": kw["max_parallelism"], "raise_errors": raise_errors,
+                           "n_inputs": len(inputs)})
+        remote = cloudpickle.loads(rpm._pickle_function(function_, by_value_module_names))
+        order = list(range(len(inputs)))
+        random.Random(7).shuffle(order)
+        for returned, index in enumerate(order):
+            if self.disconnect_after is not None and returned == self.disconnect_after:
+                raise NodeDisconnected(types.SimpleNamespace(instance_name="node-1"))
+            try:
+                return_queue.put(remote(cloudpickle.loads(cloudpickle.dumps(inputs[index]))))
+            except Exception as error:  # what Burla's node client does with raise_errors=False
+                error.burla_input_index = index
+                if raise_errors:
+                    raise
+                return_queue.put(error)
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    def install(nodes: FakeNodes) -> FakeNodes:
+        monkeypatch.setattr(rpm, "_execute_job_wrapped", nodes)
+        monkeypatch.setattr(rpm.ClusterClient, "patch_job_sync", staticmethod(lambda *a, **k: None))
+        monkeypatch.setattr(rpm, "log_job_failure_telemetry", lambda *a, **k: None)
+        return nodes
+
+    return install
+
+
+def _work_with_a_bad_chunk(api):
+    inner = make_chunk_function(FunctionWork(_connect_to(api.url), _get_item))
+
+    def run_paceline_chunk(chunk):
+        if chunk.chunk_id == 2:
+            raise MemoryError("worker ran out of memory")  # escapes the runner, like a crash
+        return inner(chunk)
+
+    return run_paceline_chunk
+
+
+def test_unordered_results_and_worker_exceptions_map_back_to_their_chunks(api, fake_cluster):
+    nodes = fake_cluster(FakeNodes())
+    chunks = _chunks(5)
+    results = list(BurlaExecutor().map(_work_with_a_bad_chunk(api), chunks, max_parallelism=3))
+    assert nodes.calls == [{"max_parallelism": 3, "raise_errors": False, "n_inputs": 5}]
+    by_chunk = {r.chunk_id: r for r in results}
+    assert sorted(by_chunk) == [0, 1, 2, 3, 4]
+    assert by_chunk[2].status == ["worker_error"] * 3 and all(by_chunk[2].retryable)
+    assert all(all(by_chunk[c].ok) for c in (0, 1, 3, 4))
+    assert sorted(i for r in results for i in r.item_id) == sorted(i for c in chunks for i in c.item_ids)
+
+
+def test_lost_node_keeps_returned_chunks_and_records_the_rest(api, fake_cluster):
+    fake_cluster(FakeNodes(disconnect_after=2))
+    chunks = _chunks(6)
+    results = list(BurlaExecutor().map(make_chunk_function(FunctionWork(_connect_to(api.url), _get_item)),
+                                       chunks, max_parallelism=2))
+    ok_chunks = [r for r in results if all(r.ok)]
+    lost = [r for r in results if not any(r.ok)]
+    assert len(ok_chunks) == 2 and len(lost) == 4
+    assert all(s == "executor_error" for r in lost for s in r.status)
+    assert all("NodeDisconnected" in e for r in lost for e in r.error)
+    assert sorted(r.chunk_id for r in results) == list(range(6))
+
+
+def test_a_job_that_never_starts_is_an_error_and_records_nothing(fake_cluster):
+    fake_cluster(FakeNodes(disconnect_after=0))
+    with pytest.raises(ExecutorError, match="nothing was recorded"):
+        list(BurlaExecutor().map(make_chunk_function(FunctionWork(lambda: None, _get_item)), _chunks(3), 2))
+
+
+def test_burla_must_be_called_from_the_main_thread():
+    errors = []
+
+    def run():
+        try:
+            list(BurlaExecutor().map(make_chunk_function(FunctionWork(lambda: None, _get_item)), _chunks(1), 1))
+        except ExecutorError as error:
+            errors.append(str(error))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors and "main thread" in errors[0]
+
+
+def test_without_a_cluster_burla_fails_fast_with_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no Burla credentials
+    with pytest.raises(ExecutorError, match="burla login"):
+        list(BurlaExecutor().map(make_chunk_function(FunctionWork(lambda: None, _get_item)), _chunks(2), 2))

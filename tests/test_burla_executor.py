@@ -8,11 +8,13 @@ real code (burla==1.8.4, pinned in pyproject.toml because the test reaches
 into internals).
 """
 
+import pickle
 import random
 import subprocess
 import sys
 import threading
 import types
+from pathlib import Path
 
 import burla._env_scan as env_scan
 import burla._remote_parallel_map as rpm
@@ -30,6 +32,8 @@ from pipeline.limits import Pacing
 from pipeline.localservices import start_http_api
 from pipeline.runner import Chunk, make_chunk_function
 from pipeline.work import FunctionWork
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 
@@ -58,7 +62,7 @@ def api():
         yield service
 
 
-def test_burla_preflight_accepts_the_chunk_function_and_it_runs_without_dagster(api):
+def test_burla_preflight_accepts_the_chunk_function_and_it_runs_without_dagster(api, tmp_path):
     function = make_chunk_function(FunctionWork(_connect_to(api.url), _get_item))
     scan = env_scan.scan_environment()
     names = env_scan.modules_to_pickle_by_value(scan)
@@ -66,18 +70,40 @@ def test_burla_preflight_accepts_the_chunk_function_and_it_runs_without_dagster(
     assert "paceline" not in scan.requirements, "Burla would try to pip-install paceline on the workers"
     env_scan.raise_on_call_time_local_imports(function, scan, names)
     payload = rpm._pickle_function(function, names)
-    chunk = cloudpickle.dumps(_chunks(1)[0])
-    worker = (
-        "import sys, cloudpickle\n"
-        "sys.modules['dagster'] = None  # a Burla worker has no Dagster\n"
-        "fn = cloudpickle.loads(sys.stdin.buffer.read(int(sys.argv[1])))\n"
-        "result = fn(cloudpickle.loads(sys.stdin.buffer.read()))\n"
-        "print(result.chunk_id, sum(result.ok), len(result.item_id))\n"
-    )
     out = subprocess.run(
-        [sys.executable, "-c", worker, str(len(payload))], input=payload + chunk, capture_output=True, check=True
+        [sys.executable, "-c", WORKER, str(PROJECT_ROOT)],
+        input=payload + cloudpickle.dumps(_chunks(1)[0]),
+        capture_output=True,
+        cwd=tmp_path,
     )
-    assert out.stdout.split() == [b"0", b"3", b"3"]
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.split() == [b"0", b"3", b"3", b"shipped"]
+
+
+# A stand-in for a Burla worker: no Dagster, and the project only from the sources
+# shipped inside the function payload (the editable install is taken off sys.path).
+WORKER = """
+import io, pickle, sys, tempfile, zipfile
+sys.path = [p for p in sys.path if p.rstrip("/") != sys.argv[1]]
+sys.modules["dagster"] = None
+import cloudpickle
+magic = %r
+data = sys.stdin.buffer.read()
+names, sources, function_bytes = pickle.loads(data[len(magic):])
+chunk_bytes = data[len(magic) + len(pickle.dumps((names, sources, function_bytes), protocol=pickle.HIGHEST_PROTOCOL)):]
+shipped = tempfile.mkdtemp()
+zipfile.ZipFile(io.BytesIO(sources)).extractall(shipped)
+sys.path.insert(0, shipped)
+fn = cloudpickle.loads(function_bytes)
+result = fn(cloudpickle.loads(chunk_bytes))
+import pipeline
+print(result.chunk_id, sum(result.ok), len(result.item_id), "shipped" if pipeline.__file__.startswith(shipped) else "installed")
+""" % (rpm._FUNCTION_PAYLOAD_MAGIC,)
+
+
+def _load_like_a_worker(payload: bytes):
+    _names, _sources, function_bytes = pickle.loads(payload[len(rpm._FUNCTION_PAYLOAD_MAGIC):])
+    return cloudpickle.loads(function_bytes)
 
 
 class FakeNodes:
@@ -90,7 +116,7 @@ class FakeNodes:
     async def __call__(self, job_id, return_queue, function_, inputs, by_value_module_names, raise_errors, **kw):
         self.calls.append({"max_parallelism": kw["max_parallelism"], "raise_errors": raise_errors,
                            "n_inputs": len(inputs)})
-        remote = cloudpickle.loads(rpm._pickle_function(function_, by_value_module_names))
+        remote = _load_like_a_worker(rpm._pickle_function(function_, by_value_module_names))
         order = list(range(len(inputs)))
         random.Random(7).shuffle(order)
         for returned, index in enumerate(order):

@@ -1,0 +1,267 @@
+"""The factory: one ``BackfillSpec`` becomes its Dagster assets, checks, jobs and retry sensor.
+
+Per backfill, grouped under its name, keys prefixed by it::
+
+    chunk_plan ─▶ manifests ─▶ failed_items ◀─ retry_manifests[attempt-n]
+                      └───────────────────────────────▲
+
+``retry_manifests`` reads the ledger (every manifest so far), so it depends on
+``manifests``, not on ``failed_items``: that keeps the graph acyclic while the
+data loops. The retry job materializes one retry round and then
+``failed_items`` again, so the sensor always sees the state after the round.
+
+``manifests`` and ``retry_manifests`` sit in the concurrency pool named after
+the service: with the pool limited to 1 (``concurrency: pools: default_limit: 1``
+in ``dagster.yaml``), two backfills of one service never call it at the same
+time, so together they cannot exceed its limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetSelection,
+    DefaultSensorStatus,
+    Definitions,
+    DynamicPartitionsDefinition,
+    MaterializeResult,
+    asset,
+    define_asset_job,
+    in_process_executor,
+)
+
+from assets.checks import backfill_checks
+from assets.keys import EXECUTOR_KEY, STORE_KEY, BackfillKeys, attempt_of
+from assets.metadata import failed_metadata, plan_metadata, run_metadata
+from assets.retry import retry_sensor
+from pipeline.backfill import Backfill, Progress, plan_backfill, plan_retry, run_attempt
+from pipeline.ledger import Ledger
+from pipeline.manifests import ManifestStore
+from pipeline.spec import BackfillSpec
+from resources import ExecutorResource, ManifestStoreResource, ServiceResource
+
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class RetryOptions:
+    """How the retry loop and the failure-rate check behave; the defaults suit a first run."""
+
+    cooldown_s: float = 5.0
+    sensor_interval_s: int = 10
+    sensor_running: bool = True
+    failure_rate_warn: float = 0.05
+
+
+def backfill_definitions(spec: BackfillSpec, options: RetryOptions = RetryOptions()) -> Definitions:
+    """The assets, checks, jobs and sensor of one backfill (resources are supplied separately)."""
+    keys = BackfillKeys.of(spec.name)
+    rounds = DynamicPartitionsDefinition(name=f"{spec.name}_retry_rounds")
+    needs = {spec.service, STORE_KEY, EXECUTOR_KEY}
+    assets = [
+        _chunk_plan(spec, keys, needs),
+        _manifests(spec, keys, needs),
+        _retry_manifests(spec, keys, needs, rounds),
+        _failed_items(spec, keys),
+    ]
+    first_pass = define_asset_job(
+        f"{spec.name}_backfill",
+        selection=AssetSelection.assets(keys.plan, keys.manifests, keys.failed),
+        description=f"{spec.name}: plan, run attempt 0, list what failed.",
+    )
+    retry = define_asset_job(
+        f"{spec.name}_retry",
+        selection=AssetSelection.assets(keys.retry, keys.failed),
+        partitions_def=rounds,
+        description=f"{spec.name}: one retry round, then the refreshed failed items.",
+    )
+    status = DefaultSensorStatus.RUNNING if options.sensor_running else DefaultSensorStatus.STOPPED
+    sensor = retry_sensor(spec, keys, rounds, retry, options.cooldown_s, options.sensor_interval_s, status)
+    return Definitions(
+        assets=assets,
+        asset_checks=backfill_checks(spec, keys, options.failure_rate_warn),
+        jobs=[first_pass, retry],
+        sensors=[sensor],
+    )
+
+
+def paceline_definitions(
+    backfills: Sequence[BackfillSpec],
+    services: Sequence[ServiceResource],
+    store: ManifestStoreResource | None = None,
+    executor: ExecutorResource | None = None,
+    options: RetryOptions = RetryOptions(),
+) -> Definitions:
+    """A whole code location: backfills, their services (keyed by name), store and executor.
+
+    Steps run in the run's own process (``in_process_executor``): chunks are
+    I/O-bound threads or Burla jobs anyway, Burla needs the main thread, and an
+    embedded demo service then lives once for the whole run.
+    """
+    resources = {service.name: service for service in services}
+    _check_services(backfills, resources)
+    return Definitions.merge(
+        *(backfill_definitions(spec, options) for spec in backfills),
+        Definitions(
+            resources={
+                **resources,
+                STORE_KEY: store or ManifestStoreResource(),
+                EXECUTOR_KEY: executor or ExecutorResource(),
+            },
+            executor=in_process_executor,
+        ),
+    )
+
+
+def _check_services(backfills: Sequence[BackfillSpec], resources: dict[str, ServiceResource]) -> None:
+    for spec in backfills:
+        if spec.service not in resources:
+            raise ValueError(
+                f"backfill {spec.name!r} uses service {spec.service!r}, but no ServiceResource has "
+                f"name={spec.service!r}. Add ServiceResource(name={spec.service!r}, ...) to services "
+                f"(known: {', '.join(sorted(resources)) or 'none'})."
+            )
+
+
+def _chunk_plan(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]):
+    @asset(
+        key=keys.plan,
+        group_name=spec.name,
+        required_resource_keys=needs,
+        description=f"The chunk plan of {spec.name}: every item and its chunk, written before any call.",
+    )
+    def chunk_plan(context: AssetExecutionContext) -> MaterializeResult:
+        planned = plan_backfill(_backfill(spec, context.resources), _store(context.resources))
+        return MaterializeResult(metadata=plan_metadata(planned))
+
+    return chunk_plan
+
+
+def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]):
+    @asset(
+        key=keys.manifests,
+        group_name=spec.name,
+        deps=[keys.plan],
+        pool=spec.service,
+        required_resource_keys=needs,
+        description=(
+            f"Attempt 0 of {spec.name}: one Parquet manifest per finished chunk. "
+            "Re-materializing resumes: chunks with a manifest are skipped."
+        ),
+    )
+    def manifests(context: AssetExecutionContext) -> MaterializeResult:
+        return _run(context, spec, attempt=0)
+
+    return manifests
+
+
+def _retry_manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str], rounds: DynamicPartitionsDefinition):
+    @asset(
+        key=keys.retry,
+        group_name=spec.name,
+        deps=[keys.manifests],
+        pool=spec.service,
+        partitions_def=rounds,
+        required_resource_keys=needs,
+        description=(
+            f"Retry rounds of {spec.name}, one partition per round (attempt-1, attempt-2...): only the "
+            "items whose latest row failed and can be retried. A later success wins in the ledger."
+        ),
+    )
+    def retry_manifests(context: AssetExecutionContext) -> MaterializeResult:
+        return _run(context, spec, attempt=attempt_of(context.partition_key, spec.max_attempts))
+
+    return retry_manifests
+
+
+def _failed_items(spec: BackfillSpec, keys: BackfillKeys):
+    @asset(
+        key=keys.failed,
+        group_name=spec.name,
+        deps=[keys.manifests, keys.retry],
+        required_resource_keys={STORE_KEY},
+        description=(
+            f"The items of {spec.name} whose latest row failed and may be retried (the ledger's "
+            "`failed` view), as Parquet. The retry sensor reads failed_count from here."
+        ),
+    )
+    def failed_items(context: AssetExecutionContext) -> MaterializeResult:
+        store = _store(context.resources)
+        with Ledger(store, spec.max_attempts, spec.name) as ledger:
+            failed = ledger.failed_items(spec.name)
+            counts = ledger.counts(spec.name)
+        path = store.failed_path(spec.name)
+        store.write_table(path, failed)
+        retry_after = _latest_max_retry_after(context, keys)
+        return MaterializeResult(
+            metadata=failed_metadata(failed, counts, spec.max_attempts, retry_after, store.uri(path))
+        )
+
+    return failed_items
+
+
+def _run(context: AssetExecutionContext, spec: BackfillSpec, attempt: int) -> MaterializeResult:
+    """Run (or resume) one attempt. A retry round is planned once; a rerun of it resumes that plan."""
+    backfill = _backfill(spec, context.resources)
+    store = _store(context.resources)
+    if attempt > 0 and not store.exists(store.plan_path(spec.name, attempt)):
+        plan_retry(backfill, store, attempt)
+    executor = getattr(context.resources, EXECUTOR_KEY).executor()
+    result = run_attempt(
+        backfill, store, executor, attempt, run_id=context.run_id, on_progress=ProgressLog(context, spec.name, attempt)
+    )
+    if result.unreadable_manifests:
+        context.log.warning(
+            f"{len(result.unreadable_manifests)} unreadable manifest(s) were re-run and replaced, "
+            f"e.g. {result.unreadable_manifests[0]}"
+        )
+    return MaterializeResult(metadata=run_metadata(result, backfill.limit))
+
+
+class ProgressLog:
+    """Logs chunk progress at most every few seconds, and always at the last chunk."""
+
+    def __init__(self, context: AssetExecutionContext, name: str, attempt: int, every_s: float = PROGRESS_EVERY_S):
+        self._context = context
+        self._label = f"{name} attempt {attempt}"
+        self._every_s = every_s
+        self._last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every_s and progress.chunks_done < progress.chunks_total:
+            return
+        self._last = now
+        self._context.log.info(
+            f"{self._label}: {progress.chunks_done}/{progress.chunks_total} chunks, "
+            f"{progress.items_done:,}/{progress.items_total:,} items, {progress.ok:,} ok this run"
+        )
+
+
+def _backfill(spec: BackfillSpec, resources: Any) -> Backfill:
+    service: ServiceResource = getattr(resources, spec.service)
+    executor: ExecutorResource = getattr(resources, EXECUTOR_KEY)
+    return spec.build(service.service(), executor.overrides(spec.overrides))
+
+
+def _store(resources: Any) -> ManifestStore:
+    return getattr(resources, STORE_KEY).store()
+
+
+def _latest_max_retry_after(context: AssetExecutionContext, keys: BackfillKeys) -> float:
+    """The Retry-After of the newest run (attempt 0 or a retry round): the sensor waits at least that."""
+    records = [
+        record
+        for key in (keys.manifests, keys.retry)
+        for record in context.instance.fetch_materializations(key, limit=1).records
+    ]
+    if not records:
+        return 0.0
+    newest = max(records, key=lambda record: record.storage_id)
+    value = newest.asset_materialization.metadata.get("max_retry_after")
+    return float(value.value) if value is not None else 0.0

@@ -1,0 +1,41 @@
+"""Names shared by the assets, checks and sensor of a backfill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dagster import AssetKey
+
+STORE_KEY = "manifest_store"
+EXECUTOR_KEY = "paceline_executor"
+ROUND_PREFIX = "attempt-"
+
+
+@dataclass(frozen=True)
+class BackfillKeys:
+    """Asset keys of one backfill, prefixed by its name so backfills never collide."""
+
+    plan: AssetKey
+    manifests: AssetKey
+    retry: AssetKey
+    failed: AssetKey
+
+    @classmethod
+    def of(cls, name: str) -> BackfillKeys:
+        return cls(*(AssetKey([name, asset]) for asset in ("chunk_plan", "manifests", "retry_manifests", "failed_items")))
+
+
+def round_key(attempt: int) -> str:
+    """The retry partition of an attempt: ``attempt-1``, ``attempt-2``..."""
+    return f"{ROUND_PREFIX}{attempt}"
+
+
+def attempt_of(partition_key: str, max_attempts: int) -> int:
+    """The attempt a retry partition names, refused unless it is a retry the backfill allows."""
+    number = partition_key.removeprefix(ROUND_PREFIX)
+    if not partition_key.startswith(ROUND_PREFIX) or not number.isdigit() or not 1 <= int(number) < max_attempts:
+        raise ValueError(
+            f"retry partition {partition_key!r} is not a retry round of this backfill: use "
+            f"{round_key(1)} to {round_key(max_attempts - 1)} (max_attempts is {max_attempts})."
+        )
+    return int(number)

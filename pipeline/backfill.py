@@ -93,7 +93,11 @@ class RunResult:
     skipped_chunks: int
     unreadable_manifests: list[str]
     execution: ExecutionPlan
-    max_retry_after: float = 0.0  # the longest Retry-After the service asked for: a retry round waits at least this
+
+    @property
+    def max_retry_after(self) -> float:
+        """The longest Retry-After the service asked for: a retry round should wait at least this."""
+        return self.report.max_retry_after_s
 
 
 def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
@@ -148,11 +152,9 @@ def run_attempt(
     done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(scan.finished), pa.int32()))).as_py() or 0)
     progress = Progress(len(scan.finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
-    max_retry_after = 0.0
     for result in executor.map(function, chunks, execution.max_parallelism):
         _stop_on_auth_failure(result, backfill)
         store.write_chunk(result)
-        max_retry_after = max(max_retry_after, result.max_retry_after)
         progress = Progress(
             progress.chunks_done + 1,
             total_chunks,
@@ -165,7 +167,7 @@ def run_attempt(
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         report = attempt_report(ledger, backfill.name, attempt, run_id)
         counts = ledger.counts(backfill.name)
-    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, max_retry_after)
+    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution)
 
 
 def _stop_on_auth_failure(result: ChunkResult, backfill: Backfill) -> None:

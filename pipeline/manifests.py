@@ -48,6 +48,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("latency_ms", pa.float64()),
         ("tokens", pa.float64()),
+        ("retry_after_s", pa.float64()),
         ("payload", pa.string()),
     ]
 )
@@ -90,6 +91,7 @@ def result_table(result: ChunkResult) -> pa.Table:
             "finished_at": _timestamps(finished),
             "latency_ms": pc.multiply(pc.subtract(finished, started), 1000.0),
             "tokens": pa.array(result.tokens, pa.float64()),
+            "retry_after_s": pa.array(result.retry_after_s, pa.float64()),
             "payload": pa.array(result.payload, pa.string()),
         },
         schema=MANIFEST_SCHEMA,

@@ -30,15 +30,16 @@ class AttemptReport:
     errors: list[tuple[str, int, str]] = field(default_factory=list)
     per_second: list[int] = field(default_factory=list)
     max_tokens_per_minute: float | None = None
+    max_retry_after_s: float = 0.0
 
 
 def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> AttemptReport:
     """Numbers for the rows one run wrote (a resumed run reports only its own calls)."""
     where = "backfill = ? AND attempt = ? AND run_id = ?"
     args = [backfill, attempt, run_id]
-    rows, ok, p50, p95 = ledger.con.execute(
+    rows, ok, p50, p95, retry_after = ledger.con.execute(
         f"SELECT count(*), count(*) FILTER (WHERE ok), quantile_cont(latency_ms, 0.5), "
-        f"quantile_cont(latency_ms, 0.95) FROM results WHERE {where} AND tries > 0",
+        f"quantile_cont(latency_ms, 0.95), coalesce(max(retry_after_s), 0) FROM results WHERE {where} AND tries > 0",
         args,
     ).fetchone()
     errors = ledger.con.execute(
@@ -68,6 +69,7 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         errors=[(s, int(n), e or "") for s, n, e in errors],
         per_second=calls_per_second(times),
         max_tokens_per_minute=busiest_sum(times, tokens, 60.0) if tokens.any() else None,
+        max_retry_after_s=float(retry_after),
     )
 
 

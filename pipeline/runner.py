@@ -15,6 +15,7 @@ Nothing here imports Dagster; everything here pickles with cloudpickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -66,14 +67,14 @@ class ChunkResult:
     finished_at: list[float] = field(default_factory=list)
     payload: list[str | None] = field(default_factory=list)
     tokens: list[float | None] = field(default_factory=list)
+    retry_after_s: list[float | None] = field(default_factory=list)
     auth_aborted: bool = False
-    max_retry_after: float = 0.0
 
     def __len__(self) -> int:
         return len(self.item_id)
 
     def add(self, item_id: str, started: float, tries: int, failure: Failure | None = None,
-            payload: str | None = None, tokens: float | None = None) -> None:
+            payload: str | None = None, tokens: float | None = None, retry_after: float | None = None) -> None:
         self.item_id.append(item_id)
         self.ok.append(failure is None)
         self.retryable.append(failure.retryable if failure else False)
@@ -85,6 +86,7 @@ class ChunkResult:
         self.finished_at.append(time.time())
         self.payload.append(payload)
         self.tokens.append(tokens)
+        self.retry_after_s.append(retry_after)
 
 
 def failed_chunk_result(chunk: Chunk, status: str, error: str, done: set[str] | None = None) -> ChunkResult:
@@ -183,56 +185,68 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
     return result
 
 
+@dataclass
+class _Called:
+    """How one item's call went, after any in-chunk retries."""
+
+    started: float
+    tries: int = 0
+    failure: Failure | None = None
+    payload: str | None = None
+    tokens: float | None = None
+    retry_after: float | None = None
+
+
 def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: ChunkResult,
                secrets: tuple[str, ...]) -> None:
-    pacing = chunk.pacing
     auth_failures = 0
     for position, item in enumerate(chunk.items()):
-        failure, payload, tokens, tries, started = _call_with_retries(work, client, item, pacing, pacer, result)
-        if failure is None:
-            result.add(item.id, started, tries, payload=redact_payload(payload, secrets), tokens=tokens)
+        called = _call_with_retries(work, client, item, chunk.pacing, pacer)
+        if called.failure is None:
+            result.add(item.id, called.started, called.tries, payload=redact_payload(called.payload, secrets),
+                       tokens=called.tokens, retry_after=called.retry_after)
             continue
-        failure = Failure(failure.status, failure.retryable, redact(failure.error, secrets) or "",
-                          failure.http_status, failure.retry_after)
-        result.add(item.id, started, tries, failure)
+        failure = dataclasses.replace(called.failure, error=redact(called.failure.error, secrets) or "")
+        result.add(item.id, called.started, called.tries, failure, retry_after=called.retry_after)
         auth_failures += failure.auth
-        if failure.auth and auth_failures == position + 1 >= pacing.auth_fail_fast:
+        # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
+        if failure.auth and auth_failures == position + 1 >= chunk.pacing.auth_fail_fast:
             result.auth_aborted = True
             fill_failed(result, chunk, Failure("auth_aborted", True, failure.error, failure.http_status),
                         set(result.item_id))
             return
 
 
-def _call_with_retries(work: Work, client: Any, item: Item, pacing: Pacing, pacer: Pacer,
-                       result: ChunkResult) -> tuple[Failure | None, str | None, float | None, int, float]:
+def _call_with_retries(work: Work, client: Any, item: Item, pacing: Pacing, pacer: Pacer) -> _Called:
     """Call one item, waiting out throttling up to the bounded number of retries."""
     estimate = item_cost(work, item)
-    tries = 0
+    called = _Called(started=time.time())
     while True:
         pacer.before_call(estimate)
-        started = time.time()
-        tries += 1
+        called.started = time.time()
+        called.tries += 1
         try:
             value = work.call(client, item)
         except Exception as error:  # noqa: BLE001 - every failure becomes a row
             failure = classify(error)
-            if failure.throttled and tries <= pacing.max_throttle_retries:
-                wait = min(failure.retry_after if failure.retry_after is not None else 1.0,
-                           pacing.max_retry_after_s)
-                result.max_retry_after = max(result.max_retry_after, wait)
-                pacer.hold(wait)
+            if failure.retry_after is not None:
+                called.retry_after = max(called.retry_after or 0.0, failure.retry_after)
+            if failure.throttled and called.tries <= pacing.max_throttle_retries:
+                wait = failure.retry_after if failure.retry_after is not None else 1.0
+                pacer.hold(min(wait, pacing.max_retry_after_s))
                 continue
-            if failure.retry_after:
-                result.max_retry_after = max(result.max_retry_after, failure.retry_after)
-            return failure, None, None, tries, started
+            called.failure = failure
+            return called
         actual = reported_usage(work, value)
         if actual is not None:
             pacer.reconcile(estimate, actual)
         try:
-            payload = json.dumps(value, default=str)
+            called.payload = json.dumps(value, default=str)
         except (TypeError, ValueError) as error:
-            return classify(error), None, None, tries, started
-        return None, payload, actual if actual is not None else (estimate or None), tries, started
+            called.failure = classify(error)
+            return called
+        called.tokens = actual if actual is not None else (estimate or None)
+        return called
 
 
 def redact_payload(payload: str | None, secrets: tuple[str, ...]) -> str | None:

@@ -81,6 +81,8 @@ def test_each_fault_gets_one_row_classified(api, tmp_path):
         row = rows[item_id]
         assert (row["status"], row["ok"], row["retryable"]) == (status, ok, retryable), item_id
     assert rows["throttle-a"]["tries"] == 2  # one in-chunk retry after Retry-After, then recorded
+    assert rows["throttle-a"]["retry_after_s"] == 1.0  # kept for the sensor's cool-down
+    assert result.max_retry_after == 1.0
     assert json.loads(rows["1"]["payload"])["id"] == "1"
     assert result.counts["items"] == len(EXPECTED)
 

@@ -84,6 +84,7 @@ class Progress:
     items_done: int
     items_total: int
     ok: int
+    last_chunk_items: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def run_attempt(
             progress.items_done + len(result),
             plan.num_rows,
             progress.ok + sum(result.ok),
+            len(result),
         )
         if on_progress:
             on_progress(progress)

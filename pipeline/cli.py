@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--seconds-per-call", type=float, default=0.05, help="typical latency of one call")
     plan.add_argument("--tokens-per-item", type=float, help="estimated tokens per item")
     plan.add_argument("--items", type=int, help="number of items, to size chunks")
-    plan.add_argument("--max-parallelism", type=int, help="pin the number of workers (checked)")
+    plan.add_argument("--max-parallelism", type=int, help="pin the number of workers (checked against the limit)")
+    plan.add_argument("--worker-rps", type=float, help="pin each worker's rate (checked against the limit)")
 
     query = _command(commands, "query", cmd_query, f"run SQL on the ledger views ({', '.join(VIEWS)})")
     query.add_argument("sql")
@@ -101,7 +102,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         safety=args.safety,
     )
     estimates = Estimates(seconds_per_call=args.seconds_per_call, tokens_per_item=args.tokens_per_item)
-    plan = derive_plan(limit, estimates, Overrides(max_parallelism=args.max_parallelism), args.items)
+    overrides = Overrides(max_parallelism=args.max_parallelism, per_worker_requests_per_second=args.worker_rps)
+    plan = derive_plan(limit, estimates, overrides, args.items)
     print(plan.describe())
     return 0
 
@@ -135,13 +137,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     limit = ServiceLimit("demo_api", requests_per_second=args.limit_rps, safety=args.safety)
     store = ManifestStore(args.root)
     print(f"Starting the bundled demo service (limit {args.limit_rps:g} req/s, answers 429 above it)...")
-    with start_http_api(rps=args.limit_rps, demo_faults=0.03) as service:
+    with start_http_api(rps=args.limit_rps, demo_faults=0.03, latency_ms=40) as service:
         backfill = Backfill(
             name="demo_api",
             source=Values.of(range(1, args.items + 1)),
             work=HttpWork(url_template=service.url + "/items/{id}"),
             limit=limit,
-            estimates=Estimates(seconds_per_call=0.01, target_chunk_seconds=10),
+            estimates=Estimates(seconds_per_call=0.05, target_chunk_seconds=5),
         )
         planned = plan_backfill(backfill, store)
         print(f"\nPlan: {planned.plan.num_rows:,} items in {planned.chunks} chunks ({planned.path})")
@@ -164,7 +166,6 @@ def _failed_count(backfill: Backfill, store: ManifestStore) -> int:
 
 def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, service: object) -> None:
     bar = ProgressBar(f"attempt {attempt}")
-    service.reset()  # type: ignore[attr-defined]
     try:
         result = run_attempt(backfill, store, LocalExecutor(), attempt, on_progress=bar)
     finally:
@@ -176,8 +177,8 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
     print(f"  items: {counts['ok']:,} ok, {counts['failed']:,} failed (will retry), {counts['dead']:,} dead")
     print(f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
           f"({report.achieved_rate / target:.0%} of target)")
-    print(f"  busiest second seen by the service: {server['busiest_1s']} accepted calls (limit {limit:g}), "
-          f"429s from the service: {server['by_status'].get('429', 0)}")
+    print(f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
+          f"(limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}")
     if report.latency_p50_ms is not None:
         print(f"  latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms")
     for status, count, example in report.errors:
@@ -192,8 +193,8 @@ def _print_next_steps(store: ManifestStore) -> None:
     print("Try:")
     print(f"  paceline status --root {store.root}")
     print(f'  paceline query --root {store.root} "SELECT status, count(*) FROM latest GROUP BY status"')
-    print(f"  duckdb -c \"SELECT * FROM read_parquet('{store.root}/manifests/**/*.parquet', "
-          "hive_partitioning=true) LIMIT 5\"")
+    print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"SELECT * FROM read_parquet('{store.root}/manifests/**/*.parquet',"
+          " hive_partitioning=true) LIMIT 5\\\"))\"")
 
 
 def _one_line(error: BaseException) -> str:

@@ -15,32 +15,39 @@ from pipeline.backfill import Progress
 
 
 class ProgressBar:
-    """One line redrawn in place: items done, share ok, and the live rate."""
+    """Items done, chunks done and the live rate: redrawn in place on a terminal,
+    one line per tenth of the work in a log file (so CI logs stay readable)."""
 
     def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 30):
         self._label = label
         self._stream = stream
         self._width = width
         self._started = time.monotonic()
-        self._first_done: int | None = None
+        self._start_done: int | None = None
+        self._last_tenth = -1
+        self._live = stream.isatty()
 
     def __call__(self, progress: Progress) -> None:
-        if self._first_done is None:
-            self._first_done = progress.items_done
-        total = max(progress.items_total, 1)
-        filled = round(self._width * progress.items_done / total)
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = (progress.items_done - self._first_done) / elapsed
-        self._stream.write(
-            f"\r{self._label} [{'#' * filled}{'.' * (self._width - filled)}] "
+        if self._start_done is None:  # items finished by an earlier run do not count towards the rate
+            self._start_done = progress.items_done - progress.last_chunk_items
+        tenth = 10 * progress.items_done // max(progress.items_total, 1)
+        if not self._live and tenth == self._last_tenth:
+            return
+        self._last_tenth = tenth
+        filled = round(self._width * progress.items_done / max(progress.items_total, 1))
+        rate = (progress.items_done - self._start_done) / max(time.monotonic() - self._started, 1e-6)
+        line = (
+            f"{self._label} [{'#' * filled}{'.' * (self._width - filled)}] "
             f"{progress.items_done:,}/{progress.items_total:,} items  "
-            f"chunks {progress.chunks_done}/{progress.chunks_total}  {rate:,.0f} items/s "
+            f"chunks {progress.chunks_done}/{progress.chunks_total}  {rate:,.0f} items/s"
         )
+        self._stream.write(f"\r{line} " if self._live else f"{line}\n")
         self._stream.flush()
 
     def close(self) -> None:
-        self._stream.write("\n")
-        self._stream.flush()
+        if self._live:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def format_table(table: pa.Table, max_rows: int = 40, max_width: int = 60) -> str:

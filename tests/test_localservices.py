@@ -144,12 +144,12 @@ def test_reset_fault_drops_connection_mid_body(api: ServiceHandle, http: httpx.C
 
 def test_heal_counter_is_per_id_and_cleared_by_reset(api: ServiceHandle, http: httpx.Client) -> None:
     statuses = [http.get("/items/heal2-abc").status_code for _ in range(4)]
-    assert statuses == [503, 503, 200, 200]
+    assert statuses == [500, 500, 200, 200]
     assert http.get("/items/heal2-abc").json()["value"] == item_value("heal2-abc")
     first_hit = http.get("/items/heal1-other")
-    assert (first_hit.status_code, first_hit.headers["Retry-After"]) == (503, "0")
+    assert first_hit.status_code == 500 and "Retry-After" not in first_hit.headers
     api.reset()
-    assert http.get("/items/heal2-abc").status_code == 503
+    assert http.get("/items/heal2-abc").status_code == 500
 
 
 def test_demo_faults_are_stable_and_heal_on_retry() -> None:
@@ -159,9 +159,9 @@ def test_demo_faults_are_stable_and_heal_on_retry() -> None:
         retry = [http.get(f"/items/{i}").status_code for i in ids]
         api.reset()
         again = [http.get(f"/items/{i}").status_code for i in ids]
-    assert 30 <= first.count(503) <= 90  # ~ 0.3 * 200
+    assert 30 <= first.count(500) <= 90  # ~ 0.3 * 200
     assert 3 <= first.count(404) <= 25  # ~ 0.06 * 200
-    assert set(first) == {200, 404, 503}
+    assert set(first) == {200, 404, 500}
     assert retry == [404 if s == 404 else 200 for s in first]
     assert again == first
 

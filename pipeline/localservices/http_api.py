@@ -42,8 +42,9 @@ Faults, chosen by the item id's prefix in ``GET /items/{id}`` (deterministic)
     ``slow-*``            answers 200 after 5 s (for client timeouts)
     ``badjson-*``         200, ``application/json``, body ``{not json``
     ``reset-*``           headers with a full Content-Length, part of the body, then a TCP reset
-    ``heal{N}-*``         503 with ``Retry-After: 0`` for the first N hits of that exact id,
-                          then 200 forever (per-id counter, cleared by ``/_reset``)
+    ``heal{N}-*``         500 for the first N hits of that exact id, then 200 forever
+                          (per-id counter, cleared by ``/_reset``): a transient fault that
+                          a client must not retry in a tight loop, and a retry round heals
     plain ids             with ``--demo-faults P``: a stable fraction P (by crc32 of the id)
                           behaves as ``heal1``, and a fraction P/5 is 404 forever
 """
@@ -213,11 +214,11 @@ class HttpApi(Service):
         return _item_ok(item_id)
 
     def _healing(self, item_id: str, failures: int) -> Reply:
-        """503 for the first ``failures`` hits of this exact id, then 200 forever."""
+        """500 for the first ``failures`` hits of this exact id, then 200 forever."""
         with self._lock:
             hits = self._heal_hits[item_id] = self._heal_hits.get(item_id, 0) + 1
         if hits <= failures:
-            return _error(503, "service unavailable", {"Retry-After": "0"})
+            return _error(500, "transient failure")
         return _item_ok(item_id)
 
     def _batch(self, request: Request) -> Reply:

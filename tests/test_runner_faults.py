@@ -1,12 +1,13 @@
 """Every fault ends as exactly one row per item, classified right (real HTTP server)."""
 
 import json
+import socket
 
 import httpx
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, run_attempt
+from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.executors import LocalExecutor
 from pipeline.items import Values
 from pipeline.ledger import Ledger
@@ -152,3 +153,28 @@ def test_secrets_are_redacted_from_errors_and_payloads(api, tmp_path):
     assert secret not in text
     assert "***" in text
     assert pc.sum(table["ok"]).as_py() == 1
+
+
+def test_connection_refused_is_retryable(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store, result = _run(_backfill(["1", "2"], _http_work(f"http://127.0.0.1:{port}")), tmp_path)
+    rows = _rows(store)
+    assert {(r["status"], r["retryable"]) for r in rows.values()} == {("connection", True)}
+    assert result.counts["failed"] == 2
+
+
+def test_retry_round_heals_what_healed_on_the_server(api, tmp_path):
+    items = ["1", "heal1-a", "heal2-b", "e404-c"]
+    backfill = _backfill(items, _http_work(api.url))
+    store, first = _run(backfill, tmp_path)
+    assert (first.counts["ok"], first.counts["failed"], first.counts["dead"]) == (1, 2, 1)
+    plan_retry(backfill, store, 1)
+    second = run_attempt(backfill, store, LocalExecutor(), attempt=1)
+    assert (second.counts["ok"], second.counts["failed"]) == (2, 1)  # heal2 needs one more round
+    plan_retry(backfill, store, 2)
+    third = run_attempt(backfill, store, LocalExecutor(), attempt=2)
+    assert (third.counts["ok"], third.counts["failed"], third.counts["dead"]) == (3, 0, 1)
+    with Ledger(store) as ledger:
+        assert ledger.query("SELECT count(*) AS n FROM latest")["n"][0].as_py() == 4

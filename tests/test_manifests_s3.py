@@ -1,0 +1,73 @@
+"""Manifests on S3 (moto's server) behave as they do on the local filesystem."""
+
+import pytest
+
+from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.executors import LocalExecutor
+from pipeline.items import ItemsError, S3Prefix, Values
+from pipeline.ledger import Ledger
+from pipeline.limits import ServiceLimit
+from pipeline.manifests import ManifestError, ManifestStore
+from pipeline.outcomes import Permanent, Retryable
+from pipeline.work import FunctionWork
+
+
+def _call(client, item):
+    if item.id.endswith("7"):
+        raise Retryable("flaky", "http_503")
+    if item.id.endswith("9"):
+        raise Permanent("gone", "http_404")
+    return {"n": int(item.id)}
+
+
+BACKFILL = Backfill("parity", Values.of(range(60)), FunctionWork(lambda: None, _call),
+                    ServiceLimit("svc", requests_per_second=5000))
+COMPARED = "SELECT item_id, attempt, ok, retryable, status, payload FROM latest ORDER BY item_id"
+
+
+@pytest.fixture
+def s3_store(s3, request):
+    bucket = f"manifests-{request.node.name.replace('_', '-')[:40]}"
+    s3.client().create_bucket(Bucket=bucket)
+    return ManifestStore(f"s3://{bucket}/paceline", s3_endpoint_url=s3.url)
+
+
+def _run_two_attempts(store: ManifestStore) -> list[dict]:
+    plan_backfill(BACKFILL, store)
+    run_attempt(BACKFILL, store, LocalExecutor())
+    plan_retry(BACKFILL, store, 1)
+    run_attempt(BACKFILL, store, LocalExecutor(), attempt=1)
+    with Ledger(store) as ledger:
+        return ledger.query(COMPARED).to_pylist()
+
+
+def test_s3_and_local_give_the_same_ledger(s3_store, tmp_path):
+    on_s3 = _run_two_attempts(s3_store)
+    local = _run_two_attempts(ManifestStore(str(tmp_path)))
+    assert on_s3 == local
+    assert len(on_s3) == 60 and {r["attempt"] for r in on_s3 if r["status"] == "http_503"} == {1}
+    assert all(f.startswith(s3_store._base) for f in s3_store.manifest_files())
+
+
+def test_resume_and_unreadable_manifests_on_s3(s3, s3_store):
+    plan = plan_backfill(BACKFILL, s3_store)
+    run_attempt(BACKFILL, s3_store, LocalExecutor())
+    bucket, key = s3_store.chunk_path("parity", 0, 0).split("/", 1)
+    s3.client().put_object(Bucket=bucket, Key=key, Body=b"not parquet at all")
+    with pytest.raises(ManifestError, match="cannot be read"):
+        Ledger(s3_store)
+    again = run_attempt(BACKFILL, s3_store, LocalExecutor())
+    assert again.unreadable_manifests == [f"s3://{bucket}/{key}"]
+    assert again.skipped_chunks == plan.chunks - 1
+    assert again.counts["items"] == 60
+
+
+def test_s3_prefix_lists_keys_as_items(s3):
+    client = s3.client()
+    client.create_bucket(Bucket="events")
+    for name in ("2026/a.jsonl.gz", "2026/b.jsonl.gz", "2026/notes.txt", "2025/c.jsonl.gz"):
+        client.put_object(Bucket="events", Key=name, Body=b"x")
+    source = S3Prefix("events", "2026/", endpoint_url=s3.url, suffix=".jsonl.gz")
+    assert source.read()["item_id"].to_pylist() == ["2026/a.jsonl.gz", "2026/b.jsonl.gz"]
+    with pytest.raises(ItemsError, match="needs a bucket name"):
+        S3Prefix("")

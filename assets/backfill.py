@@ -3,7 +3,7 @@
 Per backfill, grouped under its name, keys prefixed by it::
 
     chunk_plan ─▶ manifests ─▶ failed_items ◀─ retry_manifests[attempt-n]
-                      └───────────────────────────────▲
+                      └──────────────────────────────▲
 
 ``retry_manifests`` reads the ledger (every manifest so far), so it depends on
 ``manifests``, not on ``failed_items``: that keeps the graph acyclic while the
@@ -13,10 +13,9 @@ data loops. The retry job materializes one retry round and then
 ``manifests`` and ``retry_manifests`` sit in the concurrency pool named after
 the service: with the pool limited to 1 (``concurrency: pools: default_limit: 1``
 in ``dagster.yaml``), two backfills of one service never call it at the same
-time, so together they cannot exceed its limit.
+time, so together they cannot exceed its limit. A pool caps how many steps call at once; the pacing inside a step is
+what keeps the rate.
 """
-
-from __future__ import annotations
 
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     AssetSelection,
     DefaultSensorStatus,
     Definitions,
@@ -41,16 +41,20 @@ from assets.metadata import failed_metadata, plan_metadata, run_metadata
 from assets.retry import retry_sensor
 from pipeline.backfill import Backfill, Progress, plan_backfill, plan_retry, run_attempt
 from pipeline.ledger import Ledger
-from pipeline.manifests import ManifestStore
+from pipeline.manifests import ManifestError, ManifestStore
 from pipeline.spec import BackfillSpec
-from resources import ExecutorResource, ManifestStoreResource, ServiceResource
+from resources import ExecutorResource, ManifestStoreResource, ServiceResource, overridable
 
 PROGRESS_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
-class RetryOptions:
-    """How the retry loop and the failure-rate check behave; the defaults suit a first run."""
+class BackfillOptions:
+    """How the retry sensor and the failure-rate check behave; the defaults suit a first run.
+
+    The sensor waits ``cooldown_s`` (or the longest Retry-After seen, if longer)
+    after failed_items is refreshed before it requests the next round.
+    """
 
     cooldown_s: float = 5.0
     sensor_interval_s: int = 10
@@ -58,7 +62,7 @@ class RetryOptions:
     failure_rate_warn: float = 0.05
 
 
-def backfill_definitions(spec: BackfillSpec, options: RetryOptions = RetryOptions()) -> Definitions:
+def backfill_definitions(spec: BackfillSpec, options: BackfillOptions = BackfillOptions()) -> Definitions:
     """The assets, checks, jobs and sensor of one backfill (resources are supplied separately)."""
     keys = BackfillKeys.of(spec.name)
     rounds = DynamicPartitionsDefinition(name=f"{spec.name}_retry_rounds")
@@ -77,11 +81,10 @@ def backfill_definitions(spec: BackfillSpec, options: RetryOptions = RetryOption
     retry = define_asset_job(
         f"{spec.name}_retry",
         selection=AssetSelection.assets(keys.retry, keys.failed),
-        partitions_def=rounds,
         description=f"{spec.name}: one retry round, then the refreshed failed items.",
     )
     status = DefaultSensorStatus.RUNNING if options.sensor_running else DefaultSensorStatus.STOPPED
-    sensor = retry_sensor(spec, keys, rounds, retry, options.cooldown_s, options.sensor_interval_s, status)
+    sensor = retry_sensor(spec, keys, rounds, retry.name, options.cooldown_s, options.sensor_interval_s, status)
     return Definitions(
         assets=assets,
         asset_checks=backfill_checks(spec, keys, options.failure_rate_warn),
@@ -95,24 +98,24 @@ def paceline_definitions(
     services: Sequence[ServiceResource],
     store: ManifestStoreResource | None = None,
     executor: ExecutorResource | None = None,
-    options: RetryOptions = RetryOptions(),
+    options: BackfillOptions = BackfillOptions(),
 ) -> Definitions:
     """A whole code location: backfills, their services (keyed by name), store and executor.
+
+    Every value written in code is the default of its own field in the
+    launchpad, so one limit can be raised without re-entering the rest.
 
     Steps run in the run's own process (``in_process_executor``): chunks are
     I/O-bound threads or Burla jobs anyway, Burla needs the main thread, and an
     embedded demo service then lives once for the whole run.
     """
-    resources = {service.name: service for service in services}
-    _check_services(backfills, resources)
+    by_name = {service.name: service for service in services}
+    _check_services(backfills, by_name)
+    resources = {**by_name, STORE_KEY: store or ManifestStoreResource(), EXECUTOR_KEY: executor or ExecutorResource()}
     return Definitions.merge(
         *(backfill_definitions(spec, options) for spec in backfills),
         Definitions(
-            resources={
-                **resources,
-                STORE_KEY: store or ManifestStoreResource(),
-                EXECUTOR_KEY: executor or ExecutorResource(),
-            },
+            resources={key: overridable(resource) for key, resource in resources.items()},
             executor=in_process_executor,
         ),
     )
@@ -128,7 +131,7 @@ def _check_services(backfills: Sequence[BackfillSpec], resources: dict[str, Serv
             )
 
 
-def _chunk_plan(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]):
+def _chunk_plan(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]) -> AssetsDefinition:
     @asset(
         key=keys.plan,
         group_name=spec.name,
@@ -142,7 +145,7 @@ def _chunk_plan(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]):
     return chunk_plan
 
 
-def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]):
+def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]) -> AssetsDefinition:
     @asset(
         key=keys.manifests,
         group_name=spec.name,
@@ -160,7 +163,9 @@ def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]):
     return manifests
 
 
-def _retry_manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str], rounds: DynamicPartitionsDefinition):
+def _retry_manifests(
+    spec: BackfillSpec, keys: BackfillKeys, needs: set[str], rounds: DynamicPartitionsDefinition
+) -> AssetsDefinition:
     @asset(
         key=keys.retry,
         group_name=spec.name,
@@ -179,7 +184,7 @@ def _retry_manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str], ro
     return retry_manifests
 
 
-def _failed_items(spec: BackfillSpec, keys: BackfillKeys):
+def _failed_items(spec: BackfillSpec, keys: BackfillKeys) -> AssetsDefinition:
     @asset(
         key=keys.failed,
         group_name=spec.name,
@@ -194,10 +199,10 @@ def _failed_items(spec: BackfillSpec, keys: BackfillKeys):
         store = _store(context.resources)
         with Ledger(store, spec.max_attempts, spec.name) as ledger:
             failed = ledger.failed_items(spec.name)
+            retry_after = _max_retry_after(ledger, spec.name)
             counts = ledger.counts(spec.name)
         path = store.failed_path(spec.name)
         store.write_table(path, failed)
-        retry_after = _latest_max_retry_after(context, keys)
         return MaterializeResult(
             metadata=failed_metadata(failed, counts, spec.max_attempts, retry_after, store.uri(path))
         )
@@ -209,12 +214,17 @@ def _run(context: AssetExecutionContext, spec: BackfillSpec, attempt: int) -> Ma
     """Run (or resume) one attempt. A retry round is planned once; a rerun of it resumes that plan."""
     backfill = _backfill(spec, context.resources)
     store = _store(context.resources)
-    if attempt > 0 and not store.exists(store.plan_path(spec.name, attempt)):
+    plan = store.plan_path(spec.name, attempt)
+    if attempt == 0 and not store.exists(plan):
+        raise ManifestError(
+            f"{spec.name}: there is no chunk plan at {store.uri(plan)}. Materialize {spec.name}/chunk_plan "
+            f"first (the {spec.name}_backfill job runs both)."
+        )
+    if not store.exists(plan):
         plan_retry(backfill, store, attempt)
     executor = getattr(context.resources, EXECUTOR_KEY).executor()
-    result = run_attempt(
-        backfill, store, executor, attempt, run_id=context.run_id, on_progress=ProgressLog(context, spec.name, attempt)
-    )
+    progress = ProgressLog(context, spec.name, attempt)
+    result = run_attempt(backfill, store, executor, attempt, run_id=context.run.run_id, on_progress=progress)
     if result.unreadable_manifests:
         context.log.warning(
             f"{len(result.unreadable_manifests)} unreadable manifest(s) were re-run and replaced, "
@@ -253,15 +263,9 @@ def _store(resources: Any) -> ManifestStore:
     return getattr(resources, STORE_KEY).store()
 
 
-def _latest_max_retry_after(context: AssetExecutionContext, keys: BackfillKeys) -> float:
-    """The Retry-After of the newest run (attempt 0 or a retry round): the sensor waits at least that."""
-    records = [
-        record
-        for key in (keys.manifests, keys.retry)
-        for record in context.instance.fetch_materializations(key, limit=1).records
-    ]
-    if not records:
-        return 0.0
-    newest = max(records, key=lambda record: record.storage_id)
-    value = newest.asset_materialization.metadata.get("max_retry_after")
-    return float(value.value) if value is not None else 0.0
+def _max_retry_after(ledger: Ledger, backfill: str) -> float:
+    """The longest Retry-After among the items to retry: the next round waits at least that."""
+    (seconds,) = ledger.con.execute(
+        "SELECT coalesce(max(retry_after_s), 0) FROM failed WHERE backfill = ?", [backfill]
+    ).fetchone()
+    return float(seconds)

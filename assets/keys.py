@@ -22,7 +22,8 @@ class BackfillKeys:
 
     @classmethod
     def of(cls, name: str) -> BackfillKeys:
-        return cls(*(AssetKey([name, asset]) for asset in ("chunk_plan", "manifests", "retry_manifests", "failed_items")))
+        assets = ("chunk_plan", "manifests", "retry_manifests", "failed_items")
+        return cls(*(AssetKey([name, asset]) for asset in assets))
 
 
 def round_key(attempt: int) -> str:

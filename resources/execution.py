@@ -8,7 +8,6 @@ whether manifests land in a folder or in S3.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -32,7 +31,7 @@ class ExecutorResource(ConfigurableResource):
     func_ram: int = Field(default=2, description="Burla: GB of RAM per worker.")
     grow: bool = Field(default=False, description="Burla: let the cluster add nodes.")
     image: str = Field(default="", description="Burla: container image; empty uses the cluster default.")
-    max_parallelism: Optional[int] = Field(
+    max_parallelism: int | None = Field(
         default=None, description="Pin live workers instead of deriving them from the limit."
     )
 
@@ -40,7 +39,9 @@ class ExecutorResource(ConfigurableResource):
         if self.kind == "local":
             return LocalExecutor()
         if self.kind == "burla":
-            return BurlaExecutor(func_cpu=self.func_cpu, func_ram=self.func_ram, grow=self.grow, image=self.image or None)
+            return BurlaExecutor(
+                func_cpu=self.func_cpu, func_ram=self.func_ram, grow=self.grow, image=self.image or None
+            )
         raise ValueError(f"executor kind {self.kind!r} is not known: set kind to one of {', '.join(EXECUTOR_KINDS)}.")
 
     def overrides(self, declared: Overrides) -> Overrides:

@@ -10,13 +10,15 @@ With no ``url`` and ``embedded`` set to ``"http_api"`` or ``"llm"``, the
 resource starts the bundled local service for the duration of the run, with
 the declared limit as the service's own server-side limit, so ``dagster dev``
 and the demo work with no account anywhere. Its state (arrivals, fault
-counters) lives and dies with the run.
+counters) lives and dies with the run, so its "fails once, then heals" demo
+faults heal in a retry round only against a service that outlives the runs
+(start one and set ``url``). The embedded service gets the secret on its
+command line: fine for a local demo, not for a real credential.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
@@ -26,6 +28,7 @@ from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.spec import Service
 
 EMBEDDED_SERVICES = ("http_api", "llm")
+_EMBEDDED_BASE_PATH = {"http_api": "", "llm": "/v1"}  # the LLM is OpenAI-compatible: clients expect .../v1
 LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceLimit))
 
 
@@ -33,14 +36,14 @@ class ServiceResource(ConfigurableResource):
     """A service limit (the ``ServiceLimit`` fields), where the service is, and its secret."""
 
     name: str = Field(description="The service's name: resource key, concurrency pool and folder-safe label.")
-    requests_per_second: Optional[float] = None
-    requests_per_minute: Optional[float] = None
-    tokens_per_minute: Optional[float] = None
-    safe_connections: Optional[int] = None
-    concurrent_batches: Optional[int] = None
-    per_worker_requests_per_second: Optional[float] = None
+    requests_per_second: float | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    safe_connections: int | None = None
+    concurrent_batches: int | None = None
+    per_worker_requests_per_second: float | None = None
     jitter_s: float = ServiceLimit.jitter_s
-    max_workers: Optional[int] = None
+    max_workers: int | None = None
     safety: float = Field(
         default=ServiceLimit.safety, description="Fraction of the limit a run aims at (0.5 for a first run)."
     )
@@ -53,7 +56,7 @@ class ServiceResource(ConfigurableResource):
         default=0.0, description="Embedded http_api only: the fraction of plain ids it fails on purpose."
     )
 
-    _handle: Optional[ServiceHandle] = PrivateAttr(default=None)
+    _handle: ServiceHandle | None = PrivateAttr(default=None)
 
     def limit(self) -> ServiceLimit:
         """The declared limit; a bad value raises the engine's ``LimitError`` naming the field."""
@@ -65,28 +68,28 @@ class ServiceResource(ConfigurableResource):
         return Service(limit, self.url or self._embedded_url(limit), self.secret)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        """Refuse a bad limit or embedded setting when the run starts, before any step runs."""
+        """Refuse a bad limit, or no way to reach the service, when the run starts: before any call."""
         self.limit()
-        if self.embedded not in ("", *EMBEDDED_SERVICES):
-            raise ValueError(
-                f"{self.name}: embedded must be empty or one of {', '.join(EMBEDDED_SERVICES)}, "
-                f"got {self.embedded!r}. Set url to call a real service instead."
-            )
+        self._check_reachable()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._handle is not None:
             self._handle.stop()
             self._handle = None
 
-    def _embedded_url(self, limit: ServiceLimit) -> str:
-        if not self.embedded:
+    def _check_reachable(self) -> None:
+        if not self.url and self.embedded not in EMBEDDED_SERVICES:
             raise ValueError(
-                f"{self.name}: url is empty. Set url to the service's base URL, or embedded to "
-                f"one of {', '.join(EMBEDDED_SERVICES)} to run against the bundled local service."
+                f"{self.name}: url is empty and embedded is {self.embedded!r}. Set url to the service's "
+                f"base URL, or embedded to one of {', '.join(EMBEDDED_SERVICES)} to run against the "
+                "bundled local service."
             )
+
+    def _embedded_url(self, limit: ServiceLimit) -> str:
+        self._check_reachable()
         if self._handle is None:
             self._handle = self._start_embedded(limit)
-        return self._handle.url
+        return self._handle.url + _EMBEDDED_BASE_PATH[self.embedded]
 
     def _start_embedded(self, limit: ServiceLimit) -> ServiceHandle:
         """The bundled service, enforcing the declared (not the target) limit server-side."""

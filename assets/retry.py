@@ -1,0 +1,114 @@
+"""The retry sensor: one retry round at a time, until nothing retryable is left.
+
+It reads ``failed_count`` from the latest ``failed_items`` materialization.
+When there are retryable failures and attempts left, it adds the next round's
+partition (``attempt-n``) and requests one run of the retry job, whose
+``run_key`` names the backfill, the round and that materialization's storage
+id. The retry job refreshes ``failed_items``, so the next evaluation sees the
+state after the round, and the loop converges: every round either heals items
+or moves them one attempt closer to ``dead`` at ``max_attempts``.
+
+A round is requested once per failed_items materialization (the run key),
+and never while a run of that round is still queued or running; a crashed
+round is resumed by re-running its partition (its chunk plan is reused). The
+sensor waits a cool-down of at least the longest Retry-After the service sent.
+The retry run reuses the resource config (store root, limit, executor) of the
+run that produced the failures, so a launchpad override carries over.
+"""
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    DynamicPartitionsDefinition,
+    RunRequest,
+    RunsFilter,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from assets.keys import EXECUTOR_KEY, STORE_KEY, BackfillKeys, round_key
+from pipeline.spec import BackfillSpec
+
+PARTITION_TAG = "dagster/partition"  # set by Dagster on every partitioned run
+UNFINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+
+
+def retry_sensor(
+    spec: BackfillSpec,
+    keys: BackfillKeys,
+    rounds: DynamicPartitionsDefinition,
+    job_name: str,
+    cooldown_s: float,
+    interval_s: int,
+    status: DefaultSensorStatus,
+) -> SensorDefinition:
+    """The sensor that drives the retry rounds of one backfill."""
+
+    @sensor(
+        name=f"{spec.name}_retry_sensor",
+        job_name=job_name,
+        minimum_interval_seconds=interval_s,
+        default_status=status,
+        description=f"Requests the next retry round of {spec.name} while items are retryable "
+        f"(at most {spec.max_attempts - 1} rounds).",
+    )
+    def retry_failed(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+        records = context.instance.fetch_materializations(keys.failed, limit=1).records
+        if not records:
+            return SkipReason(f"{spec.name}: failed_items has not been materialized yet.")
+        record = records[0]
+        metadata = record.asset_materialization.metadata
+        failed = int(_value(metadata, "failed_count"))
+        attempt = int(_value(metadata, "next_attempt"))
+        if failed == 0:
+            return SkipReason(f"{spec.name}: nothing to retry.")
+        if attempt >= spec.max_attempts:
+            return SkipReason(f"{spec.name}: {spec.max_attempts} attempts used; remaining failures are final.")
+        partition = round_key(attempt)
+        if _round_in_flight(context.instance, job_name, partition):
+            return SkipReason(f"{spec.name}: a run of {partition} is queued or running.")
+        wait = max(cooldown_s, _value(metadata, "max_retry_after"))
+        remaining = record.timestamp + wait - time.time()
+        if remaining > 0:
+            return SkipReason(f"{spec.name}: cooling down {remaining:.0f} s more before {partition}.")
+        request = RunRequest(
+            run_key=f"{spec.name}:{partition}:{record.storage_id}",
+            partition_key=partition,
+            run_config=_resource_config(context.instance, record.run_id, {spec.service, STORE_KEY, EXECUTOR_KEY}),
+            tags={"paceline/backfill": spec.name, "paceline/attempt": str(attempt)},
+        )
+        return SensorResult(run_requests=[request], dynamic_partitions_requests=[rounds.build_add_request([partition])])
+
+    return retry_failed
+
+
+def _round_in_flight(instance: DagsterInstance, job_name: str, partition: str) -> bool:
+    unfinished = RunsFilter(job_name=job_name, tags={PARTITION_TAG: partition}, statuses=UNFINISHED)
+    return instance.get_runs_count(unfinished) > 0
+
+
+def _value(metadata: Mapping[str, Any], label: str) -> float:
+    entry = metadata.get(label)
+    return 0.0 if entry is None or entry.value is None else float(entry.value)
+
+
+def _resource_config(instance: DagsterInstance, run_id: str, keys: set[str]) -> dict[str, Any]:
+    """The resource config the failures were produced with, for the resources a retry uses."""
+    run = instance.get_run_by_id(run_id)
+    resources = (run.run_config or {}).get("resources", {}) if run else {}
+    chosen = {key: config for key, config in resources.items() if key in keys}
+    return {"resources": chosen} if chosen else {}

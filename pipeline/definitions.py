@@ -1,0 +1,59 @@
+"""The Paceline code location: the demo backfill, the service it calls, and where manifests go.
+
+UI (with the daemon, so the retry sensor runs)::
+
+    DAGSTER_HOME=$PWD/dagster_home dagster dev -w workspace.yaml
+
+Headless, the first pass (plan, attempt 0, failed items and their checks)::
+
+    DAGSTER_HOME=$PWD/dagster_home dagster job execute -m pipeline.definitions -j demo_ids_backfill
+
+This is the only module of ``pipeline`` that imports Dagster. The demo calls
+the bundled rate-limited HTTP API, which the ``demo_api`` resource starts for
+the duration of each run with the declared 200 requests/s as the server's own
+limit: no account, no network. Its deliberate faults fail an id on its first
+hit; since each run starts a fresh service, a retry round only heals them when
+the service outlives the runs: start one yourself
+(``python -m pipeline.localservices.http_api --port 8765 --rps 200 --demo-faults 0.03``)
+and export ``PACELINE_DEMO_API_URL=http://127.0.0.1:8765`` before starting Dagster.
+Raise or lower the limit in the launchpad (resources → demo_api →
+requests_per_second) without touching this file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from assets import paceline_definitions
+from pipeline.items import Values
+from pipeline.limits import Estimates
+from pipeline.spec import BackfillSpec
+from pipeline.workloads.http_api import http_work
+from resources import ManifestStoreResource, ServiceResource
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_ITEMS = 3000
+
+demo_ids = BackfillSpec(
+    name="demo_ids",
+    service="demo_api",
+    items=Values.of(range(1, DEMO_ITEMS + 1)),
+    work=http_work("{base}/items/{id}"),
+    estimates=Estimates(seconds_per_call=0.01, target_chunk_seconds=10),
+    description=f"GET /items/{{id}} for {DEMO_ITEMS:,} ids from the bundled demo API.",
+)
+
+demo_api = ServiceResource(
+    name="demo_api",
+    requests_per_second=200,
+    url=os.environ.get("PACELINE_DEMO_API_URL", ""),
+    embedded="http_api",
+    demo_faults=0.03,
+)
+
+defs = paceline_definitions(
+    backfills=[demo_ids],
+    services=[demo_api],
+    store=ManifestStoreResource(root=str(PROJECT_ROOT / "data")),
+)

@@ -18,7 +18,7 @@ from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
-from pipeline.manifests import ManifestStore, check_name
+from pipeline.manifests import ManifestError, ManifestStore, check_name
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport, attempt_report
 from pipeline.runner import ChunkResult, make_chunk_function
@@ -108,8 +108,23 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     execution = backfill.execution_plan(items.num_rows) if items.num_rows else execution_check
     plan = make_plan(items, execution.chunk_size)
     path = store.plan_path(backfill.name, 0)
+    _refuse_a_different_plan_over_manifests(backfill, store, path, plan)
     store.write_table(path, plan)
     return PlanResult(plan, normalized, execution, store.uri(path), 0)
+
+
+def _refuse_a_different_plan_over_manifests(backfill: Backfill, store: ManifestStore, path: str,
+                                            plan: pa.Table) -> None:
+    """Resume trusts chunk ids; a new item list under old manifests would skip the wrong items."""
+    if not store.exists(path) or not store.manifest_files(backfill.name):
+        return
+    if store.read_table(path).select(["chunk_id", "item_id"]).equals(plan.select(["chunk_id", "item_id"])):
+        return
+    raise ManifestError(
+        f"{backfill.name}: the items or the chunk size changed, but manifests of the earlier plan exist under "
+        f"{store.uri(store.attempt_dir(backfill.name, 0)).rsplit('/attempt=', 1)[0]}. Resuming would skip the "
+        "wrong items. Give the new run its own backfill name, or delete that folder (and the plan) to start over."
+    )
 
 
 def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanResult:

@@ -12,10 +12,9 @@ This is the only module of ``pipeline`` that imports Dagster. The demo calls
 the bundled rate-limited HTTP API, which the ``demo_api`` resource starts for
 the duration of each run with the declared 200 requests/s as the server's own
 limit: no account, no network. Its deliberate faults fail an id on its first
-hit; since each run starts a fresh service, a retry round only heals them when
-the service outlives the runs: start one yourself
-(``python -m pipeline.localservices.http_api --port 8765 --rps 200 --demo-faults 0.03``)
-and export ``PACELINE_DEMO_API_URL=http://127.0.0.1:8765`` before starting Dagster.
+hit; the service remembers those hits in ``data/demo_api_faults.json``, so the
+sensor's retry round (a new run, a new service process) heals them. To point
+the demo at a service you run yourself, export ``PACELINE_DEMO_API_URL``.
 Raise or lower the limit in the launchpad (resources → demo_api →
 requests_per_second) without touching this file.
 """
@@ -40,7 +39,7 @@ demo_ids = BackfillSpec(
     service="demo_api",
     items=Values.of(range(1, DEMO_ITEMS + 1)),
     work=http_work("{base}/items/{id}"),
-    estimates=Estimates(seconds_per_call=0.01, target_chunk_seconds=10),
+    estimates=Estimates(seconds_per_call=0.05, target_chunk_seconds=5),
     description=f"GET /items/{{id}} for {DEMO_ITEMS:,} ids from the bundled demo API.",
 )
 
@@ -50,6 +49,7 @@ demo_api = ServiceResource(
     url=os.environ.get("PACELINE_DEMO_API_URL", ""),
     embedded="http_api",
     demo_faults=0.03,
+    embedded_state_file=str(PROJECT_ROOT / "data" / "demo_api_faults.json"),
 )
 
 defs = paceline_definitions(

@@ -79,10 +79,10 @@ class Ledger:
 
     def counts(self, backfill: str) -> dict[str, int]:
         """items / ok / failed / dead / last_attempt for one backfill (zeros if it never ran)."""
-        row = self.con.execute(
+        rows = self.con.execute(
             "SELECT items, ok, failed, dead, last_attempt FROM summary WHERE backfill = ?", [backfill]
-        ).fetchone()
-        return dict(zip(("items", "ok", "failed", "dead", "last_attempt"), row or (0, 0, 0, 0, -1)))
+        ).fetchall()  # fetch everything: a half-read result keeps the connection busy
+        return dict(zip(("items", "ok", "failed", "dead", "last_attempt"), rows[0] if rows else (0, 0, 0, 0, -1)))
 
     def close(self) -> None:
         self.con.close()

@@ -41,7 +41,7 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         f"SELECT count(*), count(*) FILTER (WHERE ok), quantile_cont(latency_ms, 0.5), "
         f"quantile_cont(latency_ms, 0.95), coalesce(max(retry_after_s), 0) FROM results WHERE {where} AND tries > 0",
         args,
-    ).fetchone()
+    ).fetchall()[0]
     errors = ledger.con.execute(
         f"SELECT status, count(*) AS n, any_value(error) FROM results WHERE {where} AND NOT ok "
         "GROUP BY status ORDER BY n DESC LIMIT 10",

@@ -55,6 +55,11 @@ class ServiceResource(ConfigurableResource):
     demo_faults: float = Field(
         default=0.0, description="Embedded http_api only: the fraction of plain ids it fails on purpose."
     )
+    embedded_state_file: str = Field(
+        default="",
+        description="Embedded http_api only: where it remembers the items it already failed, so a retry "
+        "round in a later run heals them as a long-lived service would.",
+    )
 
     _handle: ServiceHandle | None = PrivateAttr(default=None)
 
@@ -100,6 +105,7 @@ class ServiceResource(ConfigurableResource):
                 max_concurrent_batches=limit.concurrent_batches,
                 token=secret,
                 demo_faults=self.demo_faults,
+                state_file=self.embedded_state_file or None,
             )
         rate = limit.global_rate()
         return start_llm(

@@ -1,5 +1,6 @@
 """Manifests as checkpoints, and the ledger's views over them."""
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,3 +150,24 @@ def test_bad_backfill_names_and_roots_are_refused():
         ManifestStore("s3://")
     with pytest.raises(ManifestError, match="only local folders and s3://"):
         ManifestStore("gs://bucket/x")
+
+
+def test_counts_then_query_on_one_ledger(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    backfill = _flaky_backfill({"1"})
+    plan_backfill(backfill, store)
+    run_attempt(backfill, store, LocalExecutor())
+    with Ledger(store) as ledger:
+        assert ledger.counts("ledger_test")["failed"] == 1
+        assert ledger.query("SELECT count(*) AS n FROM failed")["n"][0].as_py() == 1
+
+
+def test_replanning_different_items_over_manifests_is_refused(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    backfill = _flaky_backfill(set())
+    plan_backfill(backfill, store)
+    run_attempt(backfill, store, LocalExecutor())
+    plan_backfill(backfill, store)  # the same items again: fine, resume stays correct
+    changed = dataclasses.replace(backfill, source=Values.of(range(10, 60)))
+    with pytest.raises(ManifestError, match="the items or the chunk size changed"):
+        plan_backfill(changed, store)

@@ -51,10 +51,12 @@ Faults, chosen by the item id's prefix in ``GET /items/{id}`` (deterministic)
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.localservices._common import (
@@ -153,6 +155,7 @@ class HttpApi(Service):
         demo_faults: float,
         latency_ms: float,
         max_concurrent_batches: int | None,
+        state_file: str | None = None,
     ) -> None:
         super().__init__()
         self.limiter = SlidingWindowLimiter(1.0, {"requests": rps})
@@ -162,7 +165,8 @@ class HttpApi(Service):
         self.batch_s = self.latency_s or DEFAULT_BATCH_S
         self.max_batches = max_concurrent_batches
         self._lock = threading.Lock()
-        self._heal_hits: dict[str, int] = {}
+        self._state_file = Path(state_file) if state_file else None
+        self._heal_hits: dict[str, int] = self._load_heal_hits()
         self._batches_in_flight = 0
         self._peak_batches = 0
 
@@ -217,6 +221,7 @@ class HttpApi(Service):
         """500 for the first ``failures`` hits of this exact id, then 200 forever."""
         with self._lock:
             hits = self._heal_hits[item_id] = self._heal_hits.get(item_id, 0) + 1
+            self._save_heal_hits()
         if hits <= failures:
             return _error(500, "transient failure")
         return _item_ok(item_id)
@@ -260,6 +265,20 @@ class HttpApi(Service):
             "max_peer_rps_1s": max((busiest_window(ts, 1.0) for ts in by_peer.values()), default=0),
         }
 
+    def _load_heal_hits(self) -> dict[str, int]:
+        """Heal counters from an earlier process: a service started per run still remembers
+        which items it already failed, so a retry round heals as it would against one long-lived
+        service."""
+        if self._state_file is None or not self._state_file.exists():
+            return {}
+        return {str(k): int(v) for k, v in json.loads(self._state_file.read_text() or "{}").items()}
+
+    def _save_heal_hits(self) -> None:
+        if self._state_file is not None:
+            temp = self._state_file.with_suffix(".tmp")
+            temp.write_text(json.dumps(self._heal_hits))
+            temp.replace(self._state_file)
+
     def reset(self) -> None:
         """Clear arrivals, the rate window, heal counters and the batch peak.
 
@@ -269,6 +288,7 @@ class HttpApi(Service):
         self.limiter.clear()
         with self._lock:
             self._heal_hits.clear()
+            self._save_heal_hits()
             self._peak_batches = self._batches_in_flight
 
 
@@ -280,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN")
     parser.add_argument("--demo-faults", type=float, default=0.0, help="fraction of plain ids that fail once")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--state-file", default=None, help="keep heal counters here across restarts")
     args = parser.parse_args(argv)
-    service = HttpApi(args.rps, args.token, args.demo_faults, args.latency_ms, args.max_concurrent_batches)
+    service = HttpApi(
+        args.rps, args.token, args.demo_faults, args.latency_ms, args.max_concurrent_batches, args.state_file
+    )
     serve(service, args.port, args.watch_stdin)
 
 

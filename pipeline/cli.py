@@ -7,6 +7,7 @@ only shown with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -135,6 +136,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.items < 1:
         raise ValueError(f"--items must be at least 1, got {args.items}.")
     limit = ServiceLimit("demo_api", requests_per_second=args.limit_rps, safety=args.safety)
+    if Path(args.root, "manifests", "backfill=demo_api").is_dir():
+        shutil.rmtree(Path(args.root, "manifests", "backfill=demo_api"))
+        print(f"Starting fresh: removed the previous demo's manifests under {args.root}.")
     store = ManifestStore(args.root)
     print(f"Starting the bundled demo service (limit {args.limit_rps:g} req/s, answers 429 above it)...")
     with start_http_api(rps=args.limit_rps, demo_faults=0.03, latency_ms=40) as service:

@@ -118,6 +118,7 @@ class Pacer:
         self._clock = clock
         self._sleep = sleep
         self._ready_at = clock()
+        self._spaced_until = self._ready_at
 
     def before_call(self, estimated_tokens: float = 0.0) -> None:
         now = self._clock()
@@ -128,10 +129,13 @@ class Pacer:
         spacing = self._pacing.min_interval_s
         if self._pacing.jitter_s:
             spacing += random.uniform(0, self._pacing.jitter_s)
+        self._spaced_until = start + spacing
         self._ready_at = start + max(spacing, self._token_seconds(estimated_tokens))
 
     def reconcile(self, estimated_tokens: float, actual_tokens: float) -> None:
-        self._ready_at += self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
+        """Pay back (or charge) the estimate's error, but never schedule inside the request spacing."""
+        moved = self._ready_at + self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
+        self._ready_at = max(moved, self._spaced_until)
 
     def hold(self, seconds: float) -> None:
         """Wait at least ``seconds`` before the next call (Retry-After)."""

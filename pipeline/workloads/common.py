@@ -9,11 +9,13 @@ Checks here are local only: they never open a connection.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.spec import Service
+from pipeline.work import Item
 
 
 class WorkloadConfigError(ValueError):
@@ -86,6 +88,11 @@ def secret_header_values(headers: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(v for k, v in headers.items() if any(word in k.lower() for word in _SECRET_HEADER_WORDS))
 
 
+def item_record(item: Item) -> Any:
+    """The item's decoded JSON payload (a record, a range, a batch), or None when it has none."""
+    return item.data if item.payload is not None else None
+
+
 def require_limit(service: Service, field: str, workload: str, example: str) -> None:
     """Refuse a service whose declared limit lacks the field this workload is paced by."""
     if getattr(service.limit, field) is None:
@@ -94,3 +101,15 @@ def require_limit(service: Service, field: str, workload: str, example: str) -> 
             f"max_parallelism is derived from it. Declare it, for example ServiceLimit(name="
             f"{service.name!r}, {field}={example})."
         )
+
+
+@contextmanager
+def translated(translate: Callable[[Exception], Exception]) -> Iterator[None]:
+    """Re-raise errors as the engine outcome ``translate`` maps them to (or unchanged)."""
+    try:
+        yield
+    except Exception as error:
+        outcome = translate(error)
+        if outcome is error:
+            raise
+        raise outcome from error

@@ -9,60 +9,113 @@ query cannot hold a connection slot forever.
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.outcomes import Retryable
-from pipeline.workloads.common import check
+from pipeline.spec import Service
+from pipeline.workloads.common import WorkloadConfigError, check, check_positive, require_limit
 
 DEFAULT_APPLICATION_NAME = "paceline"
+FULL_SERVER_WAITS_S = (0.02, 0.05, 0.1, 0.2, 0.4)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
-def check_dsn(owner: str, dsn: str) -> None:
+@dataclass(frozen=True, kw_only=True)
+class PostgresConfig:
+    """Where the database is and how this backfill's connections are tagged and bounded.
+
+    ``password`` is the service's secret (kept out of the DSN, ``repr`` and rows).
+    """
+
+    dsn: str = field(repr=False)
+    password: str = field(default="", repr=False)
+    application_name: str = DEFAULT_APPLICATION_NAME
+    statement_timeout_s: float | None = 300.0
+
+    def _check_database(self) -> None:
+        owner = type(self).__name__
+        _check_dsn(owner, self.dsn)
+        check(
+            0 < len(self.application_name) < 64 and self.application_name.isprintable(),
+            owner,
+            "application_name",
+            f"{self.application_name!r} must be 1 to 63 printable characters",
+            "It tags this backfill's connections in pg_stat_activity; use something like 'paceline-load'.",
+        )
+        if self.statement_timeout_s is not None:
+            check_positive(owner, "statement_timeout_s", self.statement_timeout_s)
+
+    def connect(self) -> Any:
+        """The chunk's autocommit connection: calls open one explicit transaction per item.
+
+        PostgreSQL counts a closed connection against a role's or the server's
+        limit until its backend process has exited, a few milliseconds later.
+        So a chunk starting just as another ends may find the role "full" of a
+        connection that is already gone: that refusal is retried briefly.
+        """
+        import psycopg
+
+        kwargs: dict[str, Any] = {"application_name": self.application_name}
+        if self.password:
+            kwargs["password"] = self.password
+        if self.statement_timeout_s:
+            kwargs["options"] = f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
+        for wait in FULL_SERVER_WAITS_S:
+            try:
+                return psycopg.connect(self.dsn, autocommit=True, **kwargs)
+            except psycopg.OperationalError as error:
+                if "too many connections" not in str(error):
+                    raise
+                time.sleep(wait)
+        return psycopg.connect(self.dsn, autocommit=True, **kwargs)
+
+    def secrets(self) -> tuple[str, ...]:
+        from psycopg.conninfo import conninfo_to_dict
+
+        return (self.password, str(conninfo_to_dict(self.dsn).get("password") or ""))
+
+
+def database_fields(service: Service, workload: str) -> dict[str, str]:
+    """DSN and password from a configured service, which must declare its safe connections.
+
+    Each worker holds one connection for its chunk, so ``max_parallelism``,
+    derived from ``safe_connections``, is the number of connections held.
+    """
+    require_limit(service, "safe_connections", workload, "20")
+    return {"dsn": service.url, "password": service.secret}
+
+
+def _check_dsn(owner: str, dsn: str) -> None:
     """A connection string psycopg can parse (checked locally, no connection is opened)."""
     from psycopg.conninfo import conninfo_to_dict
 
     check(bool(dsn), owner, "dsn", "is empty", "Give a connection string, e.g. postgresql://user@host:5432/db.")
     try:
         conninfo_to_dict(dsn)
-    except Exception as error:  # noqa: BLE001 - psycopg raises ProgrammingError; the user needs the text
-        check(False, owner, "dsn", f"cannot be parsed ({error})", "Fix the connection string.")
+    except Exception as error:  # noqa: BLE001 - psycopg raises ProgrammingError; the user needs its text
+        raise WorkloadConfigError(
+            f"{owner}.dsn: cannot be parsed ({str(error).strip()}). "
+            "Write it as postgresql://user@host:5432/db or host=... dbname=..."
+        ) from None
 
 
-def check_application_name(owner: str, name: str) -> None:
-    check(
-        0 < len(name) < 64 and name.isprintable(),
-        owner,
-        "application_name",
-        f"{name!r} must be 1 to 63 printable characters",
-        "It tags this backfill's connections in pg_stat_activity; use something like 'paceline-load'.",
-    )
-
-
-def identifier_parts(owner: str, field: str, name: str) -> tuple[str, ...]:
+def identifier_parts(owner: str, field_name: str, name: str) -> tuple[str, ...]:
     """``schema.table`` -> ("schema", "table"), refusing anything that is not a plain identifier."""
     parts = tuple(name.split("."))
     check(
         0 < len(parts) <= 2 and all(_IDENTIFIER.match(p) for p in parts),
         owner,
-        field,
+        field_name,
         f"{name!r} is not a plain SQL identifier",
-        "Use letters, digits and '_' (optionally schema.table); quote-worthy names are not supported.",
+        "Use letters, digits and '_' (optionally schema.table); names that need quoting are not supported.",
     )
     return parts
 
 
-def connect(dsn: str, application_name: str, statement_timeout_s: float | None) -> Any:
-    """An autocommit psycopg connection: callers open one explicit transaction per item."""
-    import psycopg
-
-    options = f"-c statement_timeout={int(statement_timeout_s * 1000)}" if statement_timeout_s else None
-    kwargs = {"options": options} if options else {}
-    return psycopg.connect(dsn, autocommit=True, application_name=application_name, **kwargs)
-
-
-def timeouts_as_retryable(error: Exception) -> Exception:
-    """A cancelled statement (statement_timeout) is a timeout a later round may get through."""
+def statement_timeout_as_retryable(error: Exception) -> Exception:
+    """A cancelled statement (statement_timeout) is a timeout that a later round may get through."""
     import psycopg.errors
 
     if isinstance(error, psycopg.errors.QueryCanceled):

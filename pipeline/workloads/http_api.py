@@ -31,12 +31,13 @@ from pipeline.outcomes import Permanent
 from pipeline.spec import Service
 from pipeline.work import Item
 from pipeline.workloads.common import (
+    WorkloadConfigError,
     check,
     check_header_values,
     check_http_url,
     check_positive,
+    item_record,
     require_limit,
-    WorkloadConfigError,
     secret_header_values,
 )
 
@@ -48,7 +49,7 @@ _SAMPLE_ID = "sample-id"
 class HttpClientConfig:
     """What every HTTP workload needs: headers, a bearer token and a timeout, one client per chunk."""
 
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold an API key
     token: str = field(default="", repr=False)
     timeout_s: float = 10.0
 
@@ -73,12 +74,15 @@ class HttpClientConfig:
 
     def connect(self) -> Any:
         """One client (one keep-alive connection pool) for the whole chunk."""
+        return self._client()
+
+    def _client(self, extra_headers: Mapping[str, str] | None = None, **options: Any) -> Any:
         import httpx
 
-        headers = dict(self.headers)
+        headers = {**self.headers, **(extra_headers or {})}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        return httpx.Client(headers=headers, timeout=self.timeout_s)
+        return httpx.Client(headers=headers, timeout=self.timeout_s, **options)
 
     def secrets(self) -> tuple[str, ...]:
         return (self.token, *secret_header_values(self.headers))
@@ -103,22 +107,32 @@ class HttpWork(HttpClientConfig):
         self._check_client()
         owner = "HttpWork"
         check(
-            bool(self.url_template), owner, "url_template", "is empty",
+            bool(self.url_template),
+            owner,
+            "url_template",
+            "is empty",
             "Give the URL to call per item, for example '{base}/items/{id}'.",
         )
         check(
-            self.method in METHODS, owner, "method", f"{self.method!r} is not supported",
+            self.method in METHODS,
+            owner,
+            "method",
+            f"{self.method!r} is not supported",
             f"Use one of {', '.join(METHODS)} (upper case).",
         )
         url_fields = _template_fields(owner, "url_template", self.url_template)
         body_fields = _body_fields(owner, self.json_body_template)
         check(
-            bool((url_fields | body_fields) - {"base"}), owner, "url_template",
+            bool((url_fields | body_fields) - {"base"}),
+            owner,
+            "url_template",
             "uses no item field, so every item would make the same call",
             "Put {id} (or a field of the item's payload) in the URL or the body template.",
         )
         check(
-            "base" not in url_fields | body_fields or bool(self.base), owner, "base",
+            "base" not in url_fields | body_fields or bool(self.base),
+            owner,
+            "base",
             "is empty but the template uses {base}",
             "Configure the service URL (Service.url), or write the full URL in the template.",
         )
@@ -202,8 +216,11 @@ class Batches:
 
     def __post_init__(self) -> None:
         check(
-            isinstance(self.batch_size, int) and self.batch_size >= 1, "Batches", "batch_size",
-            f"must be a whole number >= 1, got {self.batch_size!r}", "Use the service's batch size, e.g. 100.",
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "Batches",
+            "batch_size",
+            f"must be a whole number >= 1, got {self.batch_size!r}",
+            "Use the service's batch size, e.g. 100.",
         )
 
     def read(self) -> pa.Table:
@@ -243,7 +260,9 @@ def _template_fields(owner: str, field_name: str, template: str) -> set[str]:
         ) from None
     for name, spec, conversion in parsed:
         check(
-            name is None or (name.isidentifier() and not spec and not conversion), owner, field_name,
+            name is None or (name.isidentifier() and not spec and not conversion),
+            owner,
+            field_name,
             f"field {{{name}}} is not a plain name",
             "Use plain fields such as {id} or {base}; attribute access, indexes and formats are not supported.",
         )
@@ -258,14 +277,17 @@ def _body_fields(owner: str, body: Any) -> set[str]:
     if isinstance(body, (list, tuple)):
         return set().union(*(_body_fields(owner, v) for v in body))
     check(
-        body is None or isinstance(body, (int, float, bool)), owner, "json_body_template",
-        f"contains a {type(body).__name__}", "Use JSON values only: objects, lists, strings, numbers, booleans, null.",
+        body is None or isinstance(body, (int, float, bool)),
+        owner,
+        "json_body_template",
+        f"contains a {type(body).__name__}",
+        "Use JSON values only: objects, lists, strings, numbers, booleans, null.",
     )
     return set()
 
 
 def _item_fields(item: Item) -> dict[str, Any]:
-    data = item.data if item.payload is not None else None
+    data = item_record(item)
     fields = dict(data) if isinstance(data, dict) else {}
     fields["id"] = item.id
     return fields
@@ -297,10 +319,10 @@ def _fill_body(body: Any, values: Mapping[str, Any]) -> Any:
 
 
 def _batch_records(item: Item) -> list[Any]:
-    data = item.data if item.payload is not None else None
+    data = item_record(item)
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise Permanent(
-            "a batch item must carry {\"records\": [...]}; build the items with Batches(source, batch_size)",
+            'a batch item must carry {"records": [...]}; build the items with Batches(source, batch_size)',
             status="bad_item",
         )
     return data["records"]

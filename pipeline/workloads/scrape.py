@@ -41,7 +41,8 @@ from pipeline.items import ItemSource
 from pipeline.outcomes import Permanent, Retryable
 from pipeline.spec import Service
 from pipeline.work import Item
-from pipeline.workloads.common import WorkloadConfigError, check, check_header_values, check_positive
+from pipeline.workloads.common import WorkloadConfigError, check, check_header_values
+from pipeline.workloads.http_api import HttpClientConfig
 
 DEFAULT_USER_AGENT = "PacelineBot/0.1 (+https://github.com/paceline)"
 RESERVED_FIELDS = ("url", "title", "http_version")
@@ -51,42 +52,51 @@ _DOMAIN = r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<domain>[^/?#]*)"
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScrapeWork:
+class ScrapeWork(HttpClientConfig):
     """Fetch a URL item, honour robots.txt, and store ``title`` plus each selector's text.
 
     ``selectors`` maps a payload field to a CSS selector; the first matching
     element's text (stripped) is stored, or ``None`` when nothing matches.
-    Every selector is compiled at construction, so a typo fails before any request.
+    Every selector is compiled at construction, so a typo fails before any
+    request. Redirects are followed; robots.txt is checked for the URL as given.
+    ``headers``, ``token`` (bearer) and ``timeout_s`` are as for ``HttpWork``.
     """
 
     selectors: Mapping[str, str] = field(default_factory=dict)
-    timeout_s: float = 10.0
     user_agent: str = DEFAULT_USER_AGENT
     http2: bool = True
-    headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         owner = "ScrapeWork"
-        check_positive(owner, "timeout_s", self.timeout_s)
-        check_header_values(owner, {**self.headers, "User-Agent": self.user_agent})
-        check(bool(self.user_agent.strip()), owner, "user_agent", "is empty",
-              "Name your crawler and a contact URL, e.g. 'MyBot/1.0 (+https://example.com/bot)'.")
-        check(not self.http2 or importlib.util.find_spec("h2") is not None, owner, "http2",
-              "is on but the 'h2' package is not installed", "Install httpx[http2], or pass http2=False.")
+        self._check_client()
+        check_header_values(owner, {"User-Agent": self.user_agent})
+        check(
+            bool(self.user_agent.strip()),
+            owner,
+            "user_agent",
+            "is empty",
+            "Name your crawler and a contact URL, e.g. 'MyBot/1.0 (+https://example.com/bot)'.",
+        )
+        check(
+            not self.http2 or importlib.util.find_spec("h2") is not None,
+            owner,
+            "http2",
+            "is on but the 'h2' package is not installed",
+            "Install httpx[http2], or pass http2=False.",
+        )
         for name, selector in self.selectors.items():
-            check(isinstance(name, str) and name.isidentifier() and name not in RESERVED_FIELDS, owner, "selectors",
-                  f"field name {name!r} is not usable", f"Use a plain name other than {', '.join(RESERVED_FIELDS)}.")
+            check(
+                isinstance(name, str) and name.isidentifier() and name not in RESERVED_FIELDS,
+                owner,
+                "selectors",
+                f"field name {name!r} is not usable",
+                f"Use a plain name other than {', '.join(RESERVED_FIELDS)}.",
+            )
             _compile_selector(name, selector)
 
     def connect(self) -> Any:
-        import httpx
-
-        client = httpx.Client(
-            http2=self.http2,
-            timeout=self.timeout_s,
-            follow_redirects=True,
-            headers={**self.headers, "User-Agent": self.user_agent},
-        )
+        """HTTP/2 where the server offers it (over TLS); plain http:// stays HTTP/1.1."""
+        client = self._client({"User-Agent": self.user_agent}, http2=self.http2, follow_redirects=True)
         return _Session(client, self.user_agent)
 
     def call(self, client: Any, item: Item) -> Any:
@@ -176,7 +186,9 @@ class _Session:
         try:
             response = self.http.get(f"{origin}/robots.txt")
         except httpx.HTTPError as error:
-            raise Retryable(f"robots.txt of {origin} could not be fetched: {error}", status="robots_unavailable") from None
+            raise Retryable(
+                f"robots.txt of {origin} could not be fetched: {error}", status="robots_unavailable"
+            ) from None
         if response.status_code in (401, 403):
             rules.disallow_all = True
         elif response.status_code == 429 or response.status_code >= 500:

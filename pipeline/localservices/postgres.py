@@ -1,0 +1,80 @@
+"""A real, throw-away PostgreSQL server for demos and tests (the ``pgserver`` wheel).
+
+    with start_postgres() as pg:
+        dsn = pg.url                                # superuser, Unix socket
+        loader = pg.create_role("loader", connection_limit=4)   # DSN of a capped role
+
+The server is the embedded binary shipped by ``pgserver`` (no system install,
+no Docker), in a temporary data directory deleted on ``stop()``. It listens
+on a Unix socket only. ``create_role`` gives a login role whose connection
+limit is enforced by PostgreSQL itself: a client opening one connection too
+many gets "too many connections for role" — the limit fails loudly on the
+server, not in the client's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+_ROLE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+@dataclass
+class PostgresHandle:
+    """A running server: ``url`` is a superuser DSN; ``stop()`` shuts it down and deletes its data."""
+
+    url: str
+    _server: Any = field(repr=False)
+    _data_dir: tempfile.TemporaryDirectory[str] = field(repr=False)
+
+    def create_role(self, name: str, connection_limit: int = -1) -> str:
+        """A login role (all privileges on the public schema) and its DSN; -1 means no limit."""
+        import psycopg
+        from psycopg import sql
+
+        if not _ROLE.match(name):
+            raise ValueError(f"role name {name!r}: use lower-case letters, digits and '_'.")
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            role = sql.Identifier(name)
+            connection.execute(
+                sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT {}").format(role, sql.Literal(int(connection_limit)))
+            )
+            connection.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(role))
+        return _with_user(self.url, name)
+
+    def stop(self) -> None:
+        """Stop the server and delete its data directory; safe to call twice."""
+        self._server.cleanup()
+        self._data_dir.cleanup()
+
+    def __enter__(self) -> PostgresHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_postgres() -> PostgresHandle:
+    """initdb + start a fresh server in a temporary directory (about a second)."""
+    with warnings.catch_warnings():  # pgserver asks platformdirs for a runtime dir; /tmp is fine here
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
+
+    data_dir = tempfile.TemporaryDirectory(prefix="paceline-pg-")
+    try:
+        server = pgserver.get_server(f"{data_dir.name}/pgdata", cleanup_mode="delete")
+    except BaseException:
+        data_dir.cleanup()
+        raise
+    return PostgresHandle(server.get_uri(), server, data_dir)
+
+
+def _with_user(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))

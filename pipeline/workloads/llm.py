@@ -1,0 +1,194 @@
+"""LLM prompts under a token budget: OpenAI-compatible chat completions.
+
+Items are prompt records (``pipeline.items.JsonlPrompts``): a JSON object with
+a ``prompt`` field (or ``messages``, a ready chat message list). Each call
+posts one chat completion over the chunk's client and stores the answer,
+finish reason and the ``usage`` the server reports.
+
+Pacing is the engine's, from the declared tokens/min and requests/min
+together: before each call it charges the worker's token budget with
+``cost(item)``, an estimate that is an upper bound (prompt tokens plus
+``max_tokens``); after it, ``usage(payload)`` returns the response's
+``usage.total_tokens`` and the engine pays back the difference, so a rough
+estimate costs nothing over a run. 429 and 503 wait the server's
+``retry-after-ms`` / ``Retry-After``.
+
+Prompt tokens are counted with ``tiktoken`` when it is installed *and* its
+encoding loads (it downloads encodings on first use, which fails offline).
+Otherwise the documented fallback is ``ceil(len(content) / 4) + 4`` per
+message — the rule the bundled local LLM server charges, and close to
+OpenAI's tokenizers on English text. Either way the reconciliation above
+corrects the budget after each call.
+
+Not done: streaming, tools/function calls, and any retry of a bad answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.outcomes import THROTTLE_STATUSES, Permanent, Throttled, parse_retry_after
+from pipeline.spec import Service
+from pipeline.work import Item
+from pipeline.workloads.common import check, check_http_url, item_record, require_limit
+from pipeline.workloads.http_api import HttpClientConfig
+
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+CHAT_PATH = "/chat/completions"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmWork(HttpClientConfig):
+    """One chat completion per prompt record. ``token`` is the API key (sent as a bearer token).
+
+    ``base_url`` is the API root including its version, as OpenAI clients
+    take it: ``https://api.openai.com/v1``, or ``<local server>/v1``.
+    """
+
+    base_url: str
+    model: str
+    prompt_field: str = "prompt"
+    system_prompt: str = ""
+    max_tokens: int = 256
+    temperature: float | None = None
+    encoding: str = "cl100k_base"
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        owner = "LlmWork"
+        self._check_client()
+        check_http_url(owner, "base_url", self.base_url)
+        check(bool(self.model.strip()), owner, "model", "is empty", "Name the model, e.g. model='gpt-4o-mini'.")
+        check(
+            bool(self.prompt_field),
+            owner,
+            "prompt_field",
+            "is empty",
+            "Name the field of each JSONL record that holds the prompt, e.g. 'prompt'.",
+        )
+        check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            owner,
+            "max_tokens",
+            f"must be a whole number >= 1, got {self.max_tokens!r}",
+            "It caps each answer and sizes the token estimate.",
+        )
+        check(
+            self.temperature is None or 0 <= self.temperature <= 2,
+            owner,
+            "temperature",
+            f"must be between 0 and 2, got {self.temperature!r}",
+            "Leave it unset for the model's default.",
+        )
+
+    def call(self, client: Any, item: Item) -> Any:
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages(item), "max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        response = client.post(self.base_url.rstrip("/") + CHAT_PATH, json=body)
+        if response.status_code in THROTTLE_STATUSES:
+            raise Throttled(
+                f"HTTP {response.status_code}: {response.text[:200]}",
+                retry_after=_retry_after(response.headers),
+                http_status=response.status_code,
+            )
+        response.raise_for_status()
+        return _answer(response.json())
+
+    def messages(self, item: Item) -> list[dict[str, Any]]:
+        """The chat messages for a prompt record: its ``messages``, or the system prompt and its prompt."""
+        record = item_record(item)
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            return record["messages"]
+        if not isinstance(record, dict) or not isinstance(record.get(self.prompt_field), str):
+            raise Permanent(
+                f"prompt {item.id} has no text field {self.prompt_field!r} (nor a 'messages' list); "
+                "fix the record or set prompt_field",
+                status="bad_item",
+            )
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": record[self.prompt_field]}]
+
+    def cost(self, item: Item) -> float:
+        """Upper-bound token estimate before the call: prompt tokens plus ``max_tokens``."""
+        try:
+            messages = self.messages(item)
+        except Permanent:
+            return 0.0  # the call will fail at once, without spending tokens
+        return float(prompt_tokens(messages, self.encoding) + self.max_tokens)
+
+    def usage(self, payload: Any) -> float | None:
+        """What the call really cost, as the server reports it (``usage.total_tokens``)."""
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        total = usage.get("total_tokens") if isinstance(usage, dict) else None
+        return float(total) if isinstance(total, (int, float)) else None
+
+
+def llm_work(model: str, **options: Any) -> Callable[[Service], LlmWork]:
+    """``BackfillSpec.work`` for an LLM: the service URL is the API root, its secret the API key.
+
+    Refuses a service that does not declare ``tokens_per_minute``: the token
+    budget is what this workload is paced by.
+    """
+
+    def build(service: Service) -> LlmWork:
+        require_limit(service, "tokens_per_minute", "LlmWork", "60_000")
+        return LlmWork(base_url=service.url, model=model, token=service.secret, **options)
+
+    return build
+
+
+def prompt_tokens(messages: list[dict[str, Any]], encoding: str = "cl100k_base") -> int:
+    """Tokens of the messages' text: tiktoken if usable offline, else ceil(chars / 4), plus 4 per message."""
+    count = _tokenizer(encoding) or _approximate_tokens
+    return sum(count(_content_text(m.get("content"))) + TOKENS_PER_MESSAGE for m in messages)
+
+
+@functools.cache
+def _tokenizer(encoding: str) -> Callable[[str], int] | None:
+    """tiktoken's counter for ``encoding``, or None when tiktoken or the encoding is unavailable."""
+    try:
+        import tiktoken
+
+        encoder = tiktoken.get_encoding(encoding)
+    except Exception:  # noqa: BLE001 - not installed, unknown encoding, or no network to download it
+        return None
+    return lambda text: len(encoder.encode(text, disallowed_special=()))
+
+
+def _approximate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: the string, or the ``text`` parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def _retry_after(headers: Any) -> float | None:
+    """OpenAI sends ``retry-after-ms`` (precise) and ``Retry-After`` (seconds); prefer the former."""
+    millis = parse_retry_after(headers.get("retry-after-ms"))
+    return millis / 1000 if millis is not None else parse_retry_after(headers.get("retry-after"))
+
+
+def _answer(response: Any) -> dict[str, Any]:
+    """The first choice's text, its finish reason, the model and the usage: a small payload."""
+    try:
+        choice = response["choices"][0]
+        return {
+            "content": choice["message"]["content"],
+            "finish_reason": choice.get("finish_reason"),
+            "model": response.get("model"),
+            "usage": response.get("usage"),
+        }
+    except (KeyError, IndexError, TypeError) as error:
+        raise Permanent(f"not a chat completion response (missing {error})", status="bad_payload") from None

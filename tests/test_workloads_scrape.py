@@ -1,0 +1,101 @@
+"""Polite scraping against the real local website: robots.txt, JavaScript shells, politeness measured by the server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.items import Values
+from pipeline.limits import Overrides, ServiceLimit
+from pipeline.localservices import ServiceHandle, start_http_api
+from pipeline.spec import BackfillSpec, Service
+from pipeline.workloads import ByDomain, ScrapeWork, WorkloadConfigError, scrape_work
+
+SELECTORS = {"heading": "h1", "price": "p.price"}
+
+
+def spec(name: str, items: object, **kwargs: object) -> BackfillSpec:
+    return BackfillSpec(name=name, service="site", items=items, work=scrape_work(SELECTORS), **kwargs)  # type: ignore[arg-type]
+
+
+def test_pages_scraped_politely_robots_honoured_javascript_shell_refused(runner) -> None:
+    limit = ServiceLimit(name="site", requests_per_second=20, per_worker_requests_per_second=4, max_workers=2)
+    with start_http_api(rps=20) as site:
+        pages = [f"{site.url}/site/{n}" for n in range(1, 13)]
+        forbidden = [f"{site.url}/private/1", f"{site.url}/private/2"]
+        shell = f"{site.url}/js-shell"
+        backfill = spec("scrape_ok", ByDomain(Values.of([*pages, *forbidden, shell]))).build(Service(limit, site.url))
+        result = runner.run(backfill)
+        stats, arrivals = site.stats(), site.arrivals()
+
+    rows = runner.latest(backfill)
+    for n, url in enumerate(pages, start=1):
+        payload = json.loads(rows[url]["payload"])
+        assert payload["title"] == f"Page {n}" and payload["heading"] == f"Product {n}"
+        assert payload["price"] == f"${(n * 7) % 100 + 0.99:.2f}", "the local site's price formula"
+        assert payload["http_version"] == "HTTP/1.1", "HTTP/2 is asked for, but plain http falls back to 1.1"
+    for url in forbidden:
+        assert (rows[url]["status"], rows[url]["retryable"]) == ("robots_disallowed", False)
+    assert (rows[shell]["status"], rows[shell]["retryable"]) == ("needs_javascript", False)
+    assert "does not run JavaScript" in rows[shell]["error"] and "browser" in rows[shell]["error"]
+    assert result.counts == {"items": 15, "ok": 12, "failed": 0, "dead": 3, "last_attempt": 0}
+
+    paths = [a["path"] for a in arrivals]
+    assert not any(p.startswith("/private/") for p in paths), "a disallowed page is never requested"
+    chunks = runner.chunks(backfill)
+    assert paths.count("/robots.txt") == chunks, "robots.txt fetched once per domain per chunk"
+    assert stats["peers"] == chunks, "one client and connection per chunk"
+    assert stats["by_status"] == {"200": len(arrivals)}
+    assert stats["busiest_1s"] <= 20
+    assert stats["max_peer_rps_1s"] <= 4 + 1, "per-worker politeness (+ the one robots.txt request)"
+
+
+def test_throttling_and_unreachable_robots_are_retryable(runner, http_api: ServiceHandle) -> None:
+    urls = [f"{http_api.url}/items/throttle-a", f"{http_api.url}/items/e503-a", f"{http_api.url}/items/e404-a"]
+    json_page, unreachable = f"{http_api.url}/items/7", "http://127.0.0.1:9/page"
+    backfill = spec(
+        "scrape_faults", Values.of([*urls, json_page, unreachable]), overrides=Overrides(chunk_size=1)
+    ).build(Service(ServiceLimit(name="site", requests_per_second=100), http_api.url))
+    runner.run(backfill)
+    rows = runner.latest(backfill)
+    outcome = {url: (row["status"], row["retryable"]) for url, row in rows.items()}
+    assert outcome == {
+        urls[0]: ("http_429", True),
+        urls[1]: ("http_503", True),
+        urls[2]: ("http_404", False),
+        json_page: ("not_html", False),
+        unreachable: ("robots_unavailable", True),
+    }
+
+
+@pytest.mark.parametrize(
+    ("selectors", "message"),
+    [
+        ({"price": "p..price"}, r"selectors\['price'\]: 'p..price' is not a CSS selector"),
+        ({"price": ""}, "is not a CSS selector"),
+        ({"title": "h1"}, "field name 'title' is not usable"),
+    ],
+)
+def test_bad_selectors_are_refused_before_any_request(
+    http_api: ServiceHandle, selectors: dict[str, str], message: str
+) -> None:
+    bad = BackfillSpec(name="scrape_bad", service="site", items=Values.of(["x"]), work=scrape_work(selectors))
+    with pytest.raises(WorkloadConfigError, match=message):
+        bad.build(Service(ServiceLimit(name="site", requests_per_second=1), http_api.url))
+    with pytest.raises(WorkloadConfigError, match="timeout_s"):
+        ScrapeWork(selectors=SELECTORS, timeout_s=0)
+    assert http_api.stats()["count"] == 0
+
+
+def test_by_domain_groups_urls_and_keeps_their_order() -> None:
+    urls = ["https://b.com/1", "http://A.com/1", "https://b.com/2", "http://a.com/2", "not a url", "http://c.org/"]
+    grouped = ByDomain(Values.of(urls)).read()["item_id"].to_pylist()
+    assert grouped == [
+        "not a url",
+        "http://A.com/1",
+        "http://a.com/2",
+        "https://b.com/1",
+        "https://b.com/2",
+        "http://c.org/",
+    ]

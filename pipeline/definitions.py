@@ -28,6 +28,7 @@ from assets import paceline_definitions
 from pipeline.items import Values
 from pipeline.limits import Estimates
 from pipeline.spec import BackfillSpec
+from pipeline.workloads.demos import DEMO_LIMITS, DEMO_SPECS
 from pipeline.workloads.http_api import http_work
 from resources import ManifestStoreResource, ServiceResource
 
@@ -52,8 +53,12 @@ demo_api = ServiceResource(
     embedded_state_file=str(PROJECT_ROOT / "data" / "demo_api_faults.json"),
 )
 
+# One demo per built-in workload (HTTP API, batches, scraping, S3 -> Postgres, key ranges, LLM),
+# each against a bundled local service that enforces the limit declared in DEMO_LIMITS.
+workload_demo_services = [ServiceResource.from_limit(limit, embedded="demo") for limit in DEMO_LIMITS.values()]
+
 defs = paceline_definitions(
-    backfills=[demo_ids],
-    services=[demo_api],
+    backfills=[demo_ids, *DEMO_SPECS],
+    services=[demo_api, *workload_demo_services],
     store=ManifestStoreResource(root=str(PROJECT_ROOT / "data")),
 )

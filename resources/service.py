@@ -9,15 +9,20 @@ name, never its value, and the engine redacts the value from every row.
 With no ``url`` and ``embedded`` set to ``"http_api"`` or ``"llm"``, the
 resource starts the bundled local service for the duration of the run, with
 the declared limit as the service's own server-side limit, so ``dagster dev``
-and the demo work with no account anywhere. Its state (arrivals, fault
-counters) lives and dies with the run, so its "fails once, then heals" demo
-faults heal in a retry round only against a service that outlives the runs
-(start one and set ``url``). The embedded service gets the secret on its
-command line: fine for a local demo, not for a real credential.
+and the demo work with no account anywhere. Its arrivals live and die with the
+run; its "fails once, then heals" fault counters survive in
+``embedded_state_file`` when one is set. The embedded service gets the secret
+on its command line: fine for a local demo, not for a real credential.
+
+``embedded="demo"`` takes the URL and secret of the service of the same name
+from ``pipeline.workloads.demos.start_demo_services()`` (the built-in
+workloads' demos: an API, a batch endpoint, a website, an LLM, PostgreSQL and
+S3, seeded with data), started once per run process.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 
 from dagster import ConfigurableResource, InitResourceContext
@@ -26,8 +31,19 @@ from pydantic import Field, PrivateAttr
 from pipeline.limits import ServiceLimit
 from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.spec import Service
+from pipeline.workloads.demos import DemoServices, start_demo_services
 
-EMBEDDED_SERVICES = ("http_api", "llm")
+_DEMO_SERVICES: list[DemoServices] = []
+
+
+def _demo_services() -> DemoServices:
+    """The built-in workloads' demo services, started on first use and stopped when the process exits."""
+    if not _DEMO_SERVICES:
+        _DEMO_SERVICES.append(start_demo_services())
+        atexit.register(_DEMO_SERVICES[0].stop)
+    return _DEMO_SERVICES[0]
+
+EMBEDDED_SERVICES = ("http_api", "llm", "demo")
 _EMBEDDED_BASE_PATH = {"http_api": "", "llm": "/v1"}  # the LLM is OpenAI-compatible: clients expect .../v1
 LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceLimit))
 
@@ -67,9 +83,17 @@ class ServiceResource(ConfigurableResource):
         """The declared limit; a bad value raises the engine's ``LimitError`` naming the field."""
         return ServiceLimit(**{field: getattr(self, field) for field in LIMIT_FIELDS})
 
+    @classmethod
+    def from_limit(cls, limit: ServiceLimit, **settings: object) -> ServiceResource:
+        """A resource declaring ``limit`` (plus url, secret, embedded... in ``settings``)."""
+        return cls(**{name: getattr(limit, name) for name in LIMIT_FIELDS}, **settings)
+
     def service(self) -> Service:
         """The configured service, starting the embedded one on first use if configured so."""
         limit = self.limit()
+        if not self.url and self.embedded == "demo":
+            demo = _demo_services().services[self.name]
+            return Service(limit, demo.url, self.secret or demo.secret)
         return Service(limit, self.url or self._embedded_url(limit), self.secret)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -106,7 +106,7 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     execution_check = backfill.execution_plan()  # refuse a bad declaration before reading anything
     items, normalized = normalize(backfill.source.read())
     execution = backfill.execution_plan(items.num_rows) if items.num_rows else execution_check
-    plan = make_plan(items, execution.chunk_size)
+    plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
     path = store.plan_path(backfill.name, 0)
     _refuse_a_different_plan_over_manifests(backfill, store, path, plan)
     store.write_table(path, plan)
@@ -134,11 +134,13 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanRe
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         failed = ledger.failed_items(backfill.name)
     original = store.read_table(store.plan_path(backfill.name, 0))
-    payloads = original.select(["item_id", "payload"])
+    payloads = original.select(["item_id", "payload", "group"])
     items = failed.select(["item_id"]).join(payloads, "item_id", join_type="left outer")
     items = items.take(pc.sort_indices(items["item_id"]))
+    if pc.all(pc.is_null(items["group"])).as_py() is not False:
+        items = items.drop_columns(["group"])
     execution = backfill.execution_plan(max(items.num_rows, 1))
-    plan = make_plan(items.select(["item_id", "payload"]), execution.chunk_size)
+    plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
     path = store.plan_path(backfill.name, attempt)
     store.write_table(path, plan)
     return PlanResult(plan, NormalizeReport(items.num_rows, 0, 0), execution, store.uri(path), attempt)

@@ -47,6 +47,7 @@ class ServiceLimit:
     per_worker_requests_per_second: float | None = None
     jitter_s: float = 0.0
     max_workers: int | None = None
+    max_workers_per_domain: int | None = None
     safety: float = 0.5
 
     def __post_init__(self) -> None:
@@ -57,7 +58,7 @@ class ServiceLimit:
                     f"{self.name}: {name} must be a positive number, got {value!r}. "
                     f"Write the service's real limit, or leave {name} unset."
                 )
-        for name in ("safe_connections", "concurrent_batches", "max_workers"):
+        for name in ("safe_connections", "concurrent_batches", "max_workers", "max_workers_per_domain"):
             value = getattr(self, name)
             if value is not None and int(value) != value:
                 raise LimitError(f"{self.name}: {name} must be a whole number, got {value!r}.")
@@ -96,7 +97,7 @@ _LIMIT_FIELDS = (
     "per_worker_requests_per_second",
     "max_workers",
 )
-_POSITIVE_FIELDS = _LIMIT_FIELDS
+_POSITIVE_FIELDS = (*_LIMIT_FIELDS, "max_workers_per_domain")
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class ExecutionPlan:
     target_rate: float | None
     target_tokens_per_minute: float | None
     explanation: list[str] = field(default_factory=list)
+    max_chunks_per_group: int | None = None
 
     def describe(self) -> str:
         return "\n".join(self.explanation)
@@ -198,7 +200,13 @@ def derive_plan(
     )
     chunk_size = _choose_chunk_size(workers, interval, estimates, overrides, item_count, why)
     target_tpm = None if limit.tokens_per_minute is None else limit.tokens_per_minute * limit.safety
-    return ExecutionPlan(workers, chunk_size, pacing, rate, target_tpm, why)
+    if limit.max_workers_per_domain is not None:
+        why.append(
+            f"per domain: at most {limit.max_workers_per_domain} chunk(s) per domain in the plan, so at most "
+            f"{limit.max_workers_per_domain} worker(s) x {_fmt(1 / interval) if interval else 'unpaced'} req/s "
+            "on any one domain"
+        )
+    return ExecutionPlan(workers, chunk_size, pacing, rate, target_tpm, why, limit.max_workers_per_domain)
 
 
 def _target_rate(limit: ServiceLimit, estimates: Estimates, why: list[str]) -> float | None:

@@ -17,18 +17,54 @@ import pyarrow.compute as pc
 from pipeline.limits import Pacing
 from pipeline.runner import Chunk
 
-PLAN_SCHEMA = pa.schema([("chunk_id", pa.int32()), ("item_id", pa.string()), ("payload", pa.string())])
+PLAN_SCHEMA = pa.schema(
+    [("chunk_id", pa.int32()), ("item_id", pa.string()), ("payload", pa.string()), ("group", pa.string())]
+)
 
 
-def make_plan(items: pa.Table, chunk_size: int) -> pa.Table:
-    """Assign consecutive items to chunks of ``chunk_size``."""
+def make_plan(items: pa.Table, chunk_size: int, max_chunks_per_group: int | None = None) -> pa.Table:
+    """Assign consecutive items to chunks of ``chunk_size``.
+
+    Items with a ``group`` column (a website's domain, set by ``ByDomain``) are
+    chunked group by group, so a chunk never spans two groups, and a group gets
+    at most ``max_chunks_per_group`` chunks (made larger if need be). A chunk
+    is run by one worker at a time, so that caps the workers on any one group
+    — on Burla as much as locally, because it is a property of the plan.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
-    chunk_ids = pa.array(np.arange(items.num_rows, dtype=np.int64) // chunk_size, pa.int32())
+    if "group" not in items.column_names:
+        chunk_ids = np.arange(items.num_rows, dtype=np.int64) // chunk_size
+        groups = pa.nulls(items.num_rows, pa.string())
+    else:
+        items = items.take(pc.sort_indices(items, sort_keys=[("group", "ascending")]))
+        groups = pc.fill_null(items["group"], "")
+        chunk_ids = _grouped_chunk_ids(groups, chunk_size, max_chunks_per_group)
     return pa.table(
-        {"chunk_id": chunk_ids, "item_id": items["item_id"], "payload": items["payload"]},
+        {
+            "chunk_id": pa.array(chunk_ids, pa.int32()),
+            "item_id": items["item_id"],
+            "payload": items["payload"],
+            "group": groups,
+        },
         schema=PLAN_SCHEMA,
     )
+
+
+def _grouped_chunk_ids(groups: pa.ChunkedArray, chunk_size: int, max_chunks: int | None) -> np.ndarray:
+    """Chunk ids for items sorted by group: each group split evenly into its own chunks."""
+    codes = pc.dictionary_encode(groups).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    n = len(codes)
+    starts = np.flatnonzero(np.diff(codes, prepend=-1)) if n else np.array([], dtype=np.int64)
+    sizes = np.diff(np.append(starts, n))
+    chunks = -(-sizes // chunk_size)
+    if max_chunks is not None:
+        chunks = np.minimum(chunks, max_chunks)
+    per_chunk = -(-sizes // np.maximum(chunks, 1))
+    first_chunk = np.concatenate(([0], np.cumsum(chunks)[:-1])) if n else chunks
+    group_of_row = np.repeat(np.arange(len(starts)), sizes)
+    position = np.arange(n) - starts[group_of_row]
+    return first_chunk[group_of_row] + position // per_chunk[group_of_row]
 
 
 def chunk_count(plan: pa.Table) -> int:

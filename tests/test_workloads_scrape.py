@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.items import Values
 from pipeline.limits import Overrides, ServiceLimit
 from pipeline.localservices import ServiceHandle, start_http_api
+from pipeline.plan import make_plan
+from pipeline.report import busiest_window
 from pipeline.spec import BackfillSpec, Service
 from pipeline.workloads import ByDomain, ScrapeWork, WorkloadConfigError, scrape_work
 
@@ -88,14 +91,33 @@ def test_bad_selectors_are_refused_before_any_request(
     assert http_api.stats()["count"] == 0
 
 
-def test_by_domain_groups_urls_and_keeps_their_order() -> None:
+def test_by_domain_plans_each_domain_into_at_most_its_worker_cap_of_chunks() -> None:
     urls = ["https://b.com/1", "http://A.com/1", "https://b.com/2", "http://a.com/2", "not a url", "http://c.org/"]
-    grouped = ByDomain(Values.of(urls)).read()["item_id"].to_pylist()
-    assert grouped == [
-        "not a url",
-        "http://A.com/1",
-        "http://a.com/2",
-        "https://b.com/1",
-        "https://b.com/2",
-        "http://c.org/",
+    items = ByDomain(Values.of(urls)).read()
+    assert items["group"].to_pylist() == ["b.com", "a.com", "b.com", "a.com", "", "c.org"]
+    plan = make_plan(items, chunk_size=1, max_chunks_per_group=1)
+    rows = list(zip(plan["chunk_id"].to_pylist(), plan["item_id"].to_pylist()))
+    assert rows == [
+        (0, "not a url"),
+        (1, "http://A.com/1"),
+        (1, "http://a.com/2"),
+        (2, "https://b.com/1"),
+        (2, "https://b.com/2"),
+        (3, "http://c.org/"),
     ]
+
+
+def test_per_domain_cap_holds_on_each_site_while_domains_run_in_parallel(runner) -> None:
+    limit = ServiceLimit(name="site", per_worker_requests_per_second=5, max_workers=4, max_workers_per_domain=1)
+    with start_http_api() as first, start_http_api() as second:
+        urls = [f"{site.url}/site/{n}" for n in range(1, 26) for site in (first, second)]
+        backfill = spec("two_domains", ByDomain(Values.of(urls))).build(Service(limit, ""))
+        result = runner.run(backfill)
+        pages = {name: [a["t"] for a in site.arrivals() if a["path"].startswith("/site/")]
+                 for name, site in (("first", first), ("second", second))}
+    assert result.counts["ok"] == 50
+    for times in pages.values():
+        assert len(times) == 25
+        assert busiest_window(np.sort(times), 1.0) <= 5, "one worker at 5 pages/s is all a domain may see"
+    overlap = min(max(t) for t in pages.values()) - max(min(t) for t in pages.values())
+    assert overlap > 2, "the two domains were scraped at the same time, not one after the other"

@@ -140,15 +140,12 @@ def scrape_work(selectors: Mapping[str, str], **options: Any) -> Callable[[Servi
 
 @dataclass(frozen=True)
 class ByDomain:
-    """URL items grouped by domain (stable within a domain), so chunks hold one domain's URLs.
+    """URL items tagged with their domain, so the chunk plan is made domain by domain.
 
-    What grouping gives: a chunk touches as few domains as possible, so its one
-    client reuses one connection and fetches robots.txt once. What it does not
-    give: a cap on how many workers hit one domain at once. Chunks have a fixed
-    size and may straddle two domains, and the executors cap workers globally,
-    not per domain. So the per-domain contract must be declared as the service
-    limit (it then holds for each domain because it holds for the whole backfill),
-    or each domain run as its own backfill with its own limit.
+    A chunk then holds one domain's URLs (its one client reuses one connection
+    and fetches robots.txt once), and with ``max_workers_per_domain`` in the
+    service limit each domain gets at most that many chunks — so at most that
+    many workers, each at the per-worker rate, ever hit one domain at once.
     """
 
     source: ItemSource
@@ -156,8 +153,7 @@ class ByDomain:
     def read(self) -> pa.Table:
         items = self.source.read()
         domains = pc.utf8_lower(pc.struct_field(pc.extract_regex(items["item_id"], _DOMAIN), "domain"))
-        order = pc.sort_indices(pa.table({"domain": pc.fill_null(domains, "")}), sort_keys=[("domain", "ascending")])
-        return items.take(order)
+        return items.append_column("group", pc.fill_null(domains, ""))
 
     def describe(self) -> str:
         return f"{self.source.describe()}, grouped by domain"

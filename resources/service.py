@@ -60,6 +60,9 @@ class ServiceResource(ConfigurableResource):
     per_worker_requests_per_second: float | None = None
     jitter_s: float = ServiceLimit.jitter_s
     max_workers: int | None = None
+    max_workers_per_domain: int | None = Field(
+        default=None, description="Scraping: at most this many workers on any one domain (ByDomain items)."
+    )
     safety: float = Field(
         default=ServiceLimit.safety, description="Fraction of the limit a run aims at (0.5 for a first run)."
     )

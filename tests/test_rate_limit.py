@@ -51,7 +51,7 @@ def test_per_worker_politeness_holds_per_connection(tmp_path):
     result, server = _run(limit, items=72, server_rps=None, tmp_path=tmp_path)
     assert server["max_peer_rps_1s"] <= 4, server
     assert server["busiest_1s"] <= 3 * 4, server
-    assert result.report.achieved_rate >= 0.8 * 12
+    assert result.report.achieved_rate >= 0.7 * 12  # a floor for a loaded CI machine; the ceiling is the promise
 
 
 @pytest.mark.parametrize("safety", [0.5, 1.0])

@@ -1,42 +1,14 @@
 """The README's "what a user writes" snippet, run exactly as printed against a real local API."""
 
-from textwrap import dedent
+from pathlib import Path
 
 from dagster import Definitions, instance_for_test
 
 from assets import BackfillKeys
 from pipeline.localservices import start_http_api
 
-SNIPPET = dedent(
-    """\
-    from dagster import EnvVar
-
-    from assets import paceline_definitions
-    from pipeline.items import TextLines
-    from pipeline.spec import BackfillSpec
-    from pipeline.workloads.http_api import http_work
-    from resources import ServiceResource
-
-    users = BackfillSpec(
-        name="users",
-        service="users_api",
-        items=TextLines("user_ids.txt"),
-        work=http_work("{base}/items/{id}"),
-    )
-
-    defs = paceline_definitions(
-        backfills=[users],
-        services=[
-            ServiceResource(
-                name="users_api",
-                requests_per_second=200,
-                url=EnvVar("USERS_API_URL"),
-                secret=EnvVar("USERS_API_TOKEN"),
-            )
-        ],
-    )
-    """
-)
+README = Path(__file__).resolve().parents[1] / "README.md"
+SNIPPET = README.read_text().split("### Adding a backfill", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ file: one file per chunk, latest wins, never a duplicate row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -54,6 +55,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _CHUNK_FILE = re.compile(r"^chunk-(\d+)\.parquet$")
+_TEMP_FILE = re.compile(r"^\.(\d+)-[0-9a-f]+\.tmp$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -138,7 +140,7 @@ class ManifestStore:
         if not self.is_local:
             pq.write_table(table, path, filesystem=self.fs)
             return
-        temp = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        temp = f"{parent}/.{os.getpid()}-{uuid.uuid4().hex}.tmp"
         try:
             pq.write_table(table, temp)
             os.replace(temp, path)
@@ -163,6 +165,7 @@ class ManifestStore:
         for info in self._list(self.attempt_dir(backfill, attempt)):
             match = _CHUNK_FILE.match(info.base_name)
             if not match:
+                self._remove_orphaned_temp_file(info)
                 continue
             if self._readable(info.path):
                 finished.add(int(match.group(1)))
@@ -192,6 +195,13 @@ class ManifestStore:
         selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
         return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
+    def _remove_orphaned_temp_file(self, info: pafs.FileInfo) -> None:
+        """A run killed mid-write leaves its temp file; remove it once its writer is gone."""
+        match = _TEMP_FILE.match(info.base_name)
+        if match and self.is_local and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(info.path)
+
     def _readable(self, path: str) -> bool:
         try:
             return pq.read_metadata(path, filesystem=self.fs).num_rows >= 0
@@ -207,6 +217,16 @@ def check_name(backfill: str) -> str:
             "Use letters, digits, '_', '-' and '.', starting with a letter, digit or '_'."
         )
     return backfill
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _timestamps(seconds: pa.Array) -> pa.Array:

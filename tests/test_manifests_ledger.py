@@ -1,6 +1,9 @@
 """Manifests as checkpoints, and the ledger's views over them."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,3 +174,16 @@ def test_replanning_different_items_over_manifests_is_refused(tmp_path):
     changed = dataclasses.replace(backfill, source=Values.of(range(10, 60)))
     with pytest.raises(ManifestError, match="the items or the chunk size changed"):
         plan_backfill(changed, store)
+
+
+def test_resume_removes_temp_files_of_dead_writers_only(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    folder = tmp_path / "manifests" / "backfill=b" / "attempt=0"
+    folder.mkdir(parents=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = folder / f".{finished.stdout.strip()}-{'a' * 32}.tmp"
+    alive = folder / f".{os.getpid()}-{'b' * 32}.tmp"
+    dead.write_bytes(b"half a parquet file")
+    alive.write_bytes(b"a file still being written")
+    assert store.scan_chunks("b", 0).finished == set()
+    assert not dead.exists() and alive.exists()

@@ -2,6 +2,7 @@
 
 import collections
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -89,3 +90,28 @@ def test_kill_minus_nine_then_resume_repeats_only_in_flight_chunks(api, tmp_path
         latest = ledger.query("SELECT count(*) AS n, count(DISTINCT item_id) AS d, count(*) FILTER (WHERE ok) AS ok FROM latest")
         assert latest.to_pylist() == [{"n": ITEMS, "d": ITEMS, "ok": ITEMS}]
         assert ledger.query("SELECT count(*) AS n FROM results")["n"][0].as_py() == ITEMS
+
+
+def test_repeated_kills_at_random_points_lose_and_duplicate_nothing(api, tmp_path):
+    script = tmp_path / "run_backfill.py"
+    script.write_text(RUNNER)
+    root = tmp_path / "store"
+    store = ManifestStore(str(root))
+    rng = random.Random(20261128)
+    for trial in range(4):
+        run = _start(script, api.url, root, "plan" if trial == 0 else "resume")
+        time.sleep(0.6 + rng.random() * 1.2)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        assert store.scan_chunks("resumable", 0).unreadable == []
+    final = _start(script, api.url, root, "resume")
+    assert final.wait(timeout=60) == 0
+    assert not list(root.rglob("*.tmp")), "temp files of killed writers are cleaned up on resume"
+    assert not [p for p in root.rglob("chunk-*.parquet") if p.stat().st_size == 0]
+    hits = collections.Counter(a["item"] for a in api.arrivals())
+    assert len(hits) == ITEMS and max(hits.values()) <= 1 + 4
+    with Ledger(store) as ledger:
+        counts = ledger.query(
+            "SELECT count(*) AS rows, count(DISTINCT item_id) AS items, count(*) FILTER (WHERE ok) AS ok FROM results"
+        ).to_pylist()
+        assert counts == [{"rows": ITEMS, "items": ITEMS, "ok": ITEMS}]

@@ -180,7 +180,7 @@ def derive_plan(
     per_worker = _per_worker_ceiling(limit, estimates, overrides, why)
 
     workers = _choose_workers(rate, cap, per_worker, overrides, limit, why)
-    interval = _choose_interval(rate, workers, per_worker, overrides, why)
+    interval = _choose_interval(rate, workers, _politeness(limit, overrides), overrides, why)
     _admit(limit, workers, interval, estimates, overrides)
 
     tokens_per_second = None
@@ -245,17 +245,23 @@ def _per_worker_ceiling(
 ) -> float:
     """The fastest one worker may (politeness) or can (latency) call."""
     natural = 1 / estimates.seconds_per_call
+    ceiling = _politeness(limit, overrides)
     if overrides.per_worker_requests_per_second is not None:
         why.append(f"per-worker rate pinned at {_fmt(overrides.per_worker_requests_per_second)} req/s")
-        return min(natural, overrides.per_worker_requests_per_second)
+    elif ceiling is not None:
+        why.append(
+            f"politeness: each worker calls at most {_fmt(limit.per_worker_requests_per_second)} times/s "
+            f"(paced {JITTER_HEADROOM:.0%} below, so network jitter cannot squeeze an extra call into a second)"
+        )
+    return natural if ceiling is None else min(natural, ceiling)
+
+
+def _politeness(limit: ServiceLimit, overrides: Overrides) -> float | None:
+    """The per-worker rate ceiling, if any: a pin, or the declared politeness less its jitter headroom."""
+    if overrides.per_worker_requests_per_second is not None:
+        return overrides.per_worker_requests_per_second
     polite = limit.per_worker_requests_per_second
-    if polite is None:
-        return natural
-    why.append(
-        f"politeness: each worker calls at most {_fmt(polite)} times/s "
-        f"(paced {JITTER_HEADROOM:.0%} below, so network jitter cannot squeeze an extra call into a second)"
-    )
-    return min(natural, polite * (1 - JITTER_HEADROOM))
+    return None if polite is None else polite * (1 - JITTER_HEADROOM)
 
 
 def _choose_workers(
@@ -289,14 +295,14 @@ def _choose_workers(
 
 
 def _choose_interval(
-    rate: float | None, workers: int, per_worker: float, overrides: Overrides, why: list[str]
+    rate: float | None, workers: int, ceiling: float | None, overrides: Overrides, why: list[str]
 ) -> float:
     """Spacing between one worker's calls so that workers x per-worker rate <= target.
 
     A pinned per-worker rate is kept as written (the admission check judges it);
     otherwise the spacing is stretched until the workers together meet the target.
     """
-    interval = 1 / per_worker
+    interval = 1 / ceiling if ceiling else 0.0  # latency alone sizes the workers; it never paces them
     if rate is not None and overrides.per_worker_requests_per_second is None:
         interval = max(interval, workers / rate)
     if interval > 0:

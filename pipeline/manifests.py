@@ -73,28 +73,29 @@ class ChunkScan:
 
 def result_table(result: ChunkResult) -> pa.Table:
     """A chunk's rows as an Arrow table in the manifest schema."""
-    started = pa.array(result.started_at, pa.float64())
-    finished = pa.array(result.finished_at, pa.float64())
+    columns = result.columns()
+    started = pa.array(columns["started_at"], pa.float64())
+    finished = pa.array(columns["finished_at"], pa.float64())
     n = len(result)
     return pa.table(
         {
-            "backfill": pa.repeat(pa.scalar(result.backfill), n) if n else pa.array([], pa.string()),
+            "backfill": pa.array([result.backfill] * n, pa.string()),
             "attempt": pa.array([result.attempt] * n, pa.int32()),
             "run_id": pa.array([result.run_id] * n, pa.string()),
             "chunk_id": pa.array([result.chunk_id] * n, pa.int32()),
-            "item_id": pa.array(result.item_id, pa.string()),
-            "ok": pa.array(result.ok, pa.bool_()),
-            "retryable": pa.array(result.retryable, pa.bool_()),
-            "status": pa.array(result.status, pa.string()),
-            "http_status": pa.array(result.http_status, pa.int32()),
-            "error": pa.array(result.error, pa.string()),
-            "tries": pa.array(result.tries, pa.int32()),
+            "item_id": pa.array(columns["item_id"], pa.string()),
+            "ok": pa.array(columns["ok"], pa.bool_()),
+            "retryable": pa.array(columns["retryable"], pa.bool_()),
+            "status": pa.array(columns["status"], pa.string()),
+            "http_status": pa.array(columns["http_status"], pa.int32()),
+            "error": pa.array(columns["error"], pa.string()),
+            "tries": pa.array(columns["tries"], pa.int32()),
             "started_at": _timestamps(started),
             "finished_at": _timestamps(finished),
             "latency_ms": pc.multiply(pc.subtract(finished, started), 1000.0),
-            "tokens": pa.array(result.tokens, pa.float64()),
-            "retry_after_s": pa.array(result.retry_after_s, pa.float64()),
-            "payload": pa.array(result.payload, pa.string()),
+            "tokens": pa.array(columns["tokens"], pa.float64()),
+            "retry_after_s": pa.array(columns["retry_after_s"], pa.float64()),
+            "payload": pa.array(columns["payload"], pa.string()),
         },
         schema=MANIFEST_SCHEMA,
     )

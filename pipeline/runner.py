@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.limits import Pacing
 from pipeline.outcomes import Failure, classify, redact
-from pipeline.work import Item, Work, item_cost, reported_usage, work_secrets
+from pipeline.work import Item, Work, work_secrets
 
 
 @dataclass
@@ -44,49 +44,58 @@ class Chunk:
         return [Item(i, p) for i, p in zip(self.item_ids, self.payloads)]
 
 
+ROW_FIELDS = (
+    "item_id", "ok", "retryable", "status", "http_status", "error", "tries",
+    "started_at", "finished_at", "payload", "tokens", "retry_after_s",
+)  # fmt: skip
+
+
+def _column(index: int) -> property:
+    return property(lambda self: [row[index] for row in self.rows], doc=f"the {ROW_FIELDS[index]} of every row")
+
+
 @dataclass
 class ChunkResult:
-    """One row per item of a chunk, as columns (cheap to pickle and to turn into Arrow).
+    """One row per item of a chunk.
 
-    The result names its own chunk, because Burla returns results in no
-    particular order and without their input index.
+    Rows are plain tuples in ``ROW_FIELDS`` order: the cheapest thing to build
+    per item and to pickle back from a worker. The result names its own chunk,
+    because Burla returns results in no particular order and without their
+    input index.
     """
 
     backfill: str
     attempt: int
     run_id: str
     chunk_id: int
-    item_id: list[str] = field(default_factory=list)
-    ok: list[bool] = field(default_factory=list)
-    retryable: list[bool] = field(default_factory=list)
-    status: list[str] = field(default_factory=list)
-    http_status: list[int | None] = field(default_factory=list)
-    error: list[str | None] = field(default_factory=list)
-    tries: list[int] = field(default_factory=list)
-    started_at: list[float] = field(default_factory=list)
-    finished_at: list[float] = field(default_factory=list)
-    payload: list[str | None] = field(default_factory=list)
-    tokens: list[float | None] = field(default_factory=list)
-    retry_after_s: list[float | None] = field(default_factory=list)
+    rows: list[tuple] = field(default_factory=list)
     auth_aborted: bool = False
 
-    def __len__(self) -> int:
-        return len(self.item_id)
+    item_id = _column(0)
+    ok = _column(1)
+    status = _column(3)
+    http_status = _column(4)
+    error = _column(5)
+    retryable = _column(2)
 
-    def add(self, item_id: str, started: float, tries: int, failure: Failure | None = None,
-            payload: str | None = None, tokens: float | None = None, retry_after: float | None = None) -> None:
-        self.item_id.append(item_id)
-        self.ok.append(failure is None)
-        self.retryable.append(failure.retryable if failure else False)
-        self.status.append(failure.status if failure else "ok")
-        self.http_status.append(failure.http_status if failure else None)
-        self.error.append(failure.error if failure else None)
-        self.tries.append(tries)
-        self.started_at.append(started)
-        self.finished_at.append(time.time())
-        self.payload.append(payload)
-        self.tokens.append(tokens)
-        self.retry_after_s.append(retry_after)
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def columns(self) -> dict[str, list]:
+        """All rows as columns, in one pass (for the manifest writer)."""
+        if not self.rows:
+            return {name: [] for name in ROW_FIELDS}
+        return dict(zip(ROW_FIELDS, map(list, zip(*self.rows))))
+
+    def add_ok(self, item_id: str, started: float, tries: int, payload: str | None, tokens: float | None) -> None:
+        self.rows.append((item_id, True, False, "ok", None, None, tries, started, time.time(), payload, tokens, None))
+
+    def add_failure(self, item_id: str, started: float, tries: int, failure: Failure,
+                    retry_after: float | None = None) -> None:
+        self.rows.append((
+            item_id, False, failure.retryable, failure.status, failure.http_status, failure.error, tries,
+            started, time.time(), None, None, retry_after,
+        ))  # fmt: skip
 
 
 def failed_chunk_result(chunk: Chunk, status: str, error: str, done: set[str] | None = None) -> ChunkResult:
@@ -100,7 +109,7 @@ def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[s
     now = time.time()
     for item_id in chunk.item_ids:
         if item_id not in done:
-            result.add(item_id, now, 0, failure)
+            result.add_failure(item_id, now, 0, failure)
 
 
 class Pacer:
@@ -119,8 +128,11 @@ class Pacer:
         self._sleep = sleep
         self._ready_at = clock()
         self._spaced_until = self._ready_at
+        self._idle = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
 
     def before_call(self, estimated_tokens: float = 0.0) -> None:
+        if self._idle:
+            return  # nothing to pace (no rate, no politeness, no tokens, no Retry-After pending)
         now = self._clock()
         if self._ready_at > now:
             self._sleep(self._ready_at - now)
@@ -139,6 +151,7 @@ class Pacer:
 
     def hold(self, seconds: float) -> None:
         """Wait at least ``seconds`` before the next call (Retry-After)."""
+        self._idle = False
         self._ready_at = max(self._ready_at, self._clock() + seconds)
 
     def finish(self) -> None:
@@ -190,67 +203,84 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
 
 
 @dataclass
-class _Called:
-    """How one item's call went, after any in-chunk retries."""
+class _Retried:
+    """How an item whose first call failed ended, after any in-chunk retries."""
 
     started: float
-    tries: int = 0
+    tries: int
     failure: Failure | None = None
-    payload: str | None = None
-    tokens: float | None = None
+    value: Any = None
     retry_after: float | None = None
+
+
+_encode_json = json.JSONEncoder(default=str).encode
 
 
 def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: ChunkResult,
                secrets: tuple[str, ...]) -> None:
+    """The hot loop: one paced call per item, success handled inline, failures aside.
+
+    It runs once per item of a million-item backfill, so it avoids a function
+    call or an object per item wherever it can; the rare paths live in helpers.
+    """
+    call, cost, usage = work.call, getattr(work, "cost", None), getattr(work, "usage", None)
     auth_failures = 0
     for position, item in enumerate(chunk.items()):
-        called = _call_with_retries(work, client, item, chunk.pacing, pacer)
-        if called.failure is None:
-            result.add(item.id, called.started, called.tries, payload=redact_payload(called.payload, secrets),
-                       tokens=called.tokens, retry_after=called.retry_after)
-            continue
-        failure = dataclasses.replace(called.failure, error=redact(called.failure.error, secrets) or "")
-        result.add(item.id, called.started, called.tries, failure, retry_after=called.retry_after)
-        auth_failures += failure.auth
-        # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
-        if failure.auth and auth_failures == position + 1 >= chunk.pacing.auth_fail_fast:
-            result.auth_aborted = True
-            fill_failed(result, chunk, Failure("auth_aborted", True, failure.error, failure.http_status),
-                        set(result.item_id))
-            return
-
-
-def _call_with_retries(work: Work, client: Any, item: Item, pacing: Pacing, pacer: Pacer) -> _Called:
-    """Call one item, waiting out throttling up to the bounded number of retries."""
-    estimate = item_cost(work, item)
-    called = _Called(started=time.time())
-    while True:
+        estimate = cost(item) if cost else 0.0
         pacer.before_call(estimate)
-        called.started = time.time()
-        called.tries += 1
+        started, tries, retry_after = time.time(), 1, None
         try:
-            value = work.call(client, item)
+            value = call(client, item)
         except Exception as error:  # noqa: BLE001 - every failure becomes a row
-            failure = classify(error)
-            if failure.retry_after is not None:
-                called.retry_after = max(called.retry_after or 0.0, failure.retry_after)
-            if failure.throttled and called.tries <= pacing.max_throttle_retries:
-                wait = failure.retry_after if failure.retry_after is not None else 1.0
-                pacer.hold(min(wait, pacing.max_retry_after_s))
+            retried = _retry_in_chunk(work, client, item, chunk.pacing, pacer, estimate, error)
+            started, tries, retry_after = retried.started, retried.tries, retried.retry_after
+            if retried.failure is not None:
+                failure = dataclasses.replace(retried.failure, error=redact(retried.failure.error, secrets) or "")
+                result.add_failure(item.id, started, tries, failure, retry_after)
+                auth_failures += failure.auth
+                # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
+                if failure.auth and auth_failures == position + 1 >= chunk.pacing.auth_fail_fast:
+                    _abort_for_credentials(result, chunk, failure)
+                    return
                 continue
-            called.failure = failure
-            return called
-        actual = reported_usage(work, value)
+            value = retried.value
+        actual = usage(value) if usage else None
         if actual is not None:
             pacer.reconcile(estimate, actual)
         try:
-            called.payload = json.dumps(value, default=str)
-        except (TypeError, ValueError) as error:
-            called.failure = classify(error)
-            return called
-        called.tokens = actual if actual is not None else (estimate or None)
-        return called
+            payload = None if value is None else redact_payload(_encode_json(value), secrets)
+        except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent
+            result.add_failure(item.id, started, tries, classify(error), retry_after)
+            continue
+        result.add_ok(item.id, started, tries, payload, actual if actual is not None else (estimate or None))
+
+
+def _abort_for_credentials(result: ChunkResult, chunk: Chunk, failure: Failure) -> None:
+    result.auth_aborted = True
+    fill_failed(result, chunk, Failure("auth_aborted", True, failure.error, failure.http_status), set(result.item_id))
+
+
+def _retry_in_chunk(work: Work, client: Any, item: Item, pacing: Pacing, pacer: Pacer, estimate: float,
+                    error: Exception) -> _Retried:
+    """After a failed call: wait out throttling and call again, up to the bounded number of retries."""
+    retried = _Retried(started=time.time(), tries=1)
+    while True:
+        failure = classify(error)
+        if failure.retry_after is not None:
+            retried.retry_after = max(retried.retry_after or 0.0, failure.retry_after)
+        if not failure.throttled or retried.tries > pacing.max_throttle_retries:
+            retried.failure = failure
+            return retried
+        wait = failure.retry_after if failure.retry_after is not None else 1.0
+        pacer.hold(min(wait, pacing.max_retry_after_s))
+        pacer.before_call(estimate)
+        retried.started = time.time()
+        retried.tries += 1
+        try:
+            retried.value = work.call(client, item)
+            return retried
+        except Exception as again:  # noqa: BLE001 - every failure becomes a row
+            error = again
 
 
 def redact_payload(payload: str | None, secrets: tuple[str, ...]) -> str | None:

@@ -10,21 +10,37 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 
-@dataclass(frozen=True)
 class Item:
-    """One unit the service sees. ``payload`` is JSON text when the item carries data."""
+    """One unit the service sees. ``payload`` is JSON text when the item carries data.
 
-    id: str
-    payload: str | None = None
+    A small slotted class, not a dataclass: one is built per call, so it must be cheap.
+    """
 
-    @cached_property
+    __slots__ = ("id", "payload", "_data")
+
+    def __init__(self, id: str, payload: str | None = None):  # noqa: A002 - "id" is the natural name here
+        self.id = id
+        self.payload = payload
+
+    @property
     def data(self) -> Any:
         """The decoded payload (a prompt record, a key range), or the id itself."""
-        return self.id if self.payload is None else json.loads(self.payload)
+        try:
+            return self._data
+        except AttributeError:
+            self._data = self.id if self.payload is None else json.loads(self.payload)
+            return self._data
+
+    def __repr__(self) -> str:
+        return f"Item(id={self.id!r}, payload={self.payload!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Item) and (self.id, self.payload) == (other.id, other.payload)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @runtime_checkable
@@ -59,25 +75,18 @@ class FunctionWork:
     def call(self, client: Any, item: Item) -> Any:
         return self.call_fn(client, item)
 
-    def cost(self, item: Item) -> float:
-        return self.cost_fn(item) if self.cost_fn else 0.0
+    @property
+    def cost(self) -> Callable[[Item], float] | None:
+        """Estimated tokens of an item, or None: the runner then skips the estimate entirely."""
+        return self.cost_fn
 
-    def usage(self, payload: Any) -> float | None:
-        return self.usage_fn(payload) if self.usage_fn else None
+    @property
+    def usage(self) -> Callable[[Any], float | None] | None:
+        """Tokens a payload reports it spent, or None when the work is not token-priced."""
+        return self.usage_fn
 
     def secrets(self) -> tuple[str, ...]:
         return self.secret_values
-
-
-def item_cost(work: Work, item: Item) -> float:
-    """Estimated tokens for an item; zero for work that is not token-priced."""
-    cost = getattr(work, "cost", None)
-    return float(cost(item)) if cost else 0.0
-
-
-def reported_usage(work: Work, payload: Any) -> float | None:
-    usage = getattr(work, "usage", None)
-    return usage(payload) if usage else None
 
 
 def work_secrets(work: Work) -> tuple[str, ...]:

@@ -97,3 +97,9 @@ def test_politeness_alone_needs_a_worker_cap():
 def test_chunks_leave_at_least_two_per_worker():
     plan = derive_plan(ServiceLimit(requests_per_second=100), Estimates(seconds_per_call=0.1), item_count=1000)
     assert plan.chunk_size * plan.max_parallelism * 2 <= 1000 + plan.max_parallelism * 2
+
+
+def test_latency_sizes_workers_but_never_paces_a_connection_limit():
+    plan = derive_plan(ServiceLimit("pg", safe_connections=20), Estimates(seconds_per_call=0.5))
+    assert plan.max_parallelism == 10
+    assert plan.pacing.min_interval_s == 0  # a fast query must not wait for a pessimistic estimate

@@ -47,20 +47,37 @@ class NormalizeReport:
 
 
 def normalize(table: pa.Table) -> tuple[pa.Table, NormalizeReport]:
-    """Strip whitespace, drop blanks, drop repeats (keeping first occurrence and order)."""
+    """Strip whitespace, drop blanks, drop repeats (keeping first occurrence and order).
+
+    Memory matters at ten million items: the common case (no repeats) costs
+    one hash pass; only when there are repeats are first occurrences found.
+    """
     read = table.num_rows
     ids = pc.utf8_trim_whitespace(table["item_id"])
+    keep = pc.and_(pc.is_valid(ids), pc.not_equal(ids, ""))
     table = table.set_column(0, "item_id", ids)
-    table = table.filter(pc.and_(pc.is_valid(ids), pc.not_equal(ids, "")))
-    blanks = read - table.num_rows
-    before = table.num_rows
-    first = (
-        table.append_column("_row", pa.array(_arange(before)))
-        .group_by("item_id", use_threads=False)
-        .aggregate([("_row", "min")])["_row_min"]
-    )
-    table = table.take(pc.take(first, pc.sort_indices(first)))
-    return table, NormalizeReport(read, blanks, before - table.num_rows)
+    del ids
+    blanks = read - (pc.sum(keep).as_py() or 0)
+    if blanks:
+        table = table.filter(keep)
+    kept = table.num_rows
+    if len(pc.unique(table["item_id"])) < kept:
+        table = table.filter(_first_occurrences(table["item_id"]))
+    return table, NormalizeReport(read, blanks, kept - table.num_rows)
+
+
+def _first_occurrences(ids: pa.ChunkedArray) -> pa.Array:
+    """True where a value appears for the first time.
+
+    Dictionary codes are handed out in order of first appearance, so a row
+    is a first occurrence exactly when its code exceeds every earlier code.
+    """
+    codes = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    first = np.empty(len(codes), dtype=bool)
+    if len(codes):
+        first[0] = True
+        first[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
+    return pa.array(first)
 
 
 @dataclass(frozen=True)
@@ -223,10 +240,6 @@ class S3Prefix:
 
 def _with_null_payload(ids: pa.Array | pa.ChunkedArray) -> pa.Table:
     return pa.table({"item_id": ids, "payload": pa.nulls(len(ids), pa.string())}, schema=ITEM_SCHEMA)
-
-
-def _arange(n: int) -> pa.Array:
-    return pa.array(np.arange(n, dtype=np.int64))
 
 
 def _existing(path: str) -> Path:

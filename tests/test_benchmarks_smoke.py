@@ -1,0 +1,72 @@
+"""Every benchmark still runs, in --quick mode, and its promise-shaped checks hold.
+
+Absolute times are never asserted tightly (CI machines differ and are shared);
+what is asserted are the promises that do not depend on the machine: nothing
+lost, a crash repeats only what was in flight, the server never saw the limit
+exceeded, plus generous floors that catch a benchmark or an engine path that
+broke (a ratio collapsing, a budget left mostly unused).
+"""
+
+import json
+import subprocess
+import sys
+
+from benchmarks import crash_cost, failed_query, overhead, planning, utilisation
+from benchmarks.common import child_env
+
+# The engine is about 0.25x the raw thread pool today on no-op work (see BENCHMARKS.md);
+# raise this floor towards 0.3+ once the per-item overhead recommended there is removed.
+MIN_OVERHEAD_RATIO = 0.15
+MIN_UTILISATION = 0.8
+# Per-worker politeness can show one call too many in a second when a call reaches the server
+# late (GIL or CPU contention): the engine keeps only ~20 ms of headroom per second (see
+# BENCHMARKS.md). Set this to 0 once the pacer anchors politeness on call completions.
+POLITENESS_EXTRA_CALLS = 1
+
+
+def test_overhead_quick_runs_and_paceline_is_not_pathologically_slower():
+    outcome = overhead.run(quick=True)
+    assert outcome.metrics["items"] == overhead.SIZES[True]
+    assert outcome.metrics["ratio"] > MIN_OVERHEAD_RATIO, outcome.render()
+
+
+def test_planning_quick_stays_within_the_goals():
+    outcome = planning.run(quick=True)
+    assert outcome.metrics["seconds"] < planning.GOAL_SECONDS, outcome.render()
+    assert outcome.metrics["peak_rss_bytes"] < planning.GOAL_BYTES, outcome.render()
+    assert outcome.metrics["peak_rss_bytes"] > outcome.metrics["import_rss_bytes"] > 0
+
+
+def test_failed_query_quick_finds_exactly_the_failed_items():
+    outcome = failed_query.run(quick=True)  # raises if the ledger's count differs from what was generated
+    assert outcome.metrics["failed"] > 0
+    assert outcome.metrics["total_s"] < 10 * failed_query.GOAL_SECONDS, outcome.render()
+
+
+def test_crash_cost_quick_repeats_only_what_was_in_flight():
+    outcome = crash_cost.run(quick=True)
+    metrics = outcome.metrics
+    assert metrics["held"] == metrics["trials"] == crash_cost.TRIALS[True], outcome.render()
+    assert metrics["repeated_outside_in_flight"] == 0
+    assert metrics["lost"] == 0 and metrics["unreadable"] == 0
+    assert metrics["mid_run_trials"] >= 1, "no kill landed mid-run, so nothing was tested"
+
+
+def test_utilisation_quick_never_exceeds_a_limit_and_uses_most_of_the_budget():
+    outcome = utilisation.run(quick=True)
+    for case in utilisation.CASES:
+        slack = POLITENESS_EXTRA_CALLS / utilisation.POLITE_RPS if case == "politeness" else 0.0
+        assert outcome.metrics[f"{case}_busiest_over_limit"] <= 1.0 + slack, outcome.render()
+        assert outcome.metrics[f"{case}_utilisation"] >= MIN_UTILISATION, outcome.render()
+
+
+def test_run_entry_point_prints_a_summary_and_writes_json(tmp_path):
+    report = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "planning", "--json", str(report)],
+        capture_output=True, text=True, timeout=120, env=child_env(),
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "planning" in completed.stdout and "goals" in completed.stdout
+    outcomes = json.loads(report.read_text())["outcomes"]
+    assert [o["name"] for o in outcomes] == ["planning"]

@@ -128,6 +128,8 @@ class Pacing:
     min_interval_s: float = 0.0
     jitter_s: float = 0.0
     tokens_per_second: float | None = None
+    window_calls: int = 0  # politeness: at most this many calls ...
+    window_s: float = 0.0  # ... between the end of one and the start of the last (0 = off)
     max_throttle_retries: int = 3
     max_retry_after_s: float = 60.0
     auth_fail_fast: int = 5
@@ -191,10 +193,13 @@ def derive_plan(
             f"({limit.tokens_per_minute:,.0f} tokens/min x safety {limit.safety:g} / {workers} workers), "
             "reconciled with the usage each response reports"
         )
+    window_calls, window_s = _politeness_window(limit, overrides)
     pacing = Pacing(
         min_interval_s=interval,
         jitter_s=limit.jitter_s,
         tokens_per_second=tokens_per_second,
+        window_calls=window_calls,
+        window_s=window_s,
         max_throttle_retries=overrides.max_throttle_retries,
         max_retry_after_s=overrides.max_retry_after_s,
     )
@@ -262,6 +267,23 @@ def _politeness(limit: ServiceLimit, overrides: Overrides) -> float | None:
         return overrides.per_worker_requests_per_second
     polite = limit.per_worker_requests_per_second
     return None if polite is None else polite * (1 - JITTER_HEADROOM)
+
+
+def _politeness_window(limit: ServiceLimit, overrides: Overrides) -> tuple[int, float]:
+    """A per-worker ceiling as "n calls per window", held on the service's side of the wire.
+
+    Spacing call *starts* is not enough: a call that reaches the server late
+    (a busy CPU, the GIL) lets the next on-time call land in the same server
+    second. So a call also waits until ``window_s`` after the call ``n`` before
+    it *returned* — whatever the delays, the server then never counts more than
+    ``n`` calls of one worker in a window.
+    """
+    polite = overrides.per_worker_requests_per_second or limit.per_worker_requests_per_second
+    if polite is None:
+        return 0, 0.0
+    if polite >= 1:
+        return math.floor(polite), 1.0
+    return 1, 1 / polite
 
 
 def _choose_workers(

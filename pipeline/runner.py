@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import deque
 import random
 import time
 from collections.abc import Callable
@@ -129,11 +130,14 @@ class Pacer:
         self._ready_at = clock()
         self._spaced_until = self._ready_at
         self._idle = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
+        self._returns = deque(maxlen=pacing.window_calls) if pacing.window_calls else None
 
     def before_call(self, estimated_tokens: float = 0.0) -> None:
         if self._idle:
             return  # nothing to pace (no rate, no politeness, no tokens, no Retry-After pending)
         now = self._clock()
+        if self._returns is not None and len(self._returns) == self._returns.maxlen:
+            self._ready_at = max(self._ready_at, self._returns[0] + self._pacing.window_s)
         if self._ready_at > now:
             self._sleep(self._ready_at - now)
             now = self._clock()  # sleep can overshoot; space the next call from the real start
@@ -143,6 +147,11 @@ class Pacer:
             spacing += random.uniform(0, self._pacing.jitter_s)
         self._spaced_until = start + spacing
         self._ready_at = start + max(spacing, self._token_seconds(estimated_tokens))
+
+    def after_call(self) -> None:
+        """Note when a call returned (politeness windows count from returns, see ``Pacing``)."""
+        if self._returns is not None:
+            self._returns.append(self._clock())
 
     def reconcile(self, estimated_tokens: float, actual_tokens: float) -> None:
         """Pay back (or charge) the estimate's error, but never schedule inside the request spacing."""
@@ -232,6 +241,7 @@ def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: Chun
         try:
             value = call(client, item)
         except Exception as error:  # noqa: BLE001 - every failure becomes a row
+            pacer.after_call()
             retried = _retry_in_chunk(work, client, item, chunk.pacing, pacer, estimate, error)
             started, tries, retry_after = retried.started, retried.tries, retried.retry_after
             if retried.failure is not None:
@@ -244,6 +254,8 @@ def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: Chun
                     return
                 continue
             value = retried.value
+        else:
+            pacer.after_call()
         actual = usage(value) if usage else None
         if actual is not None:
             pacer.reconcile(estimate, actual)
@@ -281,6 +293,8 @@ def _retry_in_chunk(work: Work, client: Any, item: Item, pacing: Pacing, pacer: 
             return retried
         except Exception as again:  # noqa: BLE001 - every failure becomes a row
             error = again
+        finally:
+            pacer.after_call()
 
 
 def redact_payload(payload: str | None, secrets: tuple[str, ...]) -> str | None:

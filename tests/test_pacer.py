@@ -1,0 +1,64 @@
+"""The pacer's schedule, on a simulated clock (the server-side tests prove the real thing)."""
+
+import random
+
+import pytest
+
+from pipeline.limits import Pacing
+from pipeline.runner import Pacer
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _run(pacing: Pacing, latencies: list[float]) -> tuple[list[float], list[float]]:
+    clock = FakeClock()
+    pacer = Pacer(pacing, clock, clock.sleep)
+    starts, returns = [], []
+    for latency in latencies:
+        pacer.before_call()
+        starts.append(clock.now)
+        clock.now += latency
+        pacer.after_call()
+        returns.append(clock.now)
+    return starts, returns
+
+
+def test_politeness_window_counts_from_returns_whatever_the_latency():
+    latencies = [random.Random(3).choice([0.001, 0.05, 0.3]) for _ in range(200)]
+    starts, returns = _run(Pacing(min_interval_s=0.102, window_calls=10, window_s=1.0), latencies)
+    # A call starts only a full window after the call ten before it *returned*: the server
+    # can never see eleven calls of this worker inside one second, however late they arrive.
+    assert all(starts[k] >= returns[k - 10] + 1.0 - 1e-9 for k in range(10, len(starts)))
+
+
+def test_spacing_alone_when_no_window():
+    starts, _ = _run(Pacing(min_interval_s=0.25), [0.01] * 20)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) == pytest.approx(0.25)
+
+
+def test_tokens_are_paid_for_and_reconciled():
+    clock = FakeClock()
+    pacer = Pacer(Pacing(tokens_per_second=100.0), clock, clock.sleep)
+    pacer.before_call(estimated_tokens=300)  # charged 3 s up front
+    pacer.reconcile(estimated_tokens=300, actual_tokens=100)  # it really cost 1 s
+    pacer.before_call(estimated_tokens=0)
+    assert clock.now == pytest.approx(1.0)
+
+
+def test_retry_after_holds_the_next_call_even_when_unpaced():
+    clock = FakeClock()
+    pacer = Pacer(Pacing(), clock, clock.sleep)
+    pacer.before_call()
+    pacer.hold(2.0)
+    pacer.before_call()
+    assert clock.now == pytest.approx(2.0)

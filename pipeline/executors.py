@@ -51,7 +51,9 @@ class LocalExecutor:
         with ThreadPoolExecutor(max_workers=max_parallelism, thread_name_prefix="paceline") as pool:
             try:
                 while True:
-                    while len(pending) < max_parallelism and (chunk := next(source, None)) is not None:
+                    # One chunk queued behind each running one, so a worker that finishes starts the
+                    # next at once; the pool's threads still cap how many run.
+                    while len(pending) < 2 * max_parallelism and (chunk := next(source, None)) is not None:
                         pending[pool.submit(_round_trip, remote_fn, cloudpickle.dumps(chunk))] = chunk
                     if not pending:
                         return

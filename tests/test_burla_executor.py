@@ -203,3 +203,4 @@ def test_without_a_cluster_burla_fails_fast_with_a_clear_error(monkeypatch, tmp_
     monkeypatch.setenv("HOME", str(tmp_path))  # no Burla credentials
     with pytest.raises(ExecutorError, match="burla login"):
         list(BurlaExecutor().map(make_chunk_function(FunctionWork(lambda: None, _get_item)), _chunks(2), 2))
+

@@ -302,6 +302,12 @@ def _choose_workers(
         why.append(f"max_parallelism pinned at {overrides.max_parallelism}")
         return overrides.max_parallelism
     if rate is None:
+        if cap is None and limit.tokens_per_minute is not None:
+            raise LimitError(
+                f"{limit.name}: tokens_per_minute alone cannot size the workers without knowing how many "
+                "tokens an item costs. Add Estimates(tokens_per_item=...) (for example 600), or declare "
+                "requests_per_minute or max_workers as well."
+            )
         if cap is None:
             raise LimitError(
                 f"{limit.name}: only a per-worker rate was declared, so the number of workers is "

@@ -103,3 +103,8 @@ def test_latency_sizes_workers_but_never_paces_a_connection_limit():
     plan = derive_plan(ServiceLimit("pg", safe_connections=20), Estimates(seconds_per_call=0.5))
     assert plan.max_parallelism == 10
     assert plan.pacing.min_interval_s == 0  # a fast query must not wait for a pessimistic estimate
+
+
+def test_tokens_per_minute_without_a_token_estimate_says_what_to_add():
+    with pytest.raises(LimitError, match=r"Add Estimates\(tokens_per_item=...\)"):
+        derive_plan(ServiceLimit("llm", tokens_per_minute=60_000))

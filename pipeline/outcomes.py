@@ -58,7 +58,7 @@ class Failure:
 
     @property
     def throttled(self) -> bool:
-        return self.http_status in THROTTLE_STATUSES or self.status == "throttled"
+        return self.http_status in THROTTLE_STATUSES
 
     @property
     def auth(self) -> bool:
@@ -68,8 +68,8 @@ class Failure:
 def classify(error: BaseException) -> Failure:
     """Map any exception raised by ``connect`` or ``call`` to a ``Failure``."""
     text = f"{type(error).__name__}: {error}"
-    if isinstance(error, Throttled):
-        return Failure("throttled", True, text, error.http_status, error.retry_after)
+    if isinstance(error, Throttled):  # same words as an HTTP 429/503 classified below
+        return Failure(f"http_{error.http_status}", True, text, error.http_status, error.retry_after)
     if isinstance(error, Retryable):
         return Failure(error.status, True, text)
     if isinstance(error, Permanent):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.limits import Pacing
-from pipeline.outcomes import Failure, classify, redact
+from pipeline.outcomes import Failure, Permanent, classify, redact
 from pipeline.work import Item, Work, work_secrets
 
 
@@ -193,9 +193,11 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
     secrets = work_secrets(work)
     try:
         client = work.connect()
-    except Exception as error:  # noqa: BLE001 - any connect failure fails the whole chunk, retryably
-        failure = classify(error)
-        fill_failed(result, chunk, Failure("connect_failed", True, redact(failure.error, secrets) or ""), set())
+    except Exception as error:  # noqa: BLE001 - a connect failure fails the whole chunk
+        # Retryable (the database was down, the network blipped) unless the work said it is permanent.
+        retryable = not isinstance(error, Permanent)
+        message = redact(classify(error).error, secrets) or ""
+        fill_failed(result, chunk, Failure("connect_failed", retryable, message), set())
         return result
     pacer = Pacer(chunk.pacing)
     try:

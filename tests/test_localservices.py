@@ -204,6 +204,17 @@ def test_website_pages(http: httpx.Client) -> None:
     assert http.get("/site/abc").status_code == 404
 
 
+def test_site_pages_behind_fault_prefixes(http: httpx.Client) -> None:
+    assert http.get("/site/e500-3").status_code == 500
+    throttled = http.get("/site/throttle-3")
+    assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, "1")
+    assert [http.get("/site/heal1-3").status_code for _ in range(2)] == [500, 200]
+    assert "<title>Page 3</title>" in http.get("/site/heal1-3").text
+    assert http.get("/items/heal1-3").status_code == 500, "pages and items keep their own heal counters"
+    assert http.get("/site/nofault-3").status_code == 404
+    assert http.get("/site/e500-x").status_code == 404
+
+
 def test_unknown_routes_are_404(http: httpx.Client) -> None:
     assert http.get("/nope").status_code == 404
     assert http.post("/items/a", json={}).status_code == 404
@@ -322,6 +333,62 @@ def test_llm_key_and_bad_requests() -> None:
         assert http.post(CHAT, json={"messages": [], "max_tokens": "5"}, headers=auth).status_code == 400
         assert http.get("/v1/models", headers=auth).status_code == 404
         assert llm.stats()["by_status"] == {"401": 1, "200": 1, "400": 3, "404": 1}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "status", "retry_after", "kind"),
+    [
+        ("e500-x", 500, None, "server_error"),
+        ("e503-x", 503, "1", "server_error"),
+        ("e404-x", 404, None, "invalid_request_error"),
+        ("e400-x", 400, None, "invalid_request_error"),
+        ("throttle-x", 429, "1", "rate_limit_exceeded"),
+        ("throttlenoretry-x", 429, None, "rate_limit_exceeded"),
+    ],
+)
+def test_llm_status_faults_are_openai_shaped_and_charge_nothing(
+    llm: ServiceHandle, prompt: str, status: int, retry_after: str | None, kind: str
+) -> None:
+    llm.reset()
+    with client(llm) as http:
+        for _ in range(2):
+            response = chat(http, prompt)
+            assert (response.status_code, response.headers.get("Retry-After")) == (status, retry_after)
+            assert response.json()["error"]["type"] == kind
+    assert [a["tokens"] for a in llm.arrivals()] == [0, 0]
+    assert llm.stats()["accepted_tokens"] == 0
+
+
+def test_llm_payload_and_transport_faults(llm: ServiceHandle) -> None:
+    llm.reset()
+    with client(llm) as http:
+        bad = chat(http, "badjson-x")
+        assert (bad.status_code, bad.text) == (200, "{not json")
+        with pytest.raises(httpx.ReadError):
+            chat(http, "reset-x")
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(CHAT, json={"messages": [{"content": "slow-x"}]}, timeout=0.3)
+        system_first = [{"role": "system", "content": "e500-not-the-prompt"}, {"role": "user", "content": "hi"}]
+        assert http.post(CHAT, json={"messages": system_first}).status_code == 200, "only the last message counts"
+
+
+def test_llm_heal_counts_per_prompt_and_reset_clears(llm: ServiceHandle) -> None:
+    llm.reset()
+    with client(llm) as http:
+        assert [chat(http, "heal2-a").status_code for _ in range(4)] == [500, 500, 200, 200]
+        assert chat(http, "heal1-b").status_code == 500
+        healed = chat(http, "heal1-b")
+        assert healed.json()["choices"][0]["message"]["content"] == "[local-llm] heal1-b"
+        assert healed.json()["usage"]["total_tokens"] > 0, "a healed prompt is charged like any other"
+        llm.reset()
+        assert chat(http, "heal2-a").status_code == 500
+
+
+def test_heal_counts_survive_a_restart_with_a_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "heal.json"
+    for expected in ([500, 200], [200, 200]):
+        with start_llm(latency_ms=0, state_file=state) as llm, client(llm) as http:
+            assert [chat(http, "heal1-a").status_code for _ in range(2)] == expected
 
 
 # --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestStore
+from pipeline.outcomes import Permanent
 from pipeline.work import FunctionWork
 
 EXPECTED = {
@@ -178,3 +179,12 @@ def test_retry_round_heals_what_healed_on_the_server(api, tmp_path):
     assert (third.counts["ok"], third.counts["failed"], third.counts["dead"]) == (3, 0, 1)
     with Ledger(store) as ledger:
         assert ledger.query("SELECT count(*) AS n FROM latest")["n"][0].as_py() == 4
+
+
+def test_a_connect_that_says_permanent_is_not_retried(tmp_path):
+    def connect():
+        raise Permanent("table has no unique key", status="no_unique_key")
+
+    store, result = _run(_backfill(["1", "2"], FunctionWork(connect, lambda client, item: None)), tmp_path)
+    assert {(r["status"], r["retryable"]) for r in _rows(store).values()} == {("connect_failed", False)}
+    assert result.counts["dead"] == 2

@@ -5,7 +5,8 @@ it never shares a GIL with the client under test and its clock-keeping is not
 slowed down by the load it is measuring. What is common to all of them lives
 here: the arrival log that is the server-side source of truth for "did the
 client respect the limit", the sliding-window limiter that enforces the limit,
-the busiest-window arithmetic used by ``/_stats``, the request/response plumbing
+the busiest-window arithmetic used by ``/_stats``, the deterministic faults
+chosen by a key's prefix (:class:`Faults`), the request/response plumbing
 (keep-alive, Content-Length always set, admin endpoints under ``/_``) and the
 parent-side ``ServiceHandle`` that launches a service and reads its READY line.
 
@@ -22,6 +23,7 @@ import argparse
 import hmac
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 READY_TIMEOUT_S = 15.0
@@ -381,6 +383,104 @@ class _Server(ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------
+# Deterministic faults, chosen by the prefix of a key (an item id, a prompt)
+# --------------------------------------------------------------------------
+
+SLOW_S = 5.0
+RETRY_1S = {"Retry-After": "1"}
+_HEAL = re.compile(r"heal(\d+)")
+
+ErrorReply = Callable[[int, str, dict[str, str] | None], Reply]
+"""``error(status, message, headers)``: a service's own error body (plain JSON, OpenAI-shaped, ...)."""
+
+
+class Faults:
+    """The fault prefixes every service understands, with one meaning everywhere.
+
+    A key (the id in ``/items/{id}``, the text of an LLM prompt) whose part
+    before the first ``-`` is a fault name gets that fault, every time:
+
+    ``e500``             500
+    ``e503``             503 with ``Retry-After: 1``
+    ``e404`` / ``e400``  404 / 400
+    ``throttle``         429 with ``Retry-After: 1`` every time (a 429 that never clears)
+    ``throttlenoretry``  429 without Retry-After
+    ``slow``             the normal answer after ``SLOW_S`` seconds (for client timeouts)
+    ``badjson``          200, ``application/json``, body ``{not json``
+    ``reset``            the normal answer's headers and half its body, then a TCP reset
+    ``heal{N}``          500 for the first N hits of that exact key, then the normal answer
+
+    The normal answer is built lazily by the caller (``ok``), so it still goes
+    through the service's own limiter. Heal counters are per key, cleared by
+    :meth:`clear`, and kept in ``state_file`` when one is given, so a service
+    restarted between retry rounds heals as one long-lived service would.
+    """
+
+    def __init__(self, error: ErrorReply, state_file: str | None = None) -> None:
+        self._error = error
+        self._state_file = Path(state_file) if state_file else None
+        self._lock = threading.Lock()
+        self._heal_hits: dict[str, int] = self._load_heal_hits()
+
+    def reply(self, key: str, ok: Callable[[], Reply]) -> Reply | None:
+        """The fault ``key`` asks for, or ``None`` when its prefix names no fault."""
+        prefix = key.partition("-")[0] if "-" in key else ""
+        heal = _HEAL.fullmatch(prefix)
+        if heal:
+            return self.healing(key, int(heal.group(1)), ok)
+        fixed = _FIXED_FAULTS.get(prefix)
+        return fixed(self._error, ok) if fixed else None
+
+    def healing(self, key: str, failures: int, ok: Callable[[], Reply]) -> Reply:
+        """500 for the first ``failures`` hits of this exact key, then ``ok()`` forever."""
+        with self._lock:
+            hits = self._heal_hits[key] = self._heal_hits.get(key, 0) + 1
+            self._save_heal_hits()
+        return self._error(500, "transient failure", None) if hits <= failures else ok()
+
+    def clear(self) -> None:
+        """Forget every heal counter (used by ``/_reset``)."""
+        with self._lock:
+            self._heal_hits.clear()
+            self._save_heal_hits()
+
+    def _load_heal_hits(self) -> dict[str, int]:
+        if self._state_file is None or not self._state_file.exists():
+            return {}
+        return {str(k): int(v) for k, v in json.loads(self._state_file.read_text() or "{}").items()}
+
+    def _save_heal_hits(self) -> None:
+        if self._state_file is not None:
+            temp = self._state_file.with_suffix(".tmp")
+            temp.write_text(json.dumps(self._heal_hits))
+            temp.replace(self._state_file)
+
+
+def _slow(ok: Callable[[], Reply]) -> Reply:
+    time.sleep(SLOW_S)
+    return ok()
+
+
+def _cut_mid_body(ok: Callable[[], Reply]) -> Reply:
+    reply = ok()
+    reply.cut_after = len(reply.body) // 2
+    return reply
+
+
+_FIXED_FAULTS: dict[str, Callable[[ErrorReply, Callable[[], Reply]], Reply]] = {
+    "e500": lambda error, ok: error(500, "internal server error", None),
+    "e503": lambda error, ok: error(503, "service unavailable", RETRY_1S),
+    "e404": lambda error, ok: error(404, "not found", None),
+    "e400": lambda error, ok: error(400, "bad request", None),
+    "throttle": lambda error, ok: error(429, "rate limited", RETRY_1S),
+    "throttlenoretry": lambda error, ok: error(429, "rate limited", None),
+    "slow": lambda error, ok: _slow(ok),
+    "badjson": lambda error, ok: Reply(200, b"{not json"),
+    "reset": lambda error, ok: _cut_mid_body(ok),
+}
+
+
+# --------------------------------------------------------------------------
 # Subprocess side: flags, READY line, dying with the parent
 # --------------------------------------------------------------------------
 
@@ -394,6 +494,7 @@ def service_parser(description: str) -> argparse.ArgumentParser:
         action="store_true",
         help="exit when stdin reaches EOF, i.e. when the parent that launched us dies",
     )
+    parser.add_argument("--state-file", default=None, help="keep fault heal counters here across restarts")
     return parser
 
 

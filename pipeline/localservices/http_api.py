@@ -1,7 +1,8 @@
 """A rate-limited JSON API, batch endpoint and small website, for demos and tests.
 
     python -m pipeline.localservices.http_api --port 0 --rps 50 \\
-        [--max-concurrent-batches 4] [--token SECRET] [--demo-faults 0.03] [--latency-ms 0]
+        [--max-concurrent-batches 4] [--token SECRET] [--demo-faults 0.03] [--latency-ms 0] \\
+        [--state-file PATH]
 
 It prints ``READY http://127.0.0.1:<port>`` once listening. It exists so that
 "the job never broke the service's limits" is checked by the service itself:
@@ -26,13 +27,16 @@ Endpoints
     ``GET /robots.txt``   disallows ``/private/``
     ``GET /site/{n}``     product page: ``<title>Page n</title>``, ``<h1>``,
                           ``<a class="link">`` links, ``<p class="price">``
+    ``GET /site/{fault}-{n}``  page n behind a fault prefix (below), e.g. ``/site/heal1-3``
     ``GET /private/{n}``  a page robots.txt forbids
     ``GET /js-shell``     an empty JavaScript app shell (nothing to scrape without JS)
     ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``  admin, never logged or limited
 
 ``--latency-ms`` is slept by every admitted, authorised non-batch request, to simulate work.
 
-Faults, chosen by the item id's prefix in ``GET /items/{id}`` (deterministic)
+Faults, chosen by the item id's prefix in ``GET /items/{id}`` or the page's in
+``GET /site/{fault}-{n}`` (deterministic; the same prefixes, shared with the LLM
+server's prompts, are implemented once in ``_common.Faults``)
     ``e500-*``            500 every time
     ``e503-*``            503 with ``Retry-After: 1`` every time
     ``e404-*``            404 every time
@@ -51,15 +55,14 @@ Faults, chosen by the item id's prefix in ``GET /items/{id}`` (deterministic)
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 import zlib
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.localservices._common import (
+    RETRY_1S,
+    Faults,
     Reply,
     Request,
     Service,
@@ -71,15 +74,12 @@ from pipeline.localservices._common import (
     service_parser,
 )
 
-SLOW_S = 5.0
 DEFAULT_BATCH_S = 0.05
 ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
 JS_SHELL = (
     '<html><head><title></title><script src="/app.js"></script></head>'
     '<body><div id="root"></div></body></html>'
 )
-_HEAL = re.compile(r"heal(\d+)")
-_RETRY_1S = {"Retry-After": "1"}
 
 
 def item_value(item_id: str) -> int:
@@ -93,30 +93,6 @@ def _item_ok(item_id: str) -> Reply:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
     return json_reply(status, {"error": message}, headers)
-
-
-def _slow(item_id: str) -> Reply:
-    time.sleep(SLOW_S)
-    return _item_ok(item_id)
-
-
-def _reset_mid_body(item_id: str) -> Reply:
-    reply = _item_ok(item_id)
-    reply.cut_after = len(reply.body) // 2
-    return reply
-
-
-_FIXED_FAULTS: dict[str, Callable[[str], Reply]] = {
-    "e500": lambda _: _error(500, "internal server error"),
-    "e503": lambda _: _error(503, "service unavailable", _RETRY_1S),
-    "e404": lambda _: _error(404, "not found"),
-    "e400": lambda _: _error(400, "bad request"),
-    "throttle": lambda _: _error(429, "rate limited", _RETRY_1S),
-    "throttlenoretry": lambda _: _error(429, "rate limited"),
-    "slow": _slow,
-    "badjson": lambda _: Reply(200, b"{not json"),
-    "reset": _reset_mid_body,
-}
 
 
 def _item_id(path: str) -> str | None:
@@ -165,15 +141,15 @@ class HttpApi(Service):
         self.batch_s = self.latency_s or DEFAULT_BATCH_S
         self.max_batches = max_concurrent_batches
         self._lock = threading.Lock()
-        self._state_file = Path(state_file) if state_file else None
-        self._heal_hits: dict[str, int] = self._load_heal_hits()
+        self.faults = Faults(_error, state_file)
+        self.page_faults = Faults(_error)  # its own heal counters: /site/heal1-1 is not /items/heal1-1
         self._batches_in_flight = 0
         self._peak_batches = 0
 
     def handle(self, request: Request) -> Reply:
         """Limiter first (so every non-429 arrival was admitted), then auth, then the route."""
         admission = self.limiter.try_admit({"requests": 1})
-        reply = self._admitted(request) if admission.wait == 0 else _error(429, "rate limited", _RETRY_1S)
+        reply = self._admitted(request) if admission.wait == 0 else _error(429, "rate limited", RETRY_1S)
         reply.t = admission.t
         reply.item = _item_id(request.path)
         return reply
@@ -193,20 +169,23 @@ class HttpApi(Service):
         kind, _, rest = request.path.lstrip("/").partition("/")
         if kind in ("site", "private") and rest.isdigit():
             return _html((_site_page if kind == "site" else _private_page)(int(rest)))
+        if kind == "site":
+            return self._faulty_page(rest)
         if request.path == "/robots.txt":
             return Reply(200, ROBOTS_TXT.encode(), "text/plain; charset=utf-8")
         if request.path == "/js-shell":
             return _html(JS_SHELL)
         return _error(404, "not found")
 
+    def _faulty_page(self, page: str) -> Reply:
+        """``/site/{fault}-{n}``: page n behind the fault its prefix names, for scrapers."""
+        n = page.rpartition("-")[2]
+        fault = self.page_faults.reply(page, lambda: _html(_site_page(int(n)))) if n.isdigit() else None
+        return fault if fault is not None else _error(404, "not found")
+
     def _item(self, item_id: str) -> Reply:
-        prefix = item_id.partition("-")[0] if "-" in item_id else ""
-        if prefix in _FIXED_FAULTS:
-            return _FIXED_FAULTS[prefix](item_id)
-        heal = _HEAL.fullmatch(prefix)
-        if heal:
-            return self._healing(item_id, int(heal.group(1)))
-        return self._plain(item_id)
+        fault = self.faults.reply(item_id, lambda: _item_ok(item_id))
+        return fault if fault is not None else self._plain(item_id)
 
     def _plain(self, item_id: str) -> Reply:
         """A stable pseudo-random slice of ids fails, so the demo has something to retry."""
@@ -214,16 +193,7 @@ class HttpApi(Service):
         if u < self.demo_faults / 5:
             return _error(404, "not found")
         if u < self.demo_faults / 5 + self.demo_faults:
-            return self._healing(item_id, 1)
-        return _item_ok(item_id)
-
-    def _healing(self, item_id: str, failures: int) -> Reply:
-        """500 for the first ``failures`` hits of this exact id, then 200 forever."""
-        with self._lock:
-            hits = self._heal_hits[item_id] = self._heal_hits.get(item_id, 0) + 1
-            self._save_heal_hits()
-        if hits <= failures:
-            return _error(500, "transient failure")
+            return self.faults.healing(item_id, 1, lambda: _item_ok(item_id))
         return _item_ok(item_id)
 
     def _batch(self, request: Request) -> Reply:
@@ -234,7 +204,7 @@ class HttpApi(Service):
         if not isinstance(rows, list):
             return _error(400, "body must be a JSON list")
         if not self._enter_batch():
-            return _error(429, "too many concurrent batches", _RETRY_1S)
+            return _error(429, "too many concurrent batches", RETRY_1S)
         try:
             time.sleep(self.batch_s)
         finally:
@@ -265,20 +235,6 @@ class HttpApi(Service):
             "max_peer_rps_1s": max((busiest_window(ts, 1.0) for ts in by_peer.values()), default=0),
         }
 
-    def _load_heal_hits(self) -> dict[str, int]:
-        """Heal counters from an earlier process: a service started per run still remembers
-        which items it already failed, so a retry round heals as it would against one long-lived
-        service."""
-        if self._state_file is None or not self._state_file.exists():
-            return {}
-        return {str(k): int(v) for k, v in json.loads(self._state_file.read_text() or "{}").items()}
-
-    def _save_heal_hits(self) -> None:
-        if self._state_file is not None:
-            temp = self._state_file.with_suffix(".tmp")
-            temp.write_text(json.dumps(self._heal_hits))
-            temp.replace(self._state_file)
-
     def reset(self) -> None:
         """Clear arrivals, the rate window, heal counters and the batch peak.
 
@@ -286,9 +242,9 @@ class HttpApi(Service):
         """
         super().reset()
         self.limiter.clear()
+        self.faults.clear()
+        self.page_faults.clear()
         with self._lock:
-            self._heal_hits.clear()
-            self._save_heal_hits()
             self._peak_batches = self._batches_in_flight
 
 
@@ -300,7 +256,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN")
     parser.add_argument("--demo-faults", type=float, default=0.0, help="fraction of plain ids that fail once")
     parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--state-file", default=None, help="keep heal counters here across restarts")
     args = parser.parse_args(argv)
     service = HttpApi(
         args.rps, args.token, args.demo_faults, args.latency_ms, args.max_concurrent_batches, args.state_file

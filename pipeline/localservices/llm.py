@@ -1,7 +1,8 @@
 """An OpenAI-compatible chat-completions server with token and request budgets.
 
     python -m pipeline.localservices.llm --port 0 --tpm 6000 --rpm 120 \\
-        [--window-s 60] [--key SECRET] [--completion-tokens 16] [--latency-ms 20]
+        [--window-s 60] [--key SECRET] [--completion-tokens 16] [--latency-ms 20] \\
+        [--state-file PATH]
 
 It prints ``READY http://127.0.0.1:<port>`` once listening. It lets the
 token-budget logic of a client be judged by the server, not by the client's
@@ -31,6 +32,18 @@ Responses to admitted and throttled requests carry
 budgets that are set.
 
 ``--key SECRET`` requires ``Authorization: Bearer SECRET`` (else 401).
+
+Faults, chosen by the prefix of the last message's text (deterministic), so
+a prompt file can exercise a client's error handling: the prefixes of
+``http_api`` items (``e500-``, ``e503-``, ``e404-``, ``e400-``, ``throttle-``,
+``throttlenoretry-``, ``slow-``, ``badjson-``, ``reset-``, ``heal{N}-``), with
+the same meaning (see ``_common.Faults``) and OpenAI-shaped error bodies. A
+fault is decided after auth and body checks and before the budgets, so a
+fault reply charges no tokens; the normal answer that ``slow-``, ``reset-``
+and a healed ``heal{N}-`` give is admitted and charged as usual. ``heal{N}``
+counts hits per exact prompt text; ``--state-file`` keeps the counts across
+restarts, and ``/_reset`` clears them.
+
 Admin: ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``.
 """
 
@@ -43,6 +56,7 @@ from typing import Any
 
 from pipeline.localservices._common import (
     Admission,
+    Faults,
     Reply,
     Request,
     Service,
@@ -64,6 +78,13 @@ def _error(status: int, message: str, kind: str, code: str | None = None, header
     return json_reply(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
 
 
+def _fault_error(status: int, message: str, headers: dict[str, str] | None) -> Reply:
+    """A fault's reply in the error type OpenAI uses for that status."""
+    if status == 429:
+        return _error(status, message, "rate_limit_exceeded", "rate_limit_exceeded", headers)
+    return _error(status, message, "server_error" if status >= 500 else "invalid_request_error", None, headers)
+
+
 def _content_text(content: Any) -> str:
     """The text of a message content: a string, or the ``text`` parts of a list of parts."""
     if isinstance(content, str):
@@ -80,10 +101,14 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     )
 
 
+def _last_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last message: what the reply echoes and what picks a fault."""
+    return _content_text(messages[-1].get("content")) if messages else ""
+
+
 def _answer(messages: list[dict[str, Any]]) -> str:
     """A deterministic short reply derived from the last message."""
-    last = _content_text(messages[-1].get("content")) if messages else ""
-    return f"[local-llm] {last[:60]}"
+    return f"[local-llm] {_last_text(messages)[:60]}"
 
 
 def _parse_chat(request: Request) -> tuple[dict[str, Any] | None, str]:
@@ -114,6 +139,7 @@ class LocalLlm(Service):
         key: str | None,
         completion_tokens: int,
         latency_ms: float,
+        state_file: str | None = None,
     ) -> None:
         super().__init__()
         self.limiter = SlidingWindowLimiter(window_s, {"tokens": tpm, "requests": rpm})
@@ -121,6 +147,7 @@ class LocalLlm(Service):
         self.key = key
         self.completion_tokens = completion_tokens
         self.latency_s = latency_ms / 1000
+        self.faults = Faults(_fault_error, state_file)
 
     def handle(self, request: Request) -> Reply:
         if not request.bearer_ok(self.key):
@@ -130,7 +157,8 @@ class LocalLlm(Service):
         body, problem = _parse_chat(request)
         if body is None:
             return _error(400, problem, "invalid_request_error")
-        return self._complete(body)
+        fault = self.faults.reply(_last_text(body["messages"]), lambda: self._complete(body))
+        return fault if fault is not None else self._complete(body)
 
     def _complete(self, body: dict[str, Any]) -> Reply:
         messages = body["messages"]
@@ -200,9 +228,10 @@ class LocalLlm(Service):
         }
 
     def reset(self) -> None:
-        """Clear arrivals and both budgets."""
+        """Clear arrivals, both budgets and the fault heal counters."""
         super().reset()
         self.limiter.clear()
+        self.faults.clear()
 
 
 def _remaining_headers(admission: Admission) -> dict[str, str]:
@@ -220,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--completion-tokens", type=int, default=16)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args(argv)
-    service = LocalLlm(args.tpm, args.rpm, args.window_s, args.key, args.completion_tokens, args.latency_ms)
+    service = LocalLlm(
+        args.tpm, args.rpm, args.window_s, args.key, args.completion_tokens, args.latency_ms, args.state_file
+    )
     serve(service, args.port, args.watch_stdin)
 
 

@@ -451,6 +451,7 @@ class Faults:
 
     def _save_heal_hits(self) -> None:
         if self._state_file is not None:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
             temp = self._state_file.with_suffix(".tmp")
             temp.write_text(json.dumps(self._heal_hits))
             temp.replace(self._state_file)

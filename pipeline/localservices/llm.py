@@ -67,10 +67,9 @@ from pipeline.localservices._common import (
     serve,
     service_parser,
 )
+from pipeline.tokens import content_text, prompt_tokens
 
 CHAT_PATH = "/v1/chat/completions"
-TOKENS_PER_MESSAGE = 4
-CHARS_PER_TOKEN = 4
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None, headers: dict[str, str] | None = None) -> Reply:
@@ -85,25 +84,9 @@ def _fault_error(status: int, message: str, headers: dict[str, str] | None) -> R
     return _error(status, message, "server_error" if status >= 500 else "invalid_request_error", None, headers)
 
 
-def _content_text(content: Any) -> str:
-    """The text of a message content: a string, or the ``text`` parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
-
-
-def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """The server's prompt-token rule: ceil(chars / 4) + 4 per message."""
-    return sum(
-        math.ceil(len(_content_text(m.get("content"))) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE for m in messages
-    )
-
-
 def _last_text(messages: list[dict[str, Any]]) -> str:
     """The text of the last message: what the reply echoes and what picks a fault."""
-    return _content_text(messages[-1].get("content")) if messages else ""
+    return content_text(messages[-1].get("content")) if messages else ""
 
 
 def _answer(messages: list[dict[str, Any]]) -> str:

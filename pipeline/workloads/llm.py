@@ -26,19 +26,18 @@ Not done: streaming, tools/function calls, and any retry of a bad answer.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.outcomes import THROTTLE_STATUSES, Permanent, Throttled, parse_retry_after
 from pipeline.spec import Service
+from pipeline.tokens import approximate_tokens
+from pipeline.tokens import prompt_tokens as count_prompt_tokens
 from pipeline.work import Item
 from pipeline.workloads.common import check, check_http_url, item_record, require_limit
 from pipeline.workloads.http_api import HttpClientConfig
 
-CHARS_PER_TOKEN = 4
-TOKENS_PER_MESSAGE = 4
 CHAT_PATH = "/chat/completions"
 
 
@@ -145,8 +144,7 @@ def llm_work(model: str, **options: Any) -> Callable[[Service], LlmWork]:
 
 def prompt_tokens(messages: list[dict[str, Any]], encoding: str = "cl100k_base") -> int:
     """Tokens of the messages' text: tiktoken if usable offline, else ceil(chars / 4), plus 4 per message."""
-    count = _tokenizer(encoding) or _approximate_tokens
-    return sum(count(_content_text(m.get("content"))) + TOKENS_PER_MESSAGE for m in messages)
+    return count_prompt_tokens(messages, _tokenizer(encoding) or approximate_tokens)
 
 
 @functools.cache
@@ -159,19 +157,6 @@ def _tokenizer(encoding: str) -> Callable[[str], int] | None:
     except Exception:  # noqa: BLE001 - not installed, unknown encoding, or no network to download it
         return None
     return lambda text: len(encoder.encode(text, disallowed_special=()))
-
-
-def _approximate_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
-
-
-def _content_text(content: Any) -> str:
-    """A message's text: the string, or the ``text`` parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
 
 
 def _retry_after(headers: Any) -> float | None:

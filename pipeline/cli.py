@@ -7,6 +7,7 @@ only shown with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -193,12 +194,21 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
 
 
 def _print_next_steps(store: ManifestStore) -> None:
+    paceline, python = _runnable("paceline", sys.argv[0]), _runnable("python", sys.executable)
     print(f"\nManifests: {store.uri(store.attempt_dir('demo_api', 0)).rsplit('/attempt=', 1)[0]}/")
     print("Try:")
-    print(f"  paceline status --root {store.root}")
-    print(f'  paceline query --root {store.root} "SELECT status, count(*) FROM latest GROUP BY status"')
-    print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"SELECT * FROM read_parquet('{store.root}/manifests/**/*.parquet',"
-          " hive_partitioning=true) LIMIT 5\\\"))\"")
+    print(f"  {paceline} status --root {store.root}")
+    print(f'  {paceline} query --root {store.root} "SELECT status, count(*) FROM latest GROUP BY status"')
+    print(f"  {python} -c \"import duckdb; print(duckdb.sql(\\\"SELECT * FROM read_parquet("
+          f"'{store.root}/manifests/**/*.parquet', hive_partitioning=true) LIMIT 5\\\"))\"")
+
+
+def _runnable(name: str, path: str) -> str:
+    """The command as the user can type it here: the bare name if it is on PATH, else a path to it."""
+    found = shutil.which(name)
+    if found and os.path.realpath(found) == os.path.realpath(path):
+        return name
+    return os.path.relpath(path)
 
 
 def _one_line(error: BaseException) -> str:

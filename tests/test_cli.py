@@ -43,3 +43,15 @@ def test_query_and_status_on_an_empty_store(tmp_path, capsys):
 def test_installed_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "status" in out.stdout
+
+
+def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys):
+    assert main(["demo", "--items", "300", "--limit-rps", "400", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Plan: 300 items" in out
+    assert "busiest second seen by the service" in out
+    assert "Retry round 1" in out  # the demo service fails a few ids once; the retry heals them
+    final = [line for line in out.splitlines() if line.strip().startswith("items:")][-1]
+    assert "0 failed" in final
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    assert "demo_api" in capsys.readouterr().out

@@ -29,7 +29,6 @@ import math
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,7 @@ from pipeline.items import ItemSource, JsonlPrompts, KeyRanges, Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ServiceLimit
 from pipeline.localservices import start_http_api, start_llm
-from pipeline.localservices.postgres import start_postgres
+from pipeline.localservices.postgres import ConnectionSampler, start_postgres
 from pipeline.manifests import ManifestStore
 from pipeline.report import busiest_window
 from pipeline.work import FunctionWork, Item, Work
@@ -171,8 +170,6 @@ def tagged(work: Work) -> FunctionWork:
     usage = getattr(work, "usage", None)
 
     def call_and_tag(client: Any, item: Item) -> Any:
-        import threading
-
         return {"worker": threading.get_ident(), "response": work.call(client, item)}
 
     return FunctionWork(
@@ -237,17 +234,17 @@ def connections(duration: float, root: str) -> Measured:
                                    query=f"SELECT count(*) AS n, sum(amount) AS total FROM orders "
                                          f"CROSS JOIN pg_sleep({QUERY_SECONDS}) "
                                          "WHERE id >= %(lo)s AND id < %(hi)s"))
-        with ConnectionSampler(pg.url, "loader") as sampler:
+        with ConnectionSampler(pg.url, "loader", by="usename", every_s=0.01) as sampler:
             result, ledger = _run_backfill("keyranges", KeyRanges(0, items * KEY_STEP, KEY_STEP), work, limit,
                                            estimates, root)
-    held = sampler.held()
+    connections = held(sampler)
     measured = Measured("safe connections", f"safe_connections={CONNECTIONS}, safety {SAFETY}", "connections",
-                        CONNECTIONS * SAFETY, held.mean, CONNECTIONS, held.peak, "10 ms samples")
+                        CONNECTIONS * SAFETY, connections.mean, CONNECTIONS, connections.peak, "10 ms samples")
     _add_plan_details(measured, result)
     with ledger:
         _loss_rows(measured, worker_timelines(ledger), result.execution.pacing.min_interval_s)
     measured.details += [
-        ("connections held, mean over the run", f"{held.mean:.2f} ({held.samples} samples)"),
+        ("connections held, mean over the run", f"{connections.mean:.2f} ({connections.samples} samples)"),
         ("queries/s achieved vs paced", f"{result.report.achieved_rate:.1f} vs {_paced_rate(result)}"),
     ]
     return measured
@@ -276,45 +273,18 @@ class Held:
     samples: int
 
 
-class ConnectionSampler:
-    """Counts a role's connections in pg_stat_activity every 10 ms, from a connection of its own."""
-
-    def __init__(self, dsn: str, role: str, every_s: float = 0.01):
-        self._dsn, self._role, self._every = dsn, role, every_s
-        self._samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> ConnectionSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        import psycopg
-
-        with psycopg.connect(self._dsn, autocommit=True) as connection:
-            while not self._stop.is_set():
-                count = connection.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [self._role]
-                ).fetchone()[0]
-                self._samples.append((time.monotonic(), int(count)))
-                time.sleep(self._every)
-
-    def held(self) -> Held:
-        """Time-weighted mean between the first and the last sample that saw a connection, and the peak."""
-        active = [i for i, (_, n) in enumerate(self._samples) if n > 0]
-        if not active:
-            return Held(0.0, 0, len(self._samples))
-        span = self._samples[active[0] : active[-1] + 1]
-        times = np.array([t for t, _ in span])
-        counts = np.array([n for _, n in span], dtype=float)
-        weights = np.diff(times)
-        mean = float((counts[:-1] * weights).sum() / weights.sum()) if weights.sum() > 0 else float(counts.mean())
-        return Held(mean, int(counts.max()), len(span))
+def held(sampler: ConnectionSampler) -> Held:
+    """Time-weighted mean between the first and the last sample that saw a connection, and the peak."""
+    samples = sampler.samples
+    active = [i for i, (_, n) in enumerate(samples) if n > 0]
+    if not active:
+        return Held(0.0, 0, len(samples))
+    span = samples[active[0] : active[-1] + 1]
+    times = np.array([t for t, _ in span])
+    counts = np.array([n for _, n in span], dtype=float)
+    weights = np.diff(times)
+    mean = float((counts[:-1] * weights).sum() / weights.sum()) if weights.sum() > 0 else float(counts.mean())
+    return Held(mean, int(counts.max()), len(span))
 
 
 def tokens_per_minute(duration: float, root: str) -> Measured:

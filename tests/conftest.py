@@ -8,13 +8,10 @@ the shared ones here are unlimited and are reset before each test that uses them
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pyarrow.compute as pc
 import pytest
 
@@ -22,7 +19,7 @@ from pipeline.backfill import Backfill, RunResult, plan_backfill, plan_retry, ru
 from pipeline.executors import LocalExecutor
 from pipeline.ledger import Ledger
 from pipeline.localservices import ServiceHandle, start_http_api, start_llm
-from pipeline.localservices.postgres import PostgresHandle, start_postgres
+from pipeline.localservices.postgres import ConnectionSampler, PostgresHandle, start_postgres
 from pipeline.localservices.s3 import S3Handle, start_s3
 from pipeline.manifests import ManifestStore
 
@@ -111,43 +108,6 @@ def runner(tmp_path: Any) -> BackfillRunner:
 # --------------------------------------------------------------------------
 # Server-side measurements
 # --------------------------------------------------------------------------
-
-
-@dataclass
-class ConnectionSampler:
-    """Counts, from a separate connection, the server's connections tagged ``application_name``.
-
-    Samples ``pg_stat_activity`` every ``interval_s`` in a thread while the
-    ``with`` block runs; ``peak`` is the most seen at once.
-    """
-
-    dsn: str
-    application_name: str
-    interval_s: float = 0.005
-    samples: list[int] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples, default=0)
-
-    def __enter__(self) -> ConnectionSampler:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as connection:
-            while not self._stop.is_set():
-                row = connection.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [self.application_name]
-                ).fetchone()
-                self.samples.append(int(row[0]))
-                time.sleep(self.interval_s)
 
 
 @pytest.fixture

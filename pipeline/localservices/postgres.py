@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,3 +80,42 @@ def _with_user(dsn: str, user: str) -> str:
     parts = urlsplit(dsn)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+class ConnectionSampler:
+    """Counts, from a connection of its own, the server's connections of one client while a block runs.
+
+    The server is the referee of a connection limit: ``pg_stat_activity`` is
+    sampled every ``every_s`` for connections whose ``application_name`` (or,
+    with ``by="usename"``, role) is ``value``. ``peak`` is the most seen at once.
+    """
+
+    def __init__(self, dsn: str, value: str, by: str = "application_name", every_s: float = 0.005):
+        if by not in ("application_name", "usename"):
+            raise ValueError(f"by must be 'application_name' or 'usename', got {by!r}.")
+        self._dsn, self._value, self._every = dsn, value, every_s
+        self._query = f"SELECT count(*) FROM pg_stat_activity WHERE {by} = %s"
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, connections)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def peak(self) -> int:
+        return max((count for _, count in self.samples), default=0)
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._dsn, autocommit=True) as connection:
+            while not self._stop.is_set():
+                (count,) = connection.execute(self._query, [self._value]).fetchone()
+                self.samples.append((time.monotonic(), int(count)))
+                time.sleep(self._every)

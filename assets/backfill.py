@@ -220,8 +220,8 @@ def _run(context: AssetExecutionContext, spec: BackfillSpec, attempt: int) -> Ma
             f"{spec.name}: there is no chunk plan at {store.uri(plan)}. Materialize {spec.name}/chunk_plan "
             f"first (the {spec.name}_backfill job runs both)."
         )
-    if not store.exists(plan):
-        plan_retry(backfill, store, attempt)
+    if attempt > 0:
+        plan_retry(backfill, store, attempt)  # planned once; a rerun of the round resumes that plan
     executor = getattr(context.resources, EXECUTOR_KEY).executor()
     progress = ProgressLog(context, spec.name, attempt)
     result = run_attempt(backfill, store, executor, attempt, run_id=context.run.run_id, on_progress=progress)

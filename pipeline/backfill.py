@@ -6,7 +6,6 @@ Dagster code, so a backfill can also run from a script or a notebook.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
 from pipeline.manifests import ManifestError, ManifestStore, check_name
+from pipeline.outcomes import AUTH_STATUSES
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport, attempt_report
 from pipeline.runner import ChunkResult, make_chunk_function
@@ -53,12 +53,6 @@ class Backfill:
     @property
     def service(self) -> str:
         return self.limit.name
-
-    def with_limit(self, limit: ServiceLimit) -> Backfill:
-        return dataclasses.replace(self, limit=limit)
-
-    def with_overrides(self, overrides: Overrides) -> Backfill:
-        return dataclasses.replace(self, overrides=overrides)
 
     def execution_plan(self, item_count: int | None = None) -> ExecutionPlan:
         return derive_plan(self.limit, self.estimates, self.overrides, item_count)
@@ -128,9 +122,17 @@ def _refuse_a_different_plan_over_manifests(backfill: Backfill, store: ManifestS
 
 
 def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanResult:
-    """Plan attempt ``attempt`` from the items whose latest row is failed and retryable."""
+    """Plan attempt ``attempt`` from the items whose latest row is failed and retryable.
+
+    If the round was planned already (a crashed round being resumed), its plan is kept.
+    """
     if attempt < 1:
         raise ValueError(f"a retry round is attempt 1 or later, got {attempt}.")
+    path = store.plan_path(backfill.name, attempt)
+    if store.exists(path):  # a round is planned once: rerunning it resumes its chunks, not new ones
+        plan = store.read_table(path)
+        execution = backfill.execution_plan(max(plan.num_rows, 1))
+        return PlanResult(plan, NormalizeReport(plan.num_rows, 0, 0), execution, store.uri(path), attempt)
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         failed = ledger.failed_items(backfill.name)
     original = store.read_table(store.plan_path(backfill.name, 0))
@@ -141,7 +143,6 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanRe
         items = items.drop_columns(["group"])
     execution = backfill.execution_plan(max(items.num_rows, 1))
     plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
-    path = store.plan_path(backfill.name, attempt)
     store.write_table(path, plan)
     return PlanResult(plan, NormalizeReport(items.num_rows, 0, 0), execution, store.uri(path), attempt)
 
@@ -170,32 +171,61 @@ def run_attempt(
     done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(scan.finished), pa.int32()))).as_py() or 0)
     progress = Progress(len(scan.finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
+    credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
     for result in executor.map(function, chunks, execution.max_parallelism):
-        _stop_on_auth_failure(result, backfill)
-        store.write_chunk(result)
-        progress = Progress(
-            progress.chunks_done + 1,
-            total_chunks,
-            progress.items_done + len(result),
-            plan.num_rows,
-            progress.ok + sum(result.ok),
-            len(result),
-        )
-        if on_progress:
-            on_progress(progress)
+        for ready in credentials.admit(result):
+            store.write_chunk(ready)
+            progress = Progress(
+                progress.chunks_done + 1,
+                total_chunks,
+                progress.items_done + len(ready),
+                plan.num_rows,
+                progress.ok + sum(ready.ok),
+                len(ready),
+            )
+            if on_progress:
+                on_progress(progress)
+    for refused in credentials.held_back:  # the run ended before it could tell: record them after all
+        store.write_chunk(refused)
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         report = attempt_report(ledger, backfill.name, attempt, run_id)
         counts = ledger.counts(backfill.name)
     return RunResult(report, counts, len(scan.finished), scan.unreadable, execution)
 
 
-def _stop_on_auth_failure(result: ChunkResult, backfill: Backfill) -> None:
-    if not result.auth_aborted:
-        return
-    statuses = sorted({s for s in result.http_status if s})
-    raise AuthenticationFailed(
-        f"{backfill.name}: the first calls of chunk {result.chunk_id} were all refused "
-        f"(HTTP {', '.join(map(str, statuses))}). Check the credentials the backfill uses "
-        "(for example the API token environment variable); nothing was recorded for this chunk, "
-        "so a rerun will do it."
-    )
+class _CredentialCheck:
+    """Stops a run whose first calls are all refused (401/403) before it records them.
+
+    A chunk's runner stops after its own first refusals; this catches the same
+    thing across chunks too small to tell on their own. Chunks whose every row
+    was refused are held back until the run has a success; if the refused rows
+    reach ``threshold`` first, the credentials are wrong: nothing of them is
+    written, so a rerun with fixed credentials does every chunk.
+    """
+
+    def __init__(self, backfill: Backfill, threshold: int):
+        self._backfill = backfill
+        self._threshold = threshold
+        self._proven = False
+        self.held_back: list[ChunkResult] = []
+
+    def admit(self, result: ChunkResult) -> list[ChunkResult]:
+        """The chunks that can be written now (held-back ones first)."""
+        if result.auth_aborted:
+            self._refuse(result)
+        if not self._proven and len(result) and all(status in AUTH_STATUSES for status in result.http_status):
+            self.held_back.append(result)
+            if sum(len(r) for r in self.held_back) >= self._threshold:
+                self._refuse(result)
+            return []
+        self._proven = True
+        ready, self.held_back = [*self.held_back, result], []
+        return ready
+
+    def _refuse(self, result: ChunkResult) -> None:
+        statuses = sorted({s for s in result.http_status if s})
+        raise AuthenticationFailed(
+            f"{self._backfill.name}: the first calls were all refused (HTTP {', '.join(map(str, statuses))}). "
+            "Check the credentials the backfill uses (for example the API token environment variable); "
+            "nothing was recorded for the refused chunks, so a rerun will do them."
+        )

@@ -115,12 +115,14 @@ class FileColumn:
             self._check_column(names)
             ids = pq.read_table(path, columns=[self.column])[self.column]
         else:
+            with pacsv.open_csv(path) as reader:  # the header first: a missing column is named, not a parse error
+                self._check_column(reader.schema.names)
+            # Read the id column as text: type inference would turn "007" into 7.
+            convert = pacsv.ConvertOptions(column_types={self.column: pa.string()}, include_columns=[self.column])
             try:
-                table = pacsv.read_csv(path)
+                ids = pacsv.read_csv(path, convert_options=convert)[self.column]
             except pa.ArrowInvalid as error:
                 raise _decode_error(path, error) from None
-            self._check_column(table.column_names)
-            ids = table[self.column]
         return _with_null_payload(pc.cast(ids, pa.string()))
 
     def _check_column(self, names: list[str]) -> None:

@@ -149,6 +149,22 @@ class Overrides:
     max_throttle_retries: int = 3
     max_retry_after_s: float = 60.0
 
+    def __post_init__(self) -> None:
+        for name in ("max_parallelism", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise LimitError(f"{name} must be a whole number of at least 1, got {value!r}. Or leave it unset.")
+        if self.per_worker_requests_per_second is not None and not self.per_worker_requests_per_second > 0:
+            raise LimitError(
+                f"per_worker_requests_per_second must be > 0, got {self.per_worker_requests_per_second!r}. "
+                "Or leave it unset to let Paceline pace the workers."
+            )
+        if self.max_throttle_retries < 0 or not self.max_retry_after_s >= 0:
+            raise LimitError(
+                f"max_throttle_retries and max_retry_after_s must be >= 0, got "
+                f"{self.max_throttle_retries!r} and {self.max_retry_after_s!r}."
+            )
+
 
 @dataclass(frozen=True)
 class ExecutionPlan:
@@ -295,10 +311,6 @@ def _choose_workers(
     why: list[str],
 ) -> int:
     if overrides.max_parallelism is not None:
-        if overrides.max_parallelism < 1:
-            raise LimitError(
-                f"{limit.name}: max_parallelism must be at least 1, got {overrides.max_parallelism}."
-            )
         why.append(f"max_parallelism pinned at {overrides.max_parallelism}")
         return overrides.max_parallelism
     if rate is None:
@@ -316,6 +328,8 @@ def _choose_workers(
         workers = cap
     else:
         workers = max(1, math.ceil(rate / per_worker - 1e-9))
+        if overrides.per_worker_requests_per_second is not None:  # a pinned pace is kept, so fewer workers
+            workers = max(1, math.floor(rate / overrides.per_worker_requests_per_second + 1e-9))
         if cap is not None:
             workers = min(workers, cap)
     why.append(f"max_parallelism = {workers}")
@@ -387,8 +401,6 @@ def _choose_chunk_size(
 ) -> int:
     seconds_per_item = max(interval, estimates.seconds_per_call)
     if overrides.chunk_size is not None:
-        if overrides.chunk_size < 1:
-            raise LimitError(f"chunk_size must be at least 1, got {overrides.chunk_size}.")
         size = overrides.chunk_size
     else:
         size = max(1, min(10_000, math.floor(estimates.target_chunk_seconds / seconds_per_item)))

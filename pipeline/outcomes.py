@@ -120,8 +120,13 @@ def redact(text: str | None, secrets: tuple[str, ...] = ()) -> str | None:
     """
     if text is None:
         return None
+    text = _SECRETISH.sub(lambda m: m.group(1) + "***", scrub(text, secrets))
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """Replace every known secret value in ``text`` (payloads keep their full length otherwise)."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = _SECRETISH.sub(lambda m: m.group(1) + "***", text)
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
+    return text

@@ -61,6 +61,7 @@ def _grouped_chunk_ids(groups: pa.ChunkedArray, chunk_size: int, max_chunks: int
     if max_chunks is not None:
         chunks = np.minimum(chunks, max_chunks)
     per_chunk = -(-sizes // np.maximum(chunks, 1))
+    chunks = -(-sizes // per_chunk)  # evened out, a group may need fewer chunks: keep the ids contiguous
     first_chunk = np.concatenate(([0], np.cumsum(chunks)[:-1])) if n else chunks
     group_of_row = np.repeat(np.arange(len(starts)), sizes)
     position = np.arange(n) - starts[group_of_row]

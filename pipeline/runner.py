@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.limits import Pacing
-from pipeline.outcomes import Failure, Permanent, classify, redact
+from pipeline.outcomes import Failure, Permanent, classify, redact, scrub
 from pipeline.work import Item, Work, work_secrets
 
 
@@ -237,7 +237,11 @@ def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: Chun
     call, cost, usage = work.call, getattr(work, "cost", None), getattr(work, "usage", None)
     auth_failures = 0
     for position, item in enumerate(chunk.items()):
-        estimate = cost(item) if cost else 0.0
+        try:
+            estimate = cost(item) if cost else 0.0
+        except Exception as error:  # noqa: BLE001 - an item the estimate cannot read is this item's failure
+            result.add_failure(item.id, time.time(), 0, _scrubbed(classify(error), secrets))
+            continue
         pacer.before_call(estimate)
         started, tries, retry_after = time.time(), 1, None
         try:
@@ -247,7 +251,7 @@ def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: Chun
             retried = _retry_in_chunk(work, client, item, chunk.pacing, pacer, estimate, error)
             started, tries, retry_after = retried.started, retried.tries, retried.retry_after
             if retried.failure is not None:
-                failure = dataclasses.replace(retried.failure, error=redact(retried.failure.error, secrets) or "")
+                failure = _scrubbed(retried.failure, secrets)
                 result.add_failure(item.id, started, tries, failure, retry_after)
                 auth_failures += failure.auth
                 # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
@@ -258,15 +262,27 @@ def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: Chun
             value = retried.value
         else:
             pacer.after_call()
-        actual = usage(value) if usage else None
+        actual = _reported_usage(usage, value)
         if actual is not None:
             pacer.reconcile(estimate, actual)
         try:
-            payload = None if value is None else redact_payload(_encode_json(value), secrets)
+            payload = None if value is None else scrub(_encode_json(value), secrets)
         except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent
-            result.add_failure(item.id, started, tries, classify(error), retry_after)
+            result.add_failure(item.id, started, tries, _scrubbed(classify(error), secrets), retry_after)
             continue
         result.add_ok(item.id, started, tries, payload, actual if actual is not None else (estimate or None))
+
+
+def _reported_usage(usage: Callable[[Any], float | None] | None, value: Any) -> float | None:
+    """Tokens the response says it used; a payload without them falls back to the estimate."""
+    try:
+        return usage(value) if usage else None
+    except Exception:  # noqa: BLE001 - the call succeeded; only the reconciliation is lost
+        return None
+
+
+def _scrubbed(failure: Failure, secrets: tuple[str, ...]) -> Failure:
+    return dataclasses.replace(failure, error=redact(failure.error, secrets) or "")
 
 
 def _abort_for_credentials(result: ChunkResult, chunk: Chunk, failure: Failure) -> None:
@@ -297,15 +313,6 @@ def _retry_in_chunk(work: Work, client: Any, item: Item, pacing: Pacing, pacer: 
             error = again
         finally:
             pacer.after_call()
-
-
-def redact_payload(payload: str | None, secrets: tuple[str, ...]) -> str | None:
-    """Secrets must not reach a manifest, even if a service echoes them back."""
-    if payload is None or not secrets:
-        return payload
-    for secret in secrets:
-        payload = payload.replace(secret, "***")
-    return payload
 
 
 def _close(client: Any) -> None:

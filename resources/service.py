@@ -69,7 +69,7 @@ class ServiceResource(ConfigurableResource):
     url: str = Field(default="", description="Base URL of the service; empty starts the embedded one.")
     secret: str = Field(default="", description='Token or key; set it with EnvVar("...").')
     embedded: str = Field(
-        default="", description="'http_api' or 'llm': start the bundled local service when url is empty."
+        default="", description="'http_api', 'llm' or 'demo': start the bundled local service(s) when url is empty."
     )
     demo_faults: float = Field(
         default=0.0, description="Embedded http_api only: the fraction of plain ids it fails on purpose."

@@ -33,9 +33,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_parquet_and_csv_columns(tmp_path):
     pq.write_table(pa.table({"user_id": [3, 1, 2]}), tmp_path / "u.parquet")
-    (tmp_path / "u.csv").write_text("user_id,name\n7,x\n8,y\n")
+    (tmp_path / "u.csv").write_text("user_id,name\n007,x\n8,y\n")
     assert FileColumn(str(tmp_path / "u.parquet"), "user_id").read()["item_id"].to_pylist() == ["3", "1", "2"]
-    assert FileColumn(str(tmp_path / "u.csv"), "user_id").read()["item_id"].to_pylist() == ["7", "8"]
+    assert FileColumn(str(tmp_path / "u.csv"), "user_id").read()["item_id"].to_pylist() == ["007", "8"]
     with pytest.raises(ItemsError, match="no column 'id'. Its columns are: user_id, name"):
         FileColumn(str(tmp_path / "u.csv"), "id").read()
 
@@ -80,3 +80,12 @@ def test_planning_a_million_ids_stays_columnar(tmp_path):
     plan = make_plan(items, 1000)
     assert report.kept == 1_000_000 and chunk_count(plan) == 1000
     assert plan["item_id"][999_999].as_py() == "999999"
+
+
+def test_grouped_chunk_ids_are_contiguous_and_capped_per_group():
+    items = pa.table({"item_id": [f"a{i}" for i in range(6)] + ["b0", "b1"],
+                      "payload": pa.nulls(8, pa.string()), "group": ["a"] * 6 + ["b"] * 2})
+    plan = make_plan(items, chunk_size=1, max_chunks_per_group=4)
+    ids = plan["chunk_id"].to_pylist()
+    assert sorted(set(ids)) == list(range(chunk_count(plan)))  # no gaps: the count is the real count
+    assert len(set(ids[:6])) <= 4 and len(set(ids[6:])) == 2

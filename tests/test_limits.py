@@ -108,3 +108,26 @@ def test_latency_sizes_workers_but_never_paces_a_connection_limit():
 def test_tokens_per_minute_without_a_token_estimate_says_what_to_add():
     with pytest.raises(LimitError, match=r"Add Estimates\(tokens_per_item=...\)"):
         derive_plan(ServiceLimit("llm", tokens_per_minute=60_000))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_parallelism": 0}, "max_parallelism"),
+        ({"chunk_size": -3}, "chunk_size"),
+        ({"per_worker_requests_per_second": -1}, "per_worker_requests_per_second"),
+        ({"per_worker_requests_per_second": 0}, "per_worker_requests_per_second"),
+        ({"max_retry_after_s": -1}, "max_retry_after_s"),
+    ],
+)
+def test_bad_pins_are_refused_naming_the_field(kwargs, field):
+    with pytest.raises(LimitError, match=field):
+        Overrides(**kwargs)
+
+
+def test_a_pinned_worker_rate_means_fewer_workers_not_a_higher_rate():
+    limit = ServiceLimit("api", requests_per_second=100, safety=1)
+    plan = derive_plan(limit, Estimates(seconds_per_call=0.1), Overrides(per_worker_requests_per_second=20))
+    assert plan.max_parallelism == 5 and plan.pacing.min_interval_s == pytest.approx(0.05)
+    half = derive_plan(ServiceLimit("api", requests_per_second=100), overrides=Overrides(per_worker_requests_per_second=20))
+    assert half.max_parallelism / half.pacing.min_interval_s <= 50 + 1e-9  # the target, not the limit

@@ -1,5 +1,6 @@
 """Every fault ends as exactly one row per item, classified right (real HTTP server)."""
 
+import dataclasses
 import json
 import socket
 
@@ -188,3 +189,16 @@ def test_a_connect_that_says_permanent_is_not_retried(tmp_path):
     store, result = _run(_backfill(["1", "2"], FunctionWork(connect, lambda client, item: None)), tmp_path)
     assert {(r["status"], r["retryable"]) for r in _rows(store).values()} == {("connect_failed", False)}
     assert result.counts["dead"] == 2
+
+
+def test_bad_credentials_stop_the_run_even_when_chunks_are_tiny(tmp_path):
+    with start_http_api(token="right-token") as api:
+        backfill = dataclasses.replace(
+            _backfill([str(i) for i in range(200)], _http_work(api.url, token="wrong-token")),
+            overrides=Overrides(chunk_size=2, max_throttle_retries=1, max_retry_after_s=0.2),
+        )
+        with pytest.raises(AuthenticationFailed, match="HTTP 401"):
+            _run(backfill, tmp_path)
+        arrivals = api.stats()["count"]
+    assert ManifestStore(str(tmp_path)).manifest_files() == []
+    assert arrivals < 60

@@ -15,9 +15,11 @@ polite by construction:
   for the domain's total). Today that limit applies to the whole backfill, so it
   holds for every domain at once: see ``ByDomain`` for what grouping adds and
   what it does not.
-* The robots.txt request is not paced by the engine: each chunk makes at most
-  one such extra request per domain it visits. Keep ``safety`` below 1 (the
-  default is 0.5), which leaves room for it.
+* The robots.txt request is not paced by the engine: each chunk makes one
+  such extra request per domain it visits, inside the call for its first URL.
+  A global rate has room for it under ``safety`` below 1; a per-worker ceiling
+  P does not (no safety applies to it), so the first second of a chunk may
+  see P + 1 requests from that worker: declare P - 1 if the site counts strictly.
 
 What it does **not** do: run JavaScript. A page that is an empty JavaScript
 shell (no visible text, only a mount point such as ``#root`` or scripts) is
@@ -152,7 +154,8 @@ class ByDomain:
 
     def read(self) -> pa.Table:
         items = self.source.read()
-        domains = pc.utf8_lower(pc.struct_field(pc.extract_regex(items["item_id"], _DOMAIN), "domain"))
+        urls = pc.utf8_trim_whitespace(items["item_id"])  # as normalize will store them
+        domains = pc.utf8_lower(pc.struct_field(pc.extract_regex(urls, _DOMAIN), "domain"))
         return items.append_column("group", pc.fill_null(domains, ""))
 
     def describe(self) -> str:

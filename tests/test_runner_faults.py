@@ -202,3 +202,20 @@ def test_bad_credentials_stop_the_run_even_when_chunks_are_tiny(tmp_path):
         arrivals = api.stats()["count"]
     assert ManifestStore(str(tmp_path)).manifest_files() == []
     assert arrivals < 60
+
+
+def test_a_failing_estimate_or_usage_stays_with_its_item(tmp_path):
+    def cost(item):
+        if item.id == "unpriceable":
+            raise ValueError("no prompt to count")
+        return 10.0
+
+    def usage(payload):
+        raise KeyError("usage")  # the response had no usage block: fall back to the estimate
+
+    work = FunctionWork(lambda: None, lambda client, item: {"id": item.id}, cost_fn=cost, usage_fn=usage)
+    store, result = _run(_backfill(["a", "unpriceable", "b"], work), tmp_path)
+    rows = _rows(store)
+    assert (rows["a"]["status"], rows["a"]["tokens"], rows["a"]["tries"]) == ("ok", 10.0, 1)
+    assert (rows["unpriceable"]["status"], rows["unpriceable"]["retryable"]) == ("exception", False)
+    assert rows["b"]["status"] == "ok" and result.counts["ok"] == 2

@@ -199,7 +199,7 @@ def _failed_items(spec: BackfillSpec, keys: BackfillKeys) -> AssetsDefinition:
         store = _store(context.resources)
         with Ledger(store, spec.max_attempts, spec.name) as ledger:
             failed = ledger.failed_items(spec.name)
-            retry_after = _max_retry_after(ledger, spec.name)
+            retry_after = ledger.max_retry_after(spec.name)
             counts = ledger.counts(spec.name)
         path = store.failed_path(spec.name)
         store.write_table(path, failed)
@@ -261,11 +261,3 @@ def _backfill(spec: BackfillSpec, resources: Any) -> Backfill:
 
 def _store(resources: Any) -> ManifestStore:
     return getattr(resources, STORE_KEY).store()
-
-
-def _max_retry_after(ledger: Ledger, backfill: str) -> float:
-    """The longest Retry-After among the items to retry: the next round waits at least that."""
-    (seconds,) = ledger.con.execute(
-        "SELECT coalesce(max(retry_after_s), 0) FROM failed WHERE backfill = ?", [backfill]
-    ).fetchone()
-    return float(seconds)

@@ -12,9 +12,6 @@ every retry round, so each round is judged with everything written so far:
 * ``failure_rate`` — warns when more than a threshold of items ended failed or dead.
 """
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -28,7 +25,7 @@ from assets.keys import STORE_KEY, BackfillKeys
 from assets.metadata import markdown_preview
 from pipeline.ledger import Ledger
 from pipeline.limits import ServiceLimit
-from pipeline.report import busiest_sum, busiest_window
+from pipeline.report import measure_against_limit
 from pipeline.spec import BackfillSpec
 
 
@@ -44,8 +41,7 @@ def _no_item_lost(spec: BackfillSpec, keys: BackfillKeys) -> AssetChecksDefiniti
         store = getattr(context.resources, STORE_KEY).store()
         planned = store.read_table(store.plan_path(spec.name, 0)).select(["item_id"])
         with Ledger(store, spec.max_attempts, spec.name) as ledger:
-            seen = ledger.con.execute("SELECT item_id FROM latest WHERE backfill = ?", [spec.name]).fetchnumpy()
-        missing = planned.filter(pc.invert(pc.is_in(planned["item_id"], pa.array(seen["item_id"], pa.string()))))
+            missing = ledger.missing_items(spec.name, planned)
         return AssetCheckResult(
             passed=missing.num_rows == 0,
             metadata={
@@ -65,12 +61,8 @@ def _limit_held(spec: BackfillSpec, keys: BackfillKeys) -> AssetChecksDefinition
         limit: ServiceLimit = getattr(context.resources, spec.service).limit()
         store = getattr(context.resources, STORE_KEY).store()
         with Ledger(store, spec.max_attempts, spec.name) as ledger:
-            calls = ledger.con.execute(
-                "SELECT epoch(started_at) AS t, coalesce(tokens, 0) AS tokens FROM results "
-                "WHERE backfill = ? AND tries > 0 ORDER BY t",
-                [spec.name],
-            ).fetchnumpy()
-        measured = measure_against_limit(np.asarray(calls["t"], float), np.asarray(calls["tokens"], float), limit)
+            times, tokens = ledger.call_times(spec.name)
+        measured = measure_against_limit(times, tokens, limit)
         metadata = {name: MetadataValue.text(f"{seen:,.0f} (limit {allowed:,.0f})")
                     for name, (seen, allowed) in measured.items()}
         return AssetCheckResult(
@@ -101,15 +93,3 @@ def _failure_rate(spec: BackfillSpec, keys: BackfillKeys, warn_above: float) -> 
         )
 
     return failure_rate
-
-
-def measure_against_limit(times: np.ndarray, tokens: np.ndarray, limit: ServiceLimit) -> dict[str, tuple[float, float]]:
-    """Busiest windows of sorted call start times, next to each declared rate limit they answer to."""
-    measured: dict[str, tuple[float, float]] = {}
-    if limit.requests_per_second is not None:
-        measured["busiest_1s"] = (busiest_window(times, 1.0), limit.requests_per_second)
-    if limit.requests_per_minute is not None:
-        measured["busiest_60s"] = (busiest_window(times, 60.0), limit.requests_per_minute)
-    if limit.tokens_per_minute is not None:
-        measured["busiest_tokens_60s"] = (busiest_sum(times, tokens, 60.0), limit.tokens_per_minute)
-    return measured

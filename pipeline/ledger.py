@@ -20,7 +20,9 @@ manifests but cannot write, copy over or delete them.
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.manifests import MANIFEST_SCHEMA, ManifestStore
 
@@ -78,6 +80,37 @@ class Ledger:
             "WHERE backfill = ? ORDER BY item_id",
             params=[backfill],
         ).to_arrow_table()
+
+    def call_times(
+        self, backfill: str, attempt: int | None = None, run_id: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted start times (epoch seconds) and tokens of the rows that made a call.
+
+        This is the client's account of its rate: a row keeps its item's last try only.
+        """
+        where, args = ["backfill = ?", "tries > 0"], [backfill]
+        for column, value in (("attempt", attempt), ("run_id", run_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        found = self.con.execute(
+            f"SELECT epoch(started_at) AS t, coalesce(tokens, 0) AS tokens FROM results "
+            f"WHERE {' AND '.join(where)} ORDER BY t",
+            args,
+        ).fetchnumpy()
+        return np.asarray(found["t"], dtype=np.float64), np.asarray(found["tokens"], dtype=np.float64)
+
+    def missing_items(self, backfill: str, planned: pa.Table) -> pa.Table:
+        """Planned items (``item_id`` column) that have no latest row: what "nothing lost" forbids."""
+        seen = self.con.execute("SELECT item_id FROM latest WHERE backfill = ?", [backfill]).fetchnumpy()
+        return planned.filter(pc.invert(pc.is_in(planned["item_id"], pa.array(seen["item_id"], pa.string()))))
+
+    def max_retry_after(self, backfill: str) -> float:
+        """The longest Retry-After among the items to retry: the next round should wait at least that."""
+        rows = self.con.execute(
+            "SELECT coalesce(max(retry_after_s), 0) FROM failed WHERE backfill = ?", [backfill]
+        ).fetchall()
+        return float(rows[0][0])
 
     def counts(self, backfill: str) -> dict[str, int]:
         """items / ok / failed / dead / last_attempt for one backfill (zeros if it never ran)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.ledger import Ledger
+from pipeline.limits import ServiceLimit
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,7 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         "GROUP BY status ORDER BY n DESC LIMIT 10",
         args,
     ).fetchall()
-    starts = ledger.con.execute(
-        f"SELECT epoch(started_at) AS t, coalesce(tokens, 0) FROM results WHERE {where} AND tries > 0 ORDER BY t",
-        args,
-    ).fetchnumpy()
-    times = np.asarray(starts["t"], dtype=np.float64)
-    tokens = np.asarray(starts[list(starts)[1]], dtype=np.float64)
+    times, tokens = ledger.call_times(backfill, attempt, run_id)
     seconds = float(times[-1] - times[0]) if len(times) > 1 else 0.0
     return AttemptReport(
         backfill=backfill,
@@ -95,3 +91,15 @@ def calls_per_second(times: np.ndarray) -> list[int]:
         return []
     seconds = (times - times[0]).astype(np.int64)
     return np.bincount(seconds).tolist()
+
+
+def measure_against_limit(times: np.ndarray, tokens: np.ndarray, limit: ServiceLimit) -> dict[str, tuple[float, float]]:
+    """Busiest windows of sorted call start times, next to each declared rate limit they answer to."""
+    measured: dict[str, tuple[float, float]] = {}
+    if limit.requests_per_second is not None:
+        measured["busiest_1s"] = (busiest_window(times, 1.0), limit.requests_per_second)
+    if limit.requests_per_minute is not None:
+        measured["busiest_60s"] = (busiest_window(times, 60.0), limit.requests_per_minute)
+    if limit.tokens_per_minute is not None:
+        measured["busiest_tokens_60s"] = (busiest_sum(times, tokens, 60.0), limit.tokens_per_minute)
+    return measured

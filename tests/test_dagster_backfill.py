@@ -25,11 +25,11 @@ from dagster import (
 )
 
 from assets import BackfillKeys, BackfillOptions, paceline_definitions
-from assets.checks import measure_against_limit
 from pipeline.executors import BurlaExecutor, LocalExecutor
 from pipeline.items import Values
 from pipeline.limits import Estimates, Overrides
 from pipeline.localservices import ServiceHandle, start_http_api
+from pipeline.report import measure_against_limit
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource

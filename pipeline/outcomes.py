@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 AUTH_STATUSES = frozenset({401, 403})
 THROTTLE_STATUSES = frozenset({429, 503})
@@ -93,10 +94,16 @@ def _classify_http(response: object, text: str) -> Failure:
     code = int(response.status_code)  # type: ignore[attr-defined]
     status = f"http_{code}"
     if code in THROTTLE_STATUSES:
-        return Failure(status, True, text, code, parse_retry_after(response.headers.get("retry-after")))  # type: ignore[attr-defined]
+        return Failure(status, True, text, code, _retry_after(response.headers))  # type: ignore[attr-defined]
     if code in _RETRYABLE_HTTP or code >= 500:
         return Failure(status, True, text, code)
     return Failure(status, False, text, code)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait: ``retry-after-ms`` where a service sends it (OpenAI does), else ``Retry-After``."""
+    millis = parse_retry_after(headers.get("retry-after-ms"))
+    return millis / 1000 if millis is not None else parse_retry_after(headers.get("retry-after"))
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -15,7 +15,7 @@ from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestStore
-from pipeline.outcomes import Permanent
+from pipeline.outcomes import Permanent, classify
 from pipeline.work import FunctionWork
 
 EXPECTED = {
@@ -219,3 +219,10 @@ def test_a_failing_estimate_or_usage_stays_with_its_item(tmp_path):
     assert (rows["a"]["status"], rows["a"]["tokens"], rows["a"]["tries"]) == ("ok", 10.0, 1)
     assert (rows["unpriceable"]["status"], rows["unpriceable"]["retryable"]) == ("exception", False)
     assert rows["b"]["status"] == "ok" and result.counts["ok"] == 2
+
+
+def test_retry_after_ms_is_preferred_when_a_service_sends_it():
+    response = httpx.Response(429, headers={"retry-after-ms": "250", "retry-after": "1"},
+                              request=httpx.Request("GET", "http://x/"))
+    failure = classify(httpx.HTTPStatusError("429", request=response.request, response=response))
+    assert (failure.status, failure.retryable, failure.retry_after) == ("http_429", True, 0.25)

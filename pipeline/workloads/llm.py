@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.outcomes import THROTTLE_STATUSES, Permanent, Throttled, parse_retry_after
+from pipeline.outcomes import Permanent
 from pipeline.spec import Service
 from pipeline.tokens import approximate_tokens
 from pipeline.tokens import prompt_tokens as count_prompt_tokens
@@ -90,13 +90,7 @@ class LlmWork(HttpClientConfig):
         if self.temperature is not None:
             body["temperature"] = self.temperature
         response = client.post(self.base_url.rstrip("/") + CHAT_PATH, json=body)
-        if response.status_code in THROTTLE_STATUSES:
-            raise Throttled(
-                f"HTTP {response.status_code}: {response.text[:200]}",
-                retry_after=_retry_after(response.headers),
-                http_status=response.status_code,
-            )
-        response.raise_for_status()
+        response.raise_for_status()  # 429/503 wait out retry-after-ms / Retry-After (see outcomes)
         return _answer(response.json())
 
     def messages(self, item: Item) -> list[dict[str, Any]]:
@@ -158,11 +152,6 @@ def _tokenizer(encoding: str) -> Callable[[str], int] | None:
         return None
     return lambda text: len(encoder.encode(text, disallowed_special=()))
 
-
-def _retry_after(headers: Any) -> float | None:
-    """OpenAI sends ``retry-after-ms`` (precise) and ``Retry-After`` (seconds); prefer the former."""
-    millis = parse_retry_after(headers.get("retry-after-ms"))
-    return millis / 1000 if millis is not None else parse_retry_after(headers.get("retry-after"))
 
 
 def _answer(response: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
 
 from pipeline.executors import BurlaExecutor, Executor, LocalExecutor
@@ -35,14 +35,23 @@ class ExecutorResource(ConfigurableResource):
         default=None, description="Pin live workers instead of deriving them from the limit."
     )
 
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        """A misspelt kind fails when the run starts, before the plan is even read."""
+        self._check_kind()
+
     def executor(self) -> Executor:
-        if self.kind == "local":
-            return LocalExecutor()
+        self._check_kind()
         if self.kind == "burla":
             return BurlaExecutor(
                 func_cpu=self.func_cpu, func_ram=self.func_ram, grow=self.grow, image=self.image or None
             )
-        raise ValueError(f"executor kind {self.kind!r} is not known: set kind to one of {', '.join(EXECUTOR_KINDS)}.")
+        return LocalExecutor()
+
+    def _check_kind(self) -> None:
+        if self.kind not in EXECUTOR_KINDS:
+            raise ValueError(
+                f"executor kind {self.kind!r} is not known: set kind to one of {', '.join(EXECUTOR_KINDS)}."
+            )
 
     def overrides(self, declared: Overrides) -> Overrides:
         """The backfill's own overrides, with this resource's max_parallelism pin if set."""

@@ -39,7 +39,7 @@ class Ledger:
         self.max_attempts = max_attempts
         self.con = duckdb.connect(":memory:")
         files = store.manifest_files(backfill)
-        rows = store.dataset(backfill) if files else MANIFEST_SCHEMA.empty_table()
+        rows = store.dataset(files) if files else MANIFEST_SCHEMA.empty_table()
         self.con.register("manifest_rows", rows)
         self._create_views()
         self.con.execute("SET enable_external_access = false")

@@ -181,9 +181,8 @@ class ManifestStore:
             base = f"{base}/backfill={check_name(backfill)}"
         return sorted(i.path for i in self._list(base, recursive=True) if _CHUNK_FILE.match(i.base_name))
 
-    def dataset(self, backfill: str | None = None) -> pads.Dataset:
-        """All manifests as one Arrow dataset; an unreadable file is an error, not an empty table."""
-        files = self.manifest_files(backfill)
+    def dataset(self, files: list[str]) -> pads.Dataset:
+        """Manifest files (from ``manifest_files``) as one Arrow dataset; an unreadable one is an error."""
         bad = [self.uri(f) for f in files if not self._readable(f)]
         if bad:
             raise ManifestError(

@@ -153,23 +153,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         planned = plan_backfill(backfill, store)
         print(f"\nPlan: {planned.plan.num_rows:,} items in {planned.chunks} chunks ({planned.path})")
         print("  " + planned.execution.describe().replace("\n", "\n  "))
-        _demo_attempt(backfill, store, 0, service)
+        failed = _demo_attempt(backfill, store, 0, service)
         attempt = 1
-        while attempt < backfill.max_attempts and _failed_count(backfill, store):
+        while attempt < backfill.max_attempts and failed:
             retry = plan_retry(backfill, store, attempt)
             print(f"\nRetry round {attempt}: {retry.plan.num_rows:,} failed items")
-            _demo_attempt(backfill, store, attempt, service)
+            failed = _demo_attempt(backfill, store, attempt, service)
             attempt += 1
     _print_next_steps(store)
     return 0
 
 
-def _failed_count(backfill: Backfill, store: ManifestStore) -> int:
-    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
-        return ledger.counts(backfill.name)["failed"]
-
-
-def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, service: object) -> None:
+def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, service: object) -> int:
+    """Run one attempt and print what happened; returns how many items are left to retry."""
     bar = ProgressBar(f"attempt {attempt}")
     try:
         result = run_attempt(backfill, store, LocalExecutor(), attempt, on_progress=bar)
@@ -191,6 +187,7 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
     if attempt == 0 and len(report.per_second) > 2:
         print()
         print(rate_chart(report.per_second, limit, target))
+    return counts["failed"]
 
 
 def _print_next_steps(store: ManifestStore) -> None:

@@ -41,17 +41,10 @@ def chat(http: httpx.Client, content: str, **extra: Any) -> httpx.Response:
     return http.post(CHAT, json={"model": "m", "messages": [{"role": "user", "content": content}], **extra})
 
 
-@pytest.fixture(scope="module")
-def shared_api() -> Iterator[ServiceHandle]:
-    with start_http_api() as handle:
-        yield handle
-
-
 @pytest.fixture
-def api(shared_api: ServiceHandle) -> ServiceHandle:
-    """The unlimited API, reset so each test sees only its own arrivals."""
-    shared_api.reset()
-    return shared_api
+def api(http_api: ServiceHandle) -> ServiceHandle:
+    """The session's unlimited API from conftest (already reset for this test)."""
+    return http_api
 
 
 @pytest.fixture

@@ -64,6 +64,10 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
         "busiest_1s": MetadataValue.int(report.busiest_1s),
         "latency_p50_ms": _float(report.latency_p50_ms),
         "latency_p95_ms": _float(report.latency_p95_ms),
+        "in_flight_per_worker": MetadataValue.float(round(report.in_flight_per_worker, 2)),
+        "tokens_per_item": _float(report.tokens_per_item),
+        "advice": MetadataValue.md("\n".join(f"- `{a.field}={a.value:g}`: {a.evidence}" for a in result.advice)
+                                   or "The estimates matched what was measured."),
         "max_retry_after": MetadataValue.float(result.max_retry_after),
         "errors": MetadataValue.table(
             [TableRecord({"status": s, "count": n, "example": _short(e)}) for s, n, e in report.errors],

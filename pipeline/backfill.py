@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.advice import Advice, advise
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
@@ -88,6 +89,7 @@ class RunResult:
     skipped_chunks: int
     unreadable_manifests: list[str]
     execution: ExecutionPlan
+    advice: list[Advice] = field(default_factory=list)
 
     @property
     def max_retry_after(self) -> float:
@@ -165,7 +167,13 @@ def run_attempt(
     execution = backfill.execution_plan(max(plan.num_rows, 1))
     scan = store.scan_chunks(backfill.name, attempt)
     chunks = iter_chunks(
-        plan, backfill=backfill.name, attempt=attempt, run_id=run_id, pacing=execution.pacing, skip=scan.finished
+        plan,
+        backfill=backfill.name,
+        attempt=attempt,
+        run_id=run_id,
+        pacing=execution.pacing,
+        skip=scan.finished,
+        first_wave=execution.max_parallelism,
     )
     total_chunks = chunk_count(plan)
     done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(scan.finished), pa.int32()))).as_py() or 0)
@@ -190,7 +198,8 @@ def run_attempt(
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         report = attempt_report(ledger, backfill.name, attempt, run_id)
         counts = ledger.counts(backfill.name)
-    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution)
+    advice = advise(report, backfill.estimates, tokens_limited=backfill.limit.tokens_per_minute is not None)
+    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, advice)
 
 
 class _CredentialCheck:

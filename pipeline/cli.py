@@ -24,6 +24,7 @@ from pipeline.ledger import VIEWS, Ledger
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestError, ManifestStore
+from pipeline.report import measured_by_attempt
 from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
@@ -123,6 +124,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"No manifests under {args.root}. Run a backfill first (for example `paceline demo`).")
             return 0
         print(format_table(summary))
+        print("\nWhat the service did (all runs of each attempt):")
+        print(format_table(measured_by_attempt(ledger)))
         errors = ledger.query(
             "SELECT backfill, status, count(*) AS items FROM latest WHERE NOT ok "
             "GROUP BY ALL ORDER BY items DESC LIMIT 10"
@@ -181,7 +184,10 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
     print(f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
           f"(limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}")
     if report.latency_p50_ms is not None:
-        print(f"  latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms")
+        print(f"  measured: latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms; "
+              f"{report.in_flight_per_worker:.1f} calls in flight per worker")
+    for advice in result.advice:
+        print(f"  next time: {advice.line()}")
     for status, count, example in report.errors:
         print(f"  {count:>6,} x {status:<14} e.g. {example[:70]}")
     if attempt == 0 and len(report.per_second) > 2:

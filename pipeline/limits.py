@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.pacing.schedule import DEFAULT_MAX_IN_FLIGHT, DEFAULT_SECONDS_PER_CALL, Pacing
+
 
 JITTER_HEADROOM = 0.02
 """Per-worker ceilings are hard (no safety factor), so pacing keeps this margin below them."""
@@ -108,7 +110,7 @@ class Estimates:
     faster than one call per latency, so it bounds per-worker throughput.
     """
 
-    seconds_per_call: float = 0.05
+    seconds_per_call: float = DEFAULT_SECONDS_PER_CALL
     tokens_per_item: float | None = None
     target_chunk_seconds: float = 60.0
 
@@ -119,20 +121,6 @@ class Estimates:
             raise LimitError(f"tokens_per_item must be > 0, got {self.tokens_per_item!r}.")
         if not self.target_chunk_seconds > 0:
             raise LimitError(f"target_chunk_seconds must be > 0, got {self.target_chunk_seconds!r}.")
-
-
-@dataclass(frozen=True)
-class Pacing:
-    """How one worker spaces its calls. Travels to the worker inside each chunk."""
-
-    min_interval_s: float = 0.0
-    jitter_s: float = 0.0
-    tokens_per_second: float | None = None
-    window_calls: int = 0  # politeness: at most this many calls ...
-    window_s: float = 0.0  # ... between the end of one and the start of the last (0 = off)
-    max_throttle_retries: int = 3
-    max_retry_after_s: float = 60.0
-    auth_fail_fast: int = 5
 
 
 @dataclass(frozen=True)
@@ -198,7 +186,8 @@ def derive_plan(
     per_worker = _per_worker_ceiling(limit, estimates, overrides, why)
 
     workers = _choose_workers(rate, cap, per_worker, overrides, limit, why)
-    interval = _choose_interval(rate, workers, _politeness(limit, overrides), overrides, why)
+    request_rate = _declared_request_rate(limit)
+    interval = _choose_interval(request_rate, workers, _politeness(limit, overrides), overrides, why)
     _admit(limit, workers, interval, estimates, overrides)
 
     tokens_per_second = None
@@ -207,7 +196,9 @@ def derive_plan(
         why.append(
             f"token pacing: each worker spends at most {tokens_per_second:,.1f} tokens/s "
             f"({limit.tokens_per_minute:,.0f} tokens/min x safety {limit.safety:g} / {workers} workers), "
-            "reconciled with the usage each response reports"
+            "charged what each response reports it used"
+            + ("" if estimates.tokens_per_item is None else
+               f"; ~{estimates.tokens_per_item:,.0f} tokens per item is only the first guess")
         )
     window_calls, window_s = _politeness_window(limit, overrides)
     pacing = Pacing(
@@ -216,10 +207,13 @@ def derive_plan(
         tokens_per_second=tokens_per_second,
         window_calls=window_calls,
         window_s=window_s,
+        seconds_per_call=estimates.seconds_per_call,
+        tokens_per_call=estimates.tokens_per_item,
+        max_in_flight=_in_flight_cap(limit, window_calls, why),
         max_throttle_retries=overrides.max_throttle_retries,
         max_retry_after_s=overrides.max_retry_after_s,
     )
-    chunk_size = _choose_chunk_size(workers, interval, estimates, overrides, item_count, why)
+    chunk_size = _choose_chunk_size(workers, pacing, estimates, overrides, item_count, why)
     target_tpm = None if limit.tokens_per_minute is None else limit.tokens_per_minute * limit.safety
     if limit.max_workers_per_domain is not None:
         why.append(
@@ -246,6 +240,29 @@ def _target_rate(limit: ServiceLimit, estimates: Estimates, why: list[str]) -> f
             f"~{estimates.tokens_per_item:,.0f} tokens per item = {_fmt(by_tokens)} req/s target"
         )
     return min(rates) if rates else None
+
+
+def _declared_request_rate(limit: ServiceLimit) -> float | None:
+    """The request rate the workers are paced to: declared rates only.
+
+    A rate derived from ``tokens_per_item`` sizes the workers but never spaces
+    their calls: the token pacing does that from what calls really cost, so a
+    token estimate that is off no longer caps the run below its budget.
+    """
+    declared = limit.global_rate()
+    return None if declared is None else declared * limit.safety
+
+
+def _in_flight_cap(limit: ServiceLimit, window_calls: int, why: list[str]) -> int:
+    """Calls a worker may keep in flight: one where the limit counts connections, batches or a polite worker."""
+    if limit.concurrency_cap() is not None or window_calls:
+        why.append("in flight: one call per worker (the limit counts connections, batches or one polite client)")
+        return 1
+    why.append(
+        "in flight: each worker keeps as many calls in flight as its pace x the latency it measures "
+        f"(seconds_per_call is only the starting point), at most {DEFAULT_MAX_IN_FLIGHT}"
+    )
+    return DEFAULT_MAX_IN_FLIGHT
 
 
 def _worker_cap(limit: ServiceLimit, why: list[str]) -> int | None:
@@ -393,13 +410,15 @@ def _admit(
 
 def _choose_chunk_size(
     workers: int,
-    interval: float,
+    pacing: Pacing,
     estimates: Estimates,
     overrides: Overrides,
     item_count: int | None,
     why: list[str],
 ) -> int:
-    seconds_per_item = max(interval, estimates.seconds_per_call)
+    period = pacing.period()
+    # A worker with calls in flight finishes an item per period; with one in flight, it also waits out the latency.
+    seconds_per_item = period if period and pacing.max_in_flight > 1 else max(period, estimates.seconds_per_call)
     if overrides.chunk_size is not None:
         size = overrides.chunk_size
     else:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.limits import Pacing
+from pipeline.pacing.schedule import Pacing
 from pipeline.runner import Chunk
 
 PLAN_SCHEMA = pa.schema(
@@ -80,11 +80,18 @@ def iter_chunks(
     run_id: str,
     pacing: Pacing,
     skip: set[int] = frozenset(),  # type: ignore[assignment]
+    first_wave: int = 0,
 ) -> Iterator[Chunk]:
     """Yield the plan's chunks lazily, skipping finished ones.
 
-    Only one chunk's items are turned into Python objects at a time.
+    Only one chunk's items are turned into Python objects at a time. The
+    first ``first_wave`` chunks (the ones the workers start with) get start
+    delays spread evenly over one period of the pacing: N workers that all
+    called at once would put N calls in the first instant, and a provider that
+    counts a per-minute budget per second would refuse them.
     """
+    stagger = pacing.period() / first_wave if first_wave else 0.0
+    started = 0
     ids = plan["chunk_id"].to_numpy()
     boundaries = np.flatnonzero(np.diff(ids)) + 1
     starts = np.concatenate(([0], boundaries)) if len(ids) else np.array([], dtype=np.int64)
@@ -102,4 +109,6 @@ def iter_chunks(
             item_ids=rows["item_id"].to_pylist(),
             payloads=rows["payload"].to_pylist(),
             pacing=pacing,
+            start_delay_s=started * stagger if started < first_wave else 0.0,
         )
+        started += 1

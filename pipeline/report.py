@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.ledger import Ledger
 from pipeline.limits import ServiceLimit
@@ -32,6 +33,8 @@ class AttemptReport:
     per_second: list[int] = field(default_factory=list)
     max_tokens_per_minute: float | None = None
     max_retry_after_s: float = 0.0
+    in_flight_per_worker: float = 0.0
+    tokens_per_item: float | None = None
 
 
 def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> AttemptReport:
@@ -48,6 +51,11 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         "GROUP BY status ORDER BY n DESC LIMIT 10",
         args,
     ).fetchall()
+    in_flight, tokens_per_item = ledger.con.execute(
+        f"SELECT avg(in_flight), (SELECT avg(tokens) FROM results WHERE {where} AND ok) FROM ("
+        f"{_IN_FLIGHT_PER_CHUNK} WHERE {where} AND tries > 0 GROUP BY chunk_id)",
+        args + args,
+    ).fetchall()[0]
     times, tokens = ledger.call_times(backfill, attempt, run_id)
     seconds = float(times[-1] - times[0]) if len(times) > 1 else 0.0
     return AttemptReport(
@@ -66,6 +74,26 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         per_second=calls_per_second(times),
         max_tokens_per_minute=busiest_sum(times, tokens, 60.0) if tokens.any() else None,
         max_retry_after_s=float(retry_after),
+        in_flight_per_worker=float(in_flight or 0.0),
+        tokens_per_item=None if tokens_per_item is None else float(tokens_per_item),
+    )
+
+
+_IN_FLIGHT_PER_CHUNK = (
+    # Little's law on a chunk's rows: time spent in calls / time the chunk ran = calls in flight on average.
+    "SELECT sum(latency_ms) / 1000 / greatest(epoch(max(finished_at)) - epoch(min(started_at)), 1e-3) AS in_flight "
+    "FROM results"
+)
+
+
+def measured_by_attempt(ledger: Ledger) -> pa.Table:
+    """Per backfill and attempt, what the service did: latency, tokens per item, calls in flight per worker."""
+    return ledger.query(
+        "SELECT backfill, attempt, count(*) AS calls, round(quantile_cont(latency_ms, 0.5), 1) AS p50_ms, "
+        "round(quantile_cont(latency_ms, 0.95), 1) AS p95_ms, round(avg(tokens) FILTER (WHERE ok), 1) AS tokens_per_item, "
+        "round((SELECT avg(in_flight) FROM (" + _IN_FLIGHT_PER_CHUNK + " AS c WHERE c.backfill = r.backfill "
+        "AND c.attempt = r.attempt AND c.tries > 0 GROUP BY c.run_id, c.chunk_id)), 1) AS in_flight_per_worker "
+        "FROM results AS r WHERE tries > 0 GROUP BY backfill, attempt ORDER BY backfill, attempt"
     )
 
 

@@ -4,8 +4,15 @@ It holds the promises that matter most, so it is small and paranoid:
 
 * pace before every call (spacing, jitter, tokens), so N workers x one
   worker's rate never exceeds the target, whatever the other workers do;
-* honour Retry-After on 429/503 with a bounded number of in-chunk retries;
-* give every item exactly one row, whatever happens — including a failing
+* keep as many calls in flight as that pace needs at the latency measured
+  (``pacing.inflight``), so a slow service still gets its target rate;
+* charge the token budget what calls really cost (``pacing.cost``);
+* honour Retry-After on 429/503 without holding the worker: a throttled item
+  waits its turn aside while the worker goes on with other items, and comes
+  back a bounded number of times;
+* replace a client that broke mid-chunk (``connection``) instead of failing
+  every item after the break;
+* give every item exactly one row, whatever happens, including a failing
   ``connect()`` and a runner that dies half-way;
 * stop early when the first calls all fail authentication, instead of
   recording a million 401s.
@@ -16,16 +23,22 @@ Nothing here imports Dagster; everything here pickles with cloudpickle.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
-from collections import deque
-import random
+import queue
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.limits import Pacing
+from pipeline.connection import ChunkClient, ConnectionLost
 from pipeline.outcomes import Failure, Permanent, classify, redact, scrub
+from pipeline.pacing.cost import TokenCost
+from pipeline.pacing.inflight import InFlightLimit
+from pipeline.pacing.memory import Learned, recall, remember
+from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.work import Item, Work, work_secrets
 
 
@@ -40,6 +53,7 @@ class Chunk:
     item_ids: list[str]
     payloads: list[str | None]
     pacing: Pacing = field(default_factory=Pacing)
+    start_delay_s: float = 0.0  # staggered start-up: the first wave of chunks does not call all at once
 
     def items(self) -> list[Item]:
         return [Item(i, p) for i, p in zip(self.item_ids, self.payloads)]
@@ -88,14 +102,15 @@ class ChunkResult:
             return {name: [] for name in ROW_FIELDS}
         return dict(zip(ROW_FIELDS, map(list, zip(*self.rows))))
 
-    def add_ok(self, item_id: str, started: float, tries: int, payload: str | None, tokens: float | None) -> None:
-        self.rows.append((item_id, True, False, "ok", None, None, tries, started, time.time(), payload, tokens, None))
+    def add_ok(self, item_id: str, started: float, finished: float, tries: int, payload: str | None,
+               tokens: float | None) -> None:
+        self.rows.append((item_id, True, False, "ok", None, None, tries, started, finished, payload, tokens, None))
 
-    def add_failure(self, item_id: str, started: float, tries: int, failure: Failure,
+    def add_failure(self, item_id: str, started: float, finished: float, tries: int, failure: Failure,
                     retry_after: float | None = None) -> None:
         self.rows.append((
             item_id, False, failure.retryable, failure.status, failure.http_status, failure.error, tries,
-            started, time.time(), None, None, retry_after,
+            started, finished, None, None, retry_after,
         ))  # fmt: skip
 
 
@@ -110,72 +125,7 @@ def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[s
     now = time.time()
     for item_id in chunk.item_ids:
         if item_id not in done:
-            result.add_failure(item_id, now, 0, failure)
-
-
-class Pacer:
-    """One worker's schedule: a virtual clock that each call pushes forward.
-
-    A call may start once the clock allows it; it then moves the clock by the
-    larger of the request spacing and its token cost at the worker's token
-    rate. Reconciling with the reported usage moves it again, so a bad
-    estimate is paid back on the next call instead of accumulating.
-    """
-
-    def __init__(self, pacing: Pacing, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        self._pacing = pacing
-        self._clock = clock
-        self._sleep = sleep
-        self._ready_at = clock()
-        self._spaced_until = self._ready_at
-        self._idle = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
-        self._returns = deque(maxlen=pacing.window_calls) if pacing.window_calls else None
-
-    def before_call(self, estimated_tokens: float = 0.0) -> None:
-        if self._idle:
-            return  # nothing to pace (no rate, no politeness, no tokens, no Retry-After pending)
-        now = self._clock()
-        if self._returns is not None and len(self._returns) == self._returns.maxlen:
-            self._ready_at = max(self._ready_at, self._returns[0] + self._pacing.window_s)
-        if self._ready_at > now:
-            self._sleep(self._ready_at - now)
-            now = self._clock()  # sleep can overshoot; space the next call from the real start
-        start = now
-        spacing = self._pacing.min_interval_s
-        if self._pacing.jitter_s:
-            spacing += random.uniform(0, self._pacing.jitter_s)
-        self._spaced_until = start + spacing
-        self._ready_at = start + max(spacing, self._token_seconds(estimated_tokens))
-
-    def after_call(self) -> None:
-        """Note when a call returned (politeness windows count from returns, see ``Pacing``)."""
-        if self._returns is not None:
-            self._returns.append(self._clock())
-
-    def reconcile(self, estimated_tokens: float, actual_tokens: float) -> None:
-        """Pay back (or charge) the estimate's error, but never schedule inside the request spacing."""
-        moved = self._ready_at + self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
-        self._ready_at = max(moved, self._spaced_until)
-
-    def hold(self, seconds: float) -> None:
-        """Wait at least ``seconds`` before the next call (Retry-After)."""
-        self._idle = False
-        self._ready_at = max(self._ready_at, self._clock() + seconds)
-
-    def finish(self) -> None:
-        """Keep the slot until the schedule allows another call.
-
-        Without this, a chunk that ends right after a call would let the next
-        chunk on the same slot call at once: two calls inside one interval.
-        """
-        remaining = self._ready_at - self._clock()
-        if remaining > 0:
-            self._sleep(remaining)
-
-    def _token_seconds(self, tokens: float) -> float:
-        rate = self._pacing.tokens_per_second
-        return tokens / rate if rate and tokens else 0.0
+            result.add_failure(item_id, now, now, 0, failure)
 
 
 def make_chunk_function(work: Work) -> Callable[[Chunk], ChunkResult]:
@@ -187,90 +137,284 @@ def make_chunk_function(work: Work) -> Callable[[Chunk], ChunkResult]:
     return run_paceline_chunk
 
 
+
 def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
     """Run one chunk and return exactly one row per item."""
     result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
     secrets = work_secrets(work)
+    connection = ChunkClient(work)
     try:
-        client = work.connect()
+        connection.open()
     except Exception as error:  # noqa: BLE001 - a connect failure fails the whole chunk
         # Retryable (the database was down, the network blipped) unless the work said it is permanent.
         retryable = not isinstance(error, Permanent)
         message = redact(classify(error).error, secrets) or ""
         fill_failed(result, chunk, Failure("connect_failed", retryable, message), set())
         return result
-    pacer = Pacer(chunk.pacing)
+    loop = _ChunkLoop(work, chunk, connection, result, secrets)
     try:
-        _run_items(work, client, chunk, pacer, result, secrets)
-        pacer.finish()
+        loop.run()
     except BaseException as error:  # the runner itself died: record the rest, then let it go
         done = set(result.item_id)
         fill_failed(result, chunk, Failure("runner_error", True, redact(repr(error), secrets) or ""), done)
         if not isinstance(error, Exception):
             raise
     finally:
-        _close(client)
+        loop.close()
+        connection.close()
     return result
 
 
-@dataclass
-class _Retried:
-    """How an item whose first call failed ended, after any in-chunk retries."""
+class _Try:
+    """One item on its way through the chunk: its estimate, its tries so far, the longest Retry-After."""
 
-    started: float
-    tries: int
-    failure: Failure | None = None
-    value: Any = None
-    retry_after: float | None = None
+    __slots__ = ("item", "estimate", "charge", "tries", "retry_after")
+
+    def __init__(self, item: Item, estimate: float | None):
+        self.item = item
+        self.estimate = estimate
+        self.charge = 0.0
+        self.tries = 0
+        self.retry_after: float | None = None
 
 
+_Outcome = tuple[_Try, Any, "Exception | None", float, float]  # try, value, error, started, finished
 _encode_json = json.JSONEncoder(default=str).encode
 
 
-def _run_items(work: Work, client: Any, chunk: Chunk, pacer: Pacer, result: ChunkResult,
-               secrets: tuple[str, ...]) -> None:
-    """The hot loop: one paced call per item, success handled inline, failures aside.
+def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try) -> _Outcome:
+    """Run one call and time it: the same function inline and on the chunk's call threads."""
+    started = time.time()
+    try:
+        value = call(client, attempt.item)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a row
+        return attempt, None, error, started, time.time()
+    return attempt, value, None, started, time.time()
 
-    It runs once per item of a million-item backfill, so it avoids a function
-    call or an object per item wherever it can; the rare paths live in helpers.
+
+class _ChunkLoop:
+    """One chunk's dispatcher: picks the next item, paces it, calls it, settles what came back.
+
+    All bookkeeping (rows, the pacer, the controllers) happens on this one
+    thread; call threads only run ``work.call`` and hand back an outcome. With
+    one slot (the usual case for a fast service, and always for connections)
+    calls run inline, with no thread hop at all.
     """
-    call, cost, usage = work.call, getattr(work, "cost", None), getattr(work, "usage", None)
-    auth_failures = 0
-    for position, item in enumerate(chunk.items()):
-        try:
-            estimate = cost(item) if cost else 0.0
-        except Exception as error:  # noqa: BLE001 - an item the estimate cannot read is this item's failure
-            result.add_failure(item.id, time.time(), 0, _scrubbed(classify(error), secrets))
-            continue
-        pacer.before_call(estimate)
-        started, tries, retry_after = time.time(), 1, None
-        try:
-            value = call(client, item)
-        except Exception as error:  # noqa: BLE001 - every failure becomes a row
-            pacer.after_call()
-            retried = _retry_in_chunk(work, client, item, chunk.pacing, pacer, estimate, error)
-            started, tries, retry_after = retried.started, retried.tries, retried.retry_after
-            if retried.failure is not None:
-                failure = _scrubbed(retried.failure, secrets)
-                result.add_failure(item.id, started, tries, failure, retry_after)
-                auth_failures += failure.auth
-                # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
-                if failure.auth and auth_failures == position + 1 >= chunk.pacing.auth_fail_fast:
-                    _abort_for_credentials(result, chunk, failure)
-                    return
+
+    def __init__(self, work: Work, chunk: Chunk, connection: ChunkClient, result: ChunkResult,
+                 secrets: tuple[str, ...], clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        pacing = chunk.pacing
+        self._work, self._chunk, self._pacing = work, chunk, pacing
+        self._connection, self._result, self._secrets = connection, result, secrets
+        self._clock, self._sleep = clock, sleep
+        self._call = work.call
+        self._cost_fn = getattr(work, "cost", None)
+        self._usage_fn = getattr(work, "usage", None)
+        learned = recall(chunk.run_id)
+        self.pacer = Pacer(pacing, clock, sleep)
+        latency = learned.latency_s if learned else pacing.seconds_per_call
+        self.slots = InFlightLimit(_slot_cap(work, pacing, connection.client), latency)
+        self.cost = TokenCost(learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call)
+        self._fresh = deque(chunk.items())
+        self._deferred: list[tuple[float, int, _Try]] = []  # (ready at, tie-breaker, try): a heap
+        self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight = 0
+        self._auth_failures = 0
+        self._last_throttled = False
+        self._reconnect = False
+        self._stopped = False
+
+    def run(self) -> None:
+        self.pacer.start_after(self._chunk.start_delay_s)
+        while not self._stopped:
+            if self._in_flight:
+                self._settle_finished()
+            if self._reconnect:
+                self._replace_client()
                 continue
-            value = retried.value
+            slots = self.slots.limit(self.pacer.calls_per_second(self.cost.per_call))
+            if self._in_flight >= slots:
+                self._settle(self._done.get())
+                continue
+            attempt = self._next_ready()
+            if attempt is None:
+                if not self._wait_for_work():
+                    break
+                continue
+            attempt.charge = self.cost.charge(attempt.estimate)
+            self.pacer.before_call(attempt.charge)
+            attempt.tries += 1
+            self._in_flight += 1
+            if slots == 1 and self._in_flight == 1:
+                self._settle(_timed_call(self._call, self._connection.client, attempt))
+            else:
+                self._submit(attempt)
+        if not self._stopped:
+            self.pacer.finish()
+        remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call))
+
+    def close(self) -> None:
+        """Let go of the call threads (a dead chunk does not wait for calls nobody will read)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=not self._stopped and not self._in_flight, cancel_futures=True)
+
+    # -- choosing the next call --------------------------------------------------------------
+
+    def _next_ready(self) -> _Try | None:
+        """A throttled item whose wait is over comes first; else the next fresh item."""
+        if self._deferred and self._deferred[0][0] <= self._clock():
+            return heapq.heappop(self._deferred)[2]
+        while self._fresh:
+            item = self._fresh.popleft()
+            try:
+                estimate = self._cost_fn(item) if self._cost_fn else None
+            except Exception as error:  # noqa: BLE001 - an item the estimate cannot read is this item's failure
+                now = time.time()
+                self._result.add_failure(item.id, now, now, 0, self._scrubbed(classify(error)))
+                continue
+            return _Try(item, estimate)
+        return None
+
+    def _wait_for_work(self) -> bool:
+        """Nothing can start now: wait for a call to return or a throttled item to be due. False: all done."""
+        if self._in_flight:
+            self._settle(self._done.get())
+            return True
+        if self._deferred:
+            self._sleep(max(0.0, self._deferred[0][0] - self._clock()))
+            return True
+        return False
+
+    def _submit(self, attempt: _Try) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix=f"paceline-chunk-{self._chunk.chunk_id}")
+        client, done = self._connection.client, self._done
+        self._pool.submit(lambda: done.put(_timed_call(self._call, client, attempt)))
+
+    # -- settling what came back ----------------------------------------------------------------
+
+    def _settle_finished(self) -> None:
+        while self._in_flight:
+            try:
+                outcome = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._settle(outcome)
+
+    def _settle(self, outcome: _Outcome) -> None:
+        attempt, value, error, started, finished = outcome
+        self._in_flight -= 1
+        self.pacer.after_call()
+        self.slots.on_sample(finished - started)
+        if self._stopped:
+            return  # the chunk was already given up (bad credentials): its rows are written
+        if error is None:
+            self._succeed(attempt, value, started, finished)
         else:
-            pacer.after_call()
-        actual = _reported_usage(usage, value)
+            self._fail(attempt, error, started, finished)
+
+    def _succeed(self, attempt: _Try, value: Any, started: float, finished: float) -> None:
+        self._connection.on_success()
+        self._last_throttled = False
+        actual = _reported_usage(self._usage_fn, value)
         if actual is not None:
-            pacer.reconcile(estimate, actual)
+            self.pacer.reconcile(attempt.charge, actual)
+            self.cost.on_usage(actual)
+        item_id = attempt.item.id
         try:
-            payload = None if value is None else scrub(_encode_json(value), secrets)
+            payload = None if value is None else scrub(_encode_json(value), self._secrets)
         except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent
-            result.add_failure(item.id, started, tries, _scrubbed(classify(error), secrets), retry_after)
-            continue
-        result.add_ok(item.id, started, tries, payload, actual if actual is not None else (estimate or None))
+            failure = self._scrubbed(classify(error))
+            self._result.add_failure(item_id, started, finished, attempt.tries, failure, attempt.retry_after)
+            return
+        tokens = actual if actual is not None else attempt.estimate
+        self._result.add_ok(item_id, started, finished, attempt.tries, payload, tokens)
+
+    def _fail(self, attempt: _Try, error: Exception, started: float, finished: float) -> None:
+        failure = classify(error)
+        if failure.retry_after is not None:
+            attempt.retry_after = max(attempt.retry_after or 0.0, failure.retry_after)
+        if failure.throttled:
+            if self._defer_throttled(attempt, failure):
+                return
+        else:
+            self._last_throttled = False
+        broken = not failure.throttled and self._connection.broken(failure)
+        if broken:  # the call failed because its client died under it: a later try may well succeed
+            self._reconnect = True
+            failure = dataclasses.replace(failure, retryable=True)
+        failure = self._scrubbed(failure)
+        self._result.add_failure(attempt.item.id, started, finished, attempt.tries, failure, attempt.retry_after)
+        if failure.auth:
+            self._auth_failures += 1
+            # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
+            if self._auth_failures == len(self._result) >= self._pacing.auth_fail_fast:
+                self._abort_for_credentials(failure)
+
+    def _defer_throttled(self, attempt: _Try, failure: Failure) -> bool:
+        """Set a throttled item aside until its Retry-After is over. False when its tries are used up.
+
+        One throttled call among successes is about that item (a hot key, a
+        quota of its own), so the worker goes on with other items. Two in a
+        row are about this worker's pace: then the worker itself waits the
+        Retry-After, as the service asked.
+        """
+        pace_problem, self._last_throttled = self._last_throttled, True
+        if attempt.tries > self._pacing.max_throttle_retries:
+            return False
+        wait = min(failure.retry_after if failure.retry_after is not None else 1.0, self._pacing.max_retry_after_s)
+        if pace_problem:
+            self.pacer.hold(wait)
+        heapq.heappush(self._deferred, (self._clock() + wait, id(attempt), attempt))
+        return True
+
+    # -- the rare paths -------------------------------------------------------------------------
+
+    def _replace_client(self) -> None:
+        """Let the calls in flight on the broken client finish (they get their rows), then reconnect."""
+        while self._in_flight:
+            self._settle(self._done.get())
+        self._reconnect = False
+        if self._stopped:
+            return
+        try:
+            self._connection.replace()
+        except ConnectionLost as lost:
+            self._fill_rest(self._scrubbed(lost.failure))
+
+    def _abort_for_credentials(self, failure: Failure) -> None:
+        self._result.auth_aborted = True
+        aborted = Failure("auth_aborted", True, failure.error, failure.http_status)
+        fill_failed(self._result, self._chunk, aborted, set(self._result.item_id))
+        self._stopped = True
+
+    def _fill_rest(self, failure: Failure) -> None:
+        """Every item not yet done gets ``failure`` (throttled ones keep their tries)."""
+        now = time.time()
+        for _, _, attempt in self._deferred:
+            self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
+        for item in self._fresh:
+            self._result.add_failure(item.id, now, now, 0, failure)
+        self._deferred.clear()
+        self._fresh.clear()
+        self._stopped = True
+
+    def _scrubbed(self, failure: Failure) -> Failure:
+        return dataclasses.replace(failure, error=redact(failure.error, self._secrets) or "")
+
+
+def _slot_cap(work: Work, pacing: Pacing, client: Any) -> int:
+    """Calls that may share the chunk's client: 1 for a connection that runs one statement at a time."""
+    if pacing.window_calls or _one_statement_at_a_time(client):
+        return 1
+    return max(1, min(pacing.max_in_flight, getattr(work, "max_in_flight", pacing.max_in_flight)))
+
+
+def _one_statement_at_a_time(client: Any) -> bool:
+    """A DB-API connection (it has ``cursor``) interleaves transactions if two threads share it."""
+    return callable(getattr(client, "cursor", None)) and callable(getattr(client, "commit", None))
 
 
 def _reported_usage(usage: Callable[[Any], float | None] | None, value: Any) -> float | None:
@@ -279,46 +423,3 @@ def _reported_usage(usage: Callable[[Any], float | None] | None, value: Any) -> 
         return usage(value) if usage else None
     except Exception:  # noqa: BLE001 - the call succeeded; only the reconciliation is lost
         return None
-
-
-def _scrubbed(failure: Failure, secrets: tuple[str, ...]) -> Failure:
-    return dataclasses.replace(failure, error=redact(failure.error, secrets) or "")
-
-
-def _abort_for_credentials(result: ChunkResult, chunk: Chunk, failure: Failure) -> None:
-    result.auth_aborted = True
-    fill_failed(result, chunk, Failure("auth_aborted", True, failure.error, failure.http_status), set(result.item_id))
-
-
-def _retry_in_chunk(work: Work, client: Any, item: Item, pacing: Pacing, pacer: Pacer, estimate: float,
-                    error: Exception) -> _Retried:
-    """After a failed call: wait out throttling and call again, up to the bounded number of retries."""
-    retried = _Retried(started=time.time(), tries=1)
-    while True:
-        failure = classify(error)
-        if failure.retry_after is not None:
-            retried.retry_after = max(retried.retry_after or 0.0, failure.retry_after)
-        if not failure.throttled or retried.tries > pacing.max_throttle_retries:
-            retried.failure = failure
-            return retried
-        wait = failure.retry_after if failure.retry_after is not None else 1.0
-        pacer.hold(min(wait, pacing.max_retry_after_s))
-        pacer.before_call(estimate)
-        retried.started = time.time()
-        retried.tries += 1
-        try:
-            retried.value = work.call(client, item)
-            return retried
-        except Exception as again:  # noqa: BLE001 - every failure becomes a row
-            error = again
-        finally:
-            pacer.after_call()
-
-
-def _close(client: Any) -> None:
-    close = getattr(client, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:  # noqa: BLE001 - a failing close must not lose the chunk's rows
-            pass

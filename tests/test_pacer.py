@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pipeline.limits import Pacing
-from pipeline.runner import Pacer
+from pipeline.pacing.schedule import Pacer
 
 
 class FakeClock:

@@ -184,6 +184,11 @@ class _Loader:
     connection: Any
     s3: Any
 
+    @property
+    def closed(self) -> bool:
+        """True once the database connection is gone (a terminated backend): the runner then reconnects."""
+        return bool(self.connection.closed)
+
     def close(self) -> None:
         self.connection.close()
 

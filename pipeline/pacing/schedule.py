@@ -1,0 +1,152 @@
+"""One worker's schedule: when its next call may start.
+
+The plan fixes a ceiling for every worker (``Pacing``), so that workers x
+ceiling <= limit x safety holds by construction, with no coordination. The
+``Pacer`` turns that ceiling into start times. It is a virtual clock that each
+call pushes forward: a call may start once the clock allows it, and then moves
+the clock by the larger of the request spacing and its token cost at the
+worker's token rate. Reconciling with the usage a response reports moves it
+again, so a wrong token estimate is paid back on the next call instead of
+accumulating.
+
+Everything the feedback loops change (how many calls are in flight, what a
+call is charged) stays *under* this ceiling: the pacer is the one place where
+the limit is enforced, and it never schedules faster than the plan allows.
+
+    pacer = Pacer(Pacing(min_interval_s=0.1))
+    pacer.before_call()    # sleeps until the schedule allows a call
+    ...                    # the call
+    pacer.after_call()     # a politeness window counts from returns
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_SECONDS_PER_CALL = 0.05
+"""A call's latency when nothing better is known: the starting point of the in-flight loop."""
+
+DEFAULT_MAX_IN_FLIGHT = 64
+"""Calls one worker may keep in flight on one client.
+
+64 covers a service 40x slower than estimated (a 2 s LLM call planned as 50 ms)
+and stays under httpx's default pool of 100 connections, so calls never queue
+inside the client, where their latency would be counted as the service's.
+Beyond it, the plan needs more workers: declare ``seconds_per_call``.
+"""
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How one worker spaces its calls. Travels to the worker inside each chunk.
+
+    ``min_interval_s``, ``tokens_per_second`` and the politeness window are the
+    ceiling, fixed by the plan. ``seconds_per_call`` and ``tokens_per_call`` are
+    only starting points, replaced by what the worker measures. ``max_in_flight``
+    is 1 where the limit counts connections or batches in flight, or where a
+    per-worker politeness means one connection.
+    """
+
+    min_interval_s: float = 0.0
+    jitter_s: float = 0.0
+    tokens_per_second: float | None = None
+    window_calls: int = 0  # politeness: at most this many calls ...
+    window_s: float = 0.0  # ... between the end of one and the start of the last (0 = off)
+    seconds_per_call: float = DEFAULT_SECONDS_PER_CALL
+    tokens_per_call: float | None = None
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_throttle_retries: int = 3
+    max_retry_after_s: float = 60.0
+    auth_fail_fast: int = 5
+
+    def period(self, tokens_per_call: float | None = None) -> float:
+        """Seconds between two calls at the ceiling (0 when nothing paces this worker)."""
+        tokens = tokens_per_call or self.tokens_per_call or 0.0
+        by_tokens = tokens / self.tokens_per_second if self.tokens_per_second else 0.0
+        return max(self.min_interval_s, by_tokens)
+
+
+class Pacer:
+    """One worker's schedule on an injectable clock (tests run it on simulated time)."""
+
+    __slots__ = ("_pacing", "_clock", "_sleep", "_random", "_ready_at", "_spaced_until", "_unpaced", "_returns")
+
+    def __init__(
+        self,
+        pacing: Pacing,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        self._pacing = pacing
+        self._clock = clock
+        self._sleep = sleep
+        self._random = rng or random.Random()
+        self._ready_at = clock()
+        self._spaced_until = self._ready_at
+        self._unpaced = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
+        self._returns = deque(maxlen=pacing.window_calls) if pacing.window_calls else None
+
+    def start_after(self, seconds: float) -> None:
+        """Delay the first call (staggered start-up: see ``limits.start_delays``)."""
+        if seconds > 0:
+            self._unpaced = False
+            self._ready_at = max(self._ready_at, self._clock() + seconds)
+
+    def before_call(self, estimated_tokens: float = 0.0) -> None:
+        """Sleep until the schedule allows a call, then charge that call to the schedule."""
+        if self._unpaced:
+            return  # nothing to pace: no rate, no politeness, no tokens, no Retry-After pending
+        now = self._clock()
+        if self._returns is not None and len(self._returns) == self._returns.maxlen:
+            self._ready_at = max(self._ready_at, self._returns[0] + self._pacing.window_s)
+        if self._ready_at > now:
+            self._sleep(self._ready_at - now)
+            now = self._clock()  # sleep can overshoot; space the next call from the real start
+        spacing = self._pacing.min_interval_s
+        if self._pacing.jitter_s:
+            spacing += self._random.uniform(0, self._pacing.jitter_s)
+        self._spaced_until = now + spacing
+        self._ready_at = now + max(spacing, self._token_seconds(estimated_tokens))
+
+    def after_call(self) -> None:
+        """Note when a call returned (politeness windows count from returns, see ``Pacing``)."""
+        if self._returns is not None:
+            self._returns.append(self._clock())
+
+    def reconcile(self, estimated_tokens: float, actual_tokens: float) -> None:
+        """Pay back (or charge) the estimate's error, but never schedule inside the request spacing."""
+        moved = self._ready_at + self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
+        self._ready_at = max(moved, self._spaced_until)
+
+    def hold(self, seconds: float) -> None:
+        """Wait at least ``seconds`` before the next call (Retry-After)."""
+        self._unpaced = False
+        self._ready_at = max(self._ready_at, self._clock() + seconds)
+
+    def finish(self) -> None:
+        """Keep the slot until the schedule allows another call.
+
+        Without this, a chunk that ends right after a call would let the next
+        chunk on the same slot call at once: two calls inside one interval.
+        """
+        remaining = self._ready_at - self._clock()
+        if remaining > 0:
+            self._sleep(remaining)
+
+    def calls_per_second(self, tokens_per_call: float | None) -> float | None:
+        """The pace this schedule allows, or None when it does not pace at all."""
+        period = self._pacing.period(tokens_per_call)
+        return 1 / period if period > 0 else None
+
+    def _token_seconds(self, tokens: float) -> float:
+        rate = self._pacing.tokens_per_second
+        return tokens / rate if rate and tokens else 0.0
+
+    def __repr__(self) -> str:
+        ahead = self._ready_at - self._clock()
+        return f"<Pacer every {self._pacing.period():.4g} s, next call in {max(0.0, ahead):.3g} s>"

@@ -1,0 +1,177 @@
+"""The closed-loop controllers on simulated time: in flight, token cost, start-up stagger, throttled items."""
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+from pipeline.connection import ChunkClient
+from pipeline.outcomes import Throttled
+from pipeline.pacing.cost import TokenCost
+from pipeline.pacing.inflight import HEADROOM, InFlightLimit
+from pipeline.pacing.memory import Learned, recall, remember
+from pipeline.pacing.schedule import Pacer, Pacing
+from pipeline.plan import iter_chunks
+from pipeline.runner import Chunk, ChunkResult, _ChunkLoop
+from pipeline.work import FunctionWork
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+# -- in flight: Little's law ------------------------------------------------------------------
+
+
+def test_slots_follow_littles_law_on_the_measured_latency():
+    limit = InFlightLimit(cap=64, latency_s=0.05)
+    for _ in range(20):
+        limit.on_sample(0.3)
+    # 20 calls/s x 0.3 s = 6 calls in flight on average, plus headroom for the spread
+    assert limit.limit(pace=20.0) == pytest.approx(20 * 0.3 * HEADROOM, abs=1)
+
+
+def test_slots_rise_fast_and_fall_slowly():
+    limit = InFlightLimit(cap=64, latency_s=0.05)
+    limit.on_sample(2.0)
+    limit.on_sample(2.0)
+    risen = limit.limit(pace=10.0)
+    assert risen >= 10, "two slow answers are enough to open most of the slots a 2 s service needs"
+    limit.on_sample(0.01)
+    assert limit.limit(pace=10.0) >= risen - 2, "one fast answer does not take them away"
+
+
+def test_slots_stay_within_the_cap_and_one_without_a_pace():
+    limit = InFlightLimit(cap=8, latency_s=5.0)
+    assert limit.limit(pace=100.0) == 8
+    assert limit.limit(pace=None) == 1
+    assert InFlightLimit(cap=1, latency_s=5.0).limit(pace=100.0) == 1
+
+
+# -- token cost ---------------------------------------------------------------------------------
+
+
+def test_token_charge_moves_from_the_declaration_to_what_calls_cost():
+    cost = TokenCost(declared=600)
+    assert cost.charge(None) == 600
+    for used in (280, 320, 300):
+        cost.on_usage(used)
+    assert cost.charge(None) == pytest.approx(300)
+    assert cost.charge(900) == 900, "a work's own per-item estimate wins over the running mean"
+
+
+def test_token_pace_follows_the_charge_not_the_declaration():
+    pacer = Pacer(Pacing(tokens_per_second=100.0, tokens_per_call=600))
+    assert pacer.calls_per_second(None) == pytest.approx(100 / 600)
+    assert pacer.calls_per_second(300) == pytest.approx(100 / 300)
+
+
+# -- start-up stagger ---------------------------------------------------------------------------
+
+
+def test_first_wave_of_chunks_is_spread_over_one_period():
+    plan = pa.table({"chunk_id": pa.array(range(8), pa.int32()), "item_id": [str(i) for i in range(8)],
+                     "payload": pa.array([None] * 8, pa.string())})
+    pacing = Pacing(min_interval_s=0.4)
+    chunks = list(iter_chunks(plan, backfill="b", attempt=0, run_id="r", pacing=pacing, first_wave=4))
+    assert [c.start_delay_s for c in chunks] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0, 0, 0, 0])
+
+
+def _starts(workers: int, period: float, stagger: bool) -> list[float]:
+    starts = []
+    for k in range(workers):
+        clock = FakeClock()
+        pacer = Pacer(Pacing(min_interval_s=period), clock, clock.sleep)
+        pacer.start_after(k * period / workers if stagger else 0.0)
+        for _ in range(5):
+            pacer.before_call()
+            starts.append(clock.now)
+    return sorted(starts)
+
+
+def _busiest(starts: list[float], window: float) -> int:
+    return max(sum(t <= s < t + window for s in starts) for t in starts)
+
+
+def test_staggered_workers_put_no_more_in_the_first_window_than_in_any_later_one():
+    window = 0.099  # a window a tenth of one worker's period (a per-minute budget counted per second)
+    assert _busiest(_starts(10, 1.0, stagger=False), window) == 10, "unstaggered, all ten call at once"
+    assert _busiest(_starts(10, 1.0, stagger=True), window) == 1, "one call per short window from the start"
+
+
+# -- worker memory ------------------------------------------------------------------------------
+
+
+def test_a_worker_remembers_for_its_next_chunk_only():
+    remember("run-a", Learned(latency_s=1.5, tokens_per_call=300))
+    assert recall("run-a") == Learned(1.5, 300)
+    seen_by_other_worker = []
+    other = threading.Thread(target=lambda: seen_by_other_worker.append(recall("run-a")))
+    other.start()
+    other.join()
+    assert seen_by_other_worker == [None], "no worker reads what another measured"
+    remember("run-b", Learned(latency_s=0.1))
+    assert recall("run-a") is None, "a worker keeps the latest run only"
+
+
+# -- throttled items do not hold the worker (the chunk loop on a simulated clock) ---------------
+
+
+def _loop_on_fake_clock(items: list[str], call, pacing: Pacing) -> tuple[_ChunkLoop, ChunkResult, FakeClock]:
+    clock = FakeClock()
+    work = FunctionWork(lambda: object(), call)
+    chunk = Chunk("b", 0, "sim", 0, items, [None] * len(items), pacing)
+    connection = ChunkClient(work, clock.sleep)
+    connection.open()
+    result = ChunkResult("b", 0, "sim", 0)
+    return _ChunkLoop(work, chunk, connection, result, (), clock, clock.sleep), result, clock
+
+
+def test_an_always_throttled_item_does_not_hold_its_worker():
+    pacing = Pacing(min_interval_s=0.1, max_in_flight=1, max_throttle_retries=3)
+    calls: list[tuple[float, str]] = []
+    clock_ref: list[FakeClock] = []
+
+    def call(client, item):
+        calls.append((clock_ref[0].now, item.id))
+        if item.id == "hot":
+            raise Throttled(retry_after=1.0)
+        return {"id": item.id}
+
+    items = ["a", "hot", *[f"x{i}" for i in range(60)]]
+    loop, result, clock = _loop_on_fake_clock(items, call, pacing)
+    clock_ref.append(clock)
+    loop.run()
+    rows = {row[0]: row for row in result.rows}
+    assert sorted(rows) == sorted(items), "exactly one row per item"
+    assert rows["hot"][1:4] == (False, True, "http_429") and rows["hot"][6] == 4, "4 tries, then failed-retryable"
+    hot_tries = [t for t, item in calls if item == "hot"]
+    assert all(b - a >= 1.0 for a, b in zip(hot_tries, hot_tries[1:])), "each retry waits its Retry-After"
+    gaps = [b[0] - a[0] for a, b in zip(calls, calls[1:])]
+    assert max(gaps) == pytest.approx(0.1), "the worker kept its pace through every throttle of the hot item"
+    assert clock.now == pytest.approx(0.1 * len(calls), abs=0.11), "the throttled item cost only its own calls"
+
+
+def test_two_throttles_in_a_row_make_the_worker_wait_the_retry_after():
+    pacing = Pacing(min_interval_s=0.1, max_in_flight=1, max_throttle_retries=1)
+    calls: list[float] = []
+    clock_ref: list[FakeClock] = []
+
+    def call(client, item):
+        calls.append(clock_ref[0].now)
+        if clock_ref[0].now < 0.15:  # the service is over its limit for the first two calls
+            raise Throttled(retry_after=2.0)
+        return {}
+
+    loop, result, clock = _loop_on_fake_clock(["a", "b", "c"], call, pacing)
+    clock_ref.append(clock)
+    loop.run()
+    assert calls[2] >= calls[1] + 2.0, "two 429s in a row are about the pace: the worker waited as asked"
+    assert all(row[1] for row in result.rows), "and every item went through afterwards"

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from pipeline.outcomes import Throttled, classify, service_signal
+from pipeline.pacing import headers
 from pipeline.pacing.headers import NO_SIGNAL, Quota, ServiceSignal, read_signal, retry_after_s
 
 NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=timezone.utc).timestamp()
@@ -273,3 +274,7 @@ def test_classify_reads_retry_after_through_the_same_parser() -> None:
     refused = _response(503, {"Retry-After": "Thu, 01 Jan 2099 00:00:00 GMT"})
     failure = classify(httpx.HTTPStatusError("503", request=refused.request, response=refused))
     assert failure.throttled and failure.retry_after is not None and failure.retry_after > 365 * 86400
+
+
+def test_exported_names_are_pinned() -> None:
+    assert headers.__all__ == ["NO_SIGNAL", "Quota", "ServiceSignal", "read_signal", "retry_after_s"]

@@ -4,8 +4,9 @@ Each service is a stdlib ``ThreadingHTTPServer`` run in its own subprocess, so
 it never shares a GIL with the client under test and its clock-keeping is not
 slowed down by the load it is measuring. What is common to all of them lives
 here: the arrival log that is the server-side source of truth for "did the
-client respect the limit", the sliding-window limiter that enforces the limit,
-the busiest-window arithmetic used by ``/_stats``, the deterministic faults
+client respect the limit", the limiters that enforce it (a sliding window, and
+a fixed-window quota) and the OpenAI / IETF rate-limit headers that report
+their state, the busiest-window arithmetic used by ``/_stats``, the deterministic faults
 chosen by a key's prefix (:class:`Faults`), the request/response plumbing
 (keep-alive, Content-Length always set, admin endpoints under ``/_``) and the
 parent-side ``ServiceHandle`` that launches a service and reads its READY line.

@@ -46,6 +46,10 @@ header (a word, a negative number such as Azure's ``-1``, an infinite one, a
 date that does not parse) reads as ``None``: headers are hints, and a bad hint
 must never fail a call.
 
+``pipeline.outcomes.service_signal`` takes a signal off what a call returned
+or raised (it lives there, beside ``Throttled``, because ``outcomes`` reads
+Retry-After through this module).
+
 References: RFC 9110 (HTTP Semantics) 10.2.3 and 5.6.7; RFC 3339; RFC 8941
 (Structured Field Values); draft-ietf-httpapi-ratelimit-headers-06, -07 and
 -10; the OpenAI and Anthropic "Rate limits" guides; Go's ``time.ParseDuration``.

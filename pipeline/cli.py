@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,15 @@ from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
 _USER_ERRORS = (LimitError, ItemsError, ManifestError, AuthenticationFailed, duckdb.Error, ValueError, OSError)
+# LimitError speaks the Python API (it is raised for code too); ``plan`` names the flag that sets
+# each field instead. Only names that mean one flag are listed, so no message gets the wrong flag.
+_PLAN_FLAGS = {
+    "Estimates(tokens_per_item=...)": "--tokens-per-item",
+    "tokens_per_minute": "--tpm",
+    "requests_per_minute": "--rpm",
+    "max_workers": "--max-workers",
+}
+_PLAN_NAMES = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, _PLAN_FLAGS)) + r")(?!\w)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,7 +116,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     estimates = Estimates(seconds_per_call=args.seconds_per_call, tokens_per_item=args.tokens_per_item)
     overrides = Overrides(max_parallelism=args.max_parallelism, per_worker_requests_per_second=args.worker_rps)
-    plan = derive_plan(limit, estimates, overrides, args.items)
+    try:
+        plan = derive_plan(limit, estimates, overrides, args.items)
+    except LimitError as error:
+        raise LimitError(_PLAN_NAMES.sub(lambda name: _PLAN_FLAGS[name.group(1)], str(error))) from error
     print(plan.describe())
     return 0
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+
+from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal, retry_after_s
 
 AUTH_STATUSES = frozenset({401, 403})
 THROTTLE_STATUSES = frozenset({429, 503})
@@ -94,26 +95,28 @@ def _classify_http(response: object, text: str) -> Failure:
     code = int(response.status_code)  # type: ignore[attr-defined]
     status = f"http_{code}"
     if code in THROTTLE_STATUSES:
-        return Failure(status, True, text, code, _retry_after(response.headers))  # type: ignore[attr-defined]
+        return Failure(status, True, text, code, retry_after_s(response.headers))  # type: ignore[attr-defined]
     if code in _RETRYABLE_HTTP or code >= 500:
         return Failure(status, True, text, code)
     return Failure(status, False, text, code)
 
 
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait: ``retry-after-ms`` where a service sends it (OpenAI does), else ``Retry-After``."""
-    millis = parse_retry_after(headers.get("retry-after-ms"))
-    return millis / 1000 if millis is not None else parse_retry_after(headers.get("retry-after"))
+def service_signal(outcome: object, now: float | None = None) -> ServiceSignal:
+    """What the service said about its limits, from a call's result or the exception it raised.
 
+    The throttle loop feeds on successes too (remaining quota shrinks before
+    any 429), so a returned ``httpx.Response`` is read like the response
+    inside an ``httpx.HTTPStatusError`` (or any error with ``.response``). A
+    ``Throttled`` raised by a work function carries only its Retry-After.
+    Anything else says nothing.
+    """
+    import httpx
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds; HTTP dates are rare from APIs and read as unknown."""
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+    if isinstance(outcome, Throttled):
+        return ServiceSignal(retry_after_s=outcome.retry_after)
+    response = outcome if isinstance(outcome, httpx.Response) else getattr(outcome, "response", None)
+    headers = getattr(response, "headers", None)
+    return read_signal(headers, now) if headers is not None else NO_SIGNAL
 
 
 _SECRETISH = re.compile(r"(?i)(bearer\s+|(?:api[_-]?key|token|secret|password)=)[^\s&'\"]+")

@@ -55,3 +55,12 @@ def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys)
     assert "0 failed" in final
     assert main(["status", "--root", str(tmp_path)]) == 0
     assert "demo_api" in capsys.readouterr().out
+
+
+def test_plan_names_the_flag_not_the_python_field(capsys):
+    assert main(["plan", "--tpm", "60000"]) == 2
+    err = capsys.readouterr().err
+    assert "--tpm alone cannot size the workers" in err
+    assert "Add --tokens-per-item (for example 600), or declare --rpm or --max-workers as well." in err
+    assert "Estimates(" not in err and "tokens_per_item" not in err
+    assert main(["plan", "--tpm", "60000", "--tokens-per-item", "600"]) == 0

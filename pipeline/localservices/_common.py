@@ -4,8 +4,9 @@ Each service is a stdlib ``ThreadingHTTPServer`` run in its own subprocess, so
 it never shares a GIL with the client under test and its clock-keeping is not
 slowed down by the load it is measuring. What is common to all of them lives
 here: the arrival log that is the server-side source of truth for "did the
-client respect the limit", the sliding-window limiter that enforces the limit,
-the busiest-window arithmetic used by ``/_stats``, the deterministic faults
+client respect the limit", the limiters that enforce it (a sliding window, and
+a fixed-window quota) and the OpenAI / IETF rate-limit headers that report
+their state, the busiest-window arithmetic used by ``/_stats``, the deterministic faults
 chosen by a key's prefix (:class:`Faults`), the request/response plumbing
 (keep-alive, Content-Length always set, admin endpoints under ``/_``) and the
 parent-side ``ServiceHandle`` that launches a service and reads its READY line.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
+import math
 import os
 import re
 import socket
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 READY_TIMEOUT_S = 15.0
@@ -86,16 +88,30 @@ def busiest_window(
 
 
 class Admission(NamedTuple):
-    """Outcome of :meth:`SlidingWindowLimiter.try_admit`.
+    """Outcome of ``try_admit`` on a :class:`SlidingWindowLimiter` or a :class:`FixedWindowQuota`.
 
     ``t`` is the timestamp the limiter used; callers record the arrival with
     exactly this value. ``wait`` is 0 when admitted, else the seconds until
-    enough budget frees (``inf`` if the request can never fit).
+    enough budget frees (``inf`` if the request can never fit). ``reset_s``
+    is the seconds until some budget next comes back (the oldest admission
+    leaves a sliding window; a fixed window ends): what rate-limit headers report.
     """
 
     t: float
     wait: float
     remaining: dict[str, float]
+    reset_s: float
+
+
+class Limiter(Protocol):
+    """What a service needs from its limiter: admit-or-wait, the limits, and a reset for ``/_reset``."""
+
+    window_s: float
+    limits: dict[str, float]
+
+    def try_admit(self, costs: dict[str, float]) -> Admission: ...
+
+    def clear(self) -> None: ...
 
 
 class SlidingWindowLimiter:
@@ -109,10 +125,10 @@ class SlidingWindowLimiter:
 
     def __init__(self, window_s: float, limits: dict[str, float | None]) -> None:
         self.window_s = window_s
-        self._limits = {name: limit for name, limit in limits.items() if limit is not None}
+        self.limits = {name: limit for name, limit in limits.items() if limit is not None}
         self._lock = threading.Lock()
         self._entries: deque[tuple[float, dict[str, float]]] = deque()
-        self._totals = dict.fromkeys(self._limits, 0.0)
+        self._totals = dict.fromkeys(self.limits, 0.0)
         self._last_t = 0.0
 
     def try_admit(self, costs: dict[str, float]) -> Admission:
@@ -126,14 +142,15 @@ class SlidingWindowLimiter:
                 self._entries.append((now, costs))
                 for name in self._totals:
                     self._totals[name] += costs.get(name, 0.0)
-            remaining = {n: self._limits[n] - self._totals[n] for n in self._limits}
-            return Admission(now, wait, remaining)
+            remaining = {n: self.limits[n] - self._totals[n] for n in self.limits}
+            reset_s = self._entries[0][0] + self.window_s - now if self._entries else 0.0
+            return Admission(now, wait, remaining, reset_s)
 
     def clear(self) -> None:
         """Forget every admission (used by ``/_reset``)."""
         with self._lock:
             self._entries.clear()
-            self._totals = dict.fromkeys(self._limits, 0.0)
+            self._totals = dict.fromkeys(self.limits, 0.0)
 
     def _prune(self, now: float) -> None:
         while self._entries and expired(self._entries[0][0], now, self.window_s):
@@ -147,11 +164,11 @@ class SlidingWindowLimiter:
         ``inf`` when a single request is larger than a whole budget: no amount
         of waiting helps, and the caller must say so instead of a 429.
         """
-        if any(costs.get(name, 0.0) > limit for name, limit in self._limits.items()):
+        if any(costs.get(name, 0.0) > limit for name, limit in self.limits.items()):
             return float("inf")
         excess = {
             name: self._totals[name] + costs.get(name, 0.0) - limit
-            for name, limit in self._limits.items()
+            for name, limit in self.limits.items()
         }
         freed_at = now
         for t, old in self._entries:
@@ -160,6 +177,81 @@ class SlidingWindowLimiter:
             excess = {name: value - old.get(name, 0.0) for name, value in excess.items()}
             freed_at = t + self.window_s
         return freed_at - now
+
+
+class FixedWindowQuota:
+    """Budgets that refill all at once at the end of each fixed window, like a per-hour API quota.
+
+    Windows are ``[start + k * window_s, start + (k + 1) * window_s)``, from
+    the moment the quota was made or last cleared. Within a window nothing is
+    refused until a budget is spent; then every request waits for the window
+    to end. Same interface as :class:`SlidingWindowLimiter`.
+    """
+
+    def __init__(self, window_s: float, limits: dict[str, float]) -> None:
+        self.window_s = window_s
+        self.limits = dict(limits)
+        self._lock = threading.Lock()
+        self._last_t = 0.0
+        self.clear()
+
+    def try_admit(self, costs: dict[str, float]) -> Admission:
+        """Admit and charge ``costs`` if the current window has room, else wait for its end."""
+        with self._lock:
+            now = self._last_t = max(time.time(), self._last_t)
+            window = (now - self._start) // self.window_s
+            if window != self._window:
+                self._window, self._used = window, dict.fromkeys(self.limits, 0.0)
+            reset_s = self._start + (window + 1) * self.window_s - now
+            if any(costs.get(name, 0.0) > limit for name, limit in self.limits.items()):
+                wait = float("inf")
+            elif any(self._used[name] + costs.get(name, 0.0) > limit for name, limit in self.limits.items()):
+                wait = reset_s
+            else:
+                wait = 0.0
+                for name in self._used:
+                    self._used[name] += costs.get(name, 0.0)
+            remaining = {name: limit - self._used[name] for name, limit in self.limits.items()}
+            return Admission(now, wait, remaining, reset_s)
+
+    def clear(self) -> None:
+        """Start a fresh window now (used by ``/_reset``)."""
+        with self._lock:
+            self._start, self._window = time.time(), 0.0
+            self._used = dict.fromkeys(self.limits, 0.0)
+
+
+def go_duration(seconds: float) -> str:
+    """``360`` -> ``6m0s``, ``0.02`` -> ``20ms``, ``3723.5`` -> ``1h2m3.5s``: how OpenAI writes its resets."""
+    seconds = round(seconds, 3)
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms" if seconds > 0 else "0s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def openai_ratelimit_headers(admission: Admission, limits: dict[str, float]) -> dict[str, str]:
+    """``x-ratelimit-{limit,remaining,reset}-<budget>`` for every budget that is set, as OpenAI sends them."""
+    headers: dict[str, str] = {}
+    for name, limit in limits.items():
+        headers[f"x-ratelimit-limit-{name}"] = f"{limit:g}"
+        headers[f"x-ratelimit-remaining-{name}"] = str(int(max(0.0, admission.remaining[name])))
+        headers[f"x-ratelimit-reset-{name}"] = go_duration(admission.reset_s)
+    return headers
+
+
+def ietf_ratelimit_headers(admission: Admission, limits: dict[str, float]) -> dict[str, str]:
+    """``RateLimit-Limit/-Remaining/-Reset`` for the request budget (draft-ietf-httpapi-ratelimit-headers
+    up to -06, which counts requests only and gives the reset in whole seconds)."""
+    return {
+        "RateLimit-Limit": f"{limits['requests']:g}",
+        "RateLimit-Remaining": str(int(max(0.0, admission.remaining["requests"]))),
+        "RateLimit-Reset": str(math.ceil(admission.reset_s)),
+    }
 
 
 class ArrivalLog:
@@ -573,11 +665,15 @@ class ServiceHandle:
 
 
 def option_flags(options: dict[str, Any]) -> list[str]:
-    """``{"max_concurrent_batches": 4}`` -> ``["--max-concurrent-batches", "4"]``; ``None`` is omitted."""
+    """``{"max_concurrent_batches": 4, "ratelimit_headers": True}`` -> ``["--max-concurrent-batches", "4",
+    "--ratelimit-headers"]``: ``True`` is a bare switch; ``None`` and ``False`` are omitted."""
     flags: list[str] = []
     for name, value in options.items():
-        if value is not None:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
+        flag = f"--{name.replace('_', '-')}"
+        if value is True:
+            flags.append(flag)
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
     return flags
 
 
@@ -641,7 +737,8 @@ def start_http_api(**options: Any) -> ServiceHandle:
     """Start the rate-limited JSON API / website, e.g. ``start_http_api(rps=50, token="x")``.
 
     Options are the flags of ``python -m pipeline.localservices.http_api``
-    with dashes written as underscores.
+    with dashes written as underscores; switches take ``True``, e.g.
+    ``start_http_api(quota=100, quota_window_s=60, retry_after_date=True)``.
     """
     return launch_service(f"{__package__}.http_api", options)
 

@@ -1,20 +1,43 @@
 """A rate-limited JSON API, batch endpoint and small website, for demos and tests.
 
-    python -m pipeline.localservices.http_api --port 0 --rps 50 \\
-        [--max-concurrent-batches 4] [--token SECRET] [--demo-faults 0.03] [--latency-ms 0] \\
-        [--state-file PATH]
+    python -m pipeline.localservices.http_api --port 0 --rps 50 [--window-s 1] \\
+        [--quota 100 --quota-window-s 60] [--ratelimit-headers] [--retry-after-date] \\
+        [--max-concurrent-batches 4] [--token SECRET] [--demo-faults 0.03] \\
+        [--latency-ms 0] [--latency-jitter-ms 0] [--state-file PATH]
 
 It prints ``READY http://127.0.0.1:<port>`` once listening. It exists so that
 "the job never broke the service's limits" is checked by the service itself:
-every request is logged server-side and ``/_stats`` reports the busiest second.
+every request is logged server-side (429s included) and ``/_stats`` reports
+the busiest second and the busiest window.
 
-Limits
-    ``--rps`` caps requests admitted in any sliding 1-second window (default:
-    unlimited). Every non-admin request goes through it, before auth and
-    before routing, so ``busiest_1s`` (non-429 arrivals) can never exceed it.
-    Over the limit: ``429``, ``Retry-After: 1``, ``{"error": "rate limited"}``.
+Limits (every non-admin request goes through the limiter, before auth and
+before routing, so no non-429 arrival was ever over the limit)
+    ``--rps R --window-s W`` admits at most R x W requests in any sliding
+    W-second window (W defaults to 1; R to unlimited). A longer window allows
+    bursts a 1-second limit would refuse, as services that count per minute
+    do. Over the limit: ``429``, ``{"error": "rate limited"}`` and
+    ``Retry-After`` = whole seconds until the oldest admission leaves the
+    window (at least 1).
+    ``--quota Q --quota-window-s S`` (instead of ``--rps``) is a fixed-window
+    quota: Q requests per window ``[start + kS, start + (k+1)S)`` from start or
+    ``/_reset``, nothing refused until the Q-th, then ``429`` with
+    ``Retry-After`` until the window ends. It always sends the headers below:
+    the server for which a client that reads headers sees no 429 at all.
     ``--max-concurrent-batches K`` caps ``POST /batch`` calls in flight at once
     (over it: ``429``, ``Retry-After: 1``).
+
+Rate-limit headers (``--ratelimit-headers``, or ``--quota``), on every
+response the limiter admitted and on its own 429s, computed from the
+limiter's state after this request
+    ``x-ratelimit-limit-requests``      R x W (or Q)
+    ``x-ratelimit-remaining-requests``  what is left in the window now
+    ``x-ratelimit-reset-requests``      Go duration (``850ms``, ``1m0s``) until some
+                                        budget comes back: the oldest admission leaves
+                                        the sliding window, or the fixed window ends
+    ``RateLimit-Limit`` / ``RateLimit-Remaining`` / ``RateLimit-Reset``
+                                        the same, IETF draft style (reset in whole seconds)
+``--retry-after-date`` sends every ``Retry-After`` (limiter, batch and fault
+429/503s) as an HTTP-date, rounded up to the whole second, instead of seconds.
 
 Auth
     ``--token SECRET`` requires ``Authorization: Bearer SECRET`` on every
@@ -32,7 +55,16 @@ Endpoints
     ``GET /js-shell``     an empty JavaScript app shell (nothing to scrape without JS)
     ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``  admin, never logged or limited
 
-``--latency-ms`` is slept by every admitted, authorised non-batch request, to simulate work.
+``--latency-ms`` is slept by every admitted, authorised non-batch request, to simulate work;
+``--latency-jitter-ms J`` makes each sleep uniform in latency +- J (never below 0), and
+the response then says how long it slept in ``Server-Timing: work;dur=<ms>``.
+
+``/_stats`` counts every request: ``count``, ``by_status``, ``busiest_1s`` (admitted, i.e.
+non-429, arrivals in the busiest sliding second), ``busiest_1s_all`` (all arrivals),
+``window_s`` / ``limit_per_window`` / ``busiest_window`` (the limiter's window and the
+admitted arrivals in its busiest sliding instance; with ``--quota`` a sliding window
+straddling a boundary may hold up to 2Q, which is what fixed windows allow),
+``peak_concurrent_batches``, ``peers``, ``max_peer_rps_1s``.
 
 Faults, chosen by the item id's prefix in ``GET /items/{id}`` or the page's in
 ``GET /site/{fault}-{n}`` (deterministic; the same prefixes, shared with the LLM
@@ -55,21 +87,30 @@ server's prompts, are implemented once in ``_common.Faults``)
 
 from __future__ import annotations
 
+import argparse
+import math
+import random
 import threading
 import time
 import zlib
+from email.utils import formatdate
 from typing import Any
 
 from pipeline.localservices._common import (
     RETRY_1S,
+    Admission,
     Faults,
+    FixedWindowQuota,
+    Limiter,
     Reply,
     Request,
     Service,
     SlidingWindowLimiter,
     busiest_window,
     count_by_status,
+    ietf_ratelimit_headers,
     json_reply,
+    openai_ratelimit_headers,
     serve,
     service_parser,
 )
@@ -122,24 +163,38 @@ def _html(text: str) -> Reply:
 
 
 class HttpApi(Service):
-    """State shared by handler threads: limiter, heal counters, batch concurrency."""
+    """State shared by handler threads: limiter, heal counters, batch concurrency.
+
+    ``limiter`` counts every non-admin request (a sliding window for
+    ``--rps``, a fixed window for ``--quota``). ``rng`` draws the latency
+    jitter; tests and benchmarks may seed it.
+    """
 
     def __init__(
         self,
-        rps: float | None,
+        limiter: Limiter,
         token: str | None,
         demo_faults: float,
         latency_ms: float,
         max_concurrent_batches: int | None,
         state_file: str | None = None,
+        *,
+        latency_jitter_ms: float = 0.0,
+        ratelimit_headers: bool = False,
+        retry_after_date: bool = False,
+        rng: random.Random | None = None,
     ) -> None:
         super().__init__()
-        self.limiter = SlidingWindowLimiter(1.0, {"requests": rps})
+        self.limiter = limiter
         self.token = token
         self.demo_faults = demo_faults
         self.latency_s = latency_ms / 1000
         self.batch_s = self.latency_s or DEFAULT_BATCH_S
+        self.jitter_s = latency_jitter_ms / 1000
+        self.ratelimit_headers = ratelimit_headers
+        self.retry_after_date = retry_after_date
         self.max_batches = max_concurrent_batches
+        self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self.faults = Faults(_error, state_file)
         self.page_faults = Faults(_error)  # its own heal counters: /site/heal1-1 is not /items/heal1-1
@@ -149,18 +204,41 @@ class HttpApi(Service):
     def handle(self, request: Request) -> Reply:
         """Limiter first (so every non-429 arrival was admitted), then auth, then the route."""
         admission = self.limiter.try_admit({"requests": 1})
-        reply = self._admitted(request) if admission.wait == 0 else _error(429, "rate limited", RETRY_1S)
+        if admission.wait == 0:
+            reply = self._admitted(request)
+        else:
+            reply = _error(429, "rate limited", {"Retry-After": str(max(1, math.ceil(admission.wait)))})
+        reply.headers = self._limit_headers(reply.headers, admission)
         reply.t = admission.t
         reply.item = _item_id(request.path)
         return reply
+
+    def _limit_headers(self, headers: dict[str, str], admission: Admission) -> dict[str, str]:
+        """A copy of ``headers`` (they may be a shared constant) with the limiter's state and Retry-After as asked."""
+        headers = dict(headers)
+        if self.ratelimit_headers and self.limiter.limits:
+            headers |= openai_ratelimit_headers(admission, self.limiter.limits)
+            headers |= ietf_ratelimit_headers(admission, self.limiter.limits)
+        if self.retry_after_date and "Retry-After" in headers:
+            # HTTP-dates have whole seconds: round the moment up, so the client never comes back early.
+            headers["Retry-After"] = formatdate(math.ceil(admission.t + float(headers["Retry-After"])), usegmt=True)
+        return headers
+
+    def _work(self, base_s: float) -> dict[str, str]:
+        """Sleep ``base_s`` +- the jitter, as the service's own work; say how long in ``Server-Timing``."""
+        seconds = max(0.0, base_s + self._rng.uniform(-self.jitter_s, self.jitter_s))
+        time.sleep(seconds)
+        return {"Server-Timing": f"work;dur={seconds * 1000:.3f}"} if self.jitter_s else {}
 
     def _admitted(self, request: Request) -> Reply:
         if not request.bearer_ok(self.token):
             return _error(401, "bad token")
         if (request.method, request.path) == ("POST", "/batch"):
             return self._batch(request)
-        time.sleep(self.latency_s)
-        return self._get(request) if request.method == "GET" else _error(404, "not found")
+        timing = self._work(self.latency_s)
+        reply = self._get(request) if request.method == "GET" else _error(404, "not found")
+        reply.headers = {**reply.headers, **timing}
+        return reply
 
     def _get(self, request: Request) -> Reply:
         item_id = _item_id(request.path)
@@ -206,11 +284,11 @@ class HttpApi(Service):
         if not self._enter_batch():
             return _error(429, "too many concurrent batches", RETRY_1S)
         try:
-            time.sleep(self.batch_s)
+            timing = self._work(self.batch_s)
         finally:
             with self._lock:
                 self._batches_in_flight -= 1
-        return json_reply(200, {"upserted": len(rows)})
+        return json_reply(200, {"upserted": len(rows)}, timing)
 
     def _enter_batch(self) -> bool:
         with self._lock:
@@ -230,6 +308,9 @@ class HttpApi(Service):
             "by_status": count_by_status(arrivals),
             "busiest_1s": busiest_window((a["t"] for a in arrivals if a["status"] != 429), 1.0),
             "busiest_1s_all": busiest_window((a["t"] for a in arrivals), 1.0),
+            "window_s": self.limiter.window_s,
+            "limit_per_window": self.limiter.limits.get("requests"),
+            "busiest_window": busiest_window((a["t"] for a in arrivals if a["status"] != 429), self.limiter.window_s),
             "peak_concurrent_batches": self._peak_batches,
             "peers": len(by_peer),
             "max_peer_rps_1s": max((busiest_window(ts, 1.0) for ts in by_peer.values()), default=0),
@@ -251,16 +332,47 @@ class HttpApi(Service):
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and serve forever."""
     parser = service_parser("Rate-limited JSON API, batch endpoint and website with deterministic faults.")
-    parser.add_argument("--rps", type=float, default=None, help="requests per sliding second (default unlimited)")
+    parser.add_argument("--rps", type=float, default=None, help="requests per second, counted over --window-s "
+                        "(default unlimited)")
+    parser.add_argument("--window-s", type=float, default=1.0, help="the sliding window --rps is counted over: "
+                        "rps x W requests per W seconds (default 1)")
+    parser.add_argument("--quota", type=int, default=None, help="requests per fixed --quota-window-s window, "
+                        "refused only once spent (instead of --rps)")
+    parser.add_argument("--quota-window-s", type=float, default=60.0)
+    parser.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* and RateLimit-* "
+                        "headers (always on with --quota)")
+    parser.add_argument("--retry-after-date", action="store_true", help="send Retry-After as an HTTP-date")
     parser.add_argument("--max-concurrent-batches", type=int, default=None)
     parser.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN")
     parser.add_argument("--demo-faults", type=float, default=0.0, help="fraction of plain ids that fail once")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--latency-jitter-ms", type=float, default=0.0, help="latency varies uniformly by +- this")
     args = parser.parse_args(argv)
     service = HttpApi(
-        args.rps, args.token, args.demo_faults, args.latency_ms, args.max_concurrent_batches, args.state_file
+        _limiter(parser, args),
+        args.token,
+        args.demo_faults,
+        args.latency_ms,
+        args.max_concurrent_batches,
+        args.state_file,
+        latency_jitter_ms=args.latency_jitter_ms,
+        ratelimit_headers=args.ratelimit_headers or args.quota is not None,
+        retry_after_date=args.retry_after_date,
     )
     serve(service, args.port, args.watch_stdin)
+
+
+def _limiter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Limiter:
+    """The fixed-window quota or the sliding rps window; refuse flags that cannot be honoured."""
+    if args.quota is not None:
+        if args.rps is not None:
+            parser.error("--quota and --rps are two ways to limit: choose one")
+        if args.quota < 1 or args.quota_window_s <= 0:
+            parser.error("--quota must be >= 1 and --quota-window-s > 0")
+        return FixedWindowQuota(args.quota_window_s, {"requests": args.quota})
+    if args.window_s <= 0 or (args.rps is not None and args.rps * args.window_s < 1):
+        parser.error("--window-s must be > 0, and --rps x --window-s at least one request")
+    return SlidingWindowLimiter(args.window_s, {"requests": args.rps * args.window_s if args.rps else None})
 
 
 if __name__ == "__main__":

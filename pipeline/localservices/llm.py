@@ -27,9 +27,15 @@ Both budgets are checked together before a request is admitted. Over either:
 and ``{"error": {"message", "type": "rate_limit_exceeded", ...}}``. A request
 larger than the whole token budget can never fit, so it gets ``400``
 (``code: "request_too_large"``) instead of a 429 a client would retry forever.
-Responses to admitted and throttled requests carry
-``x-ratelimit-remaining-tokens`` / ``x-ratelimit-remaining-requests`` for the
-budgets that are set.
+Responses to admitted and throttled requests carry, as OpenAI does, for each
+budget that is set: ``x-ratelimit-limit-{tokens,requests}`` (the budget per
+window), ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` (a Go
+duration such as ``850ms``: until the oldest admission leaves the window and
+budget comes back).
+
+A per-minute budget that a provider enforces over a shorter window ("60,000
+tokens/min, enforced as 1,000/s") is ``--tpm 1000 --window-s 1``: the budgets
+are per window, whatever its length.
 
 ``--key SECRET`` requires ``Authorization: Bearer SECRET`` (else 401).
 
@@ -64,6 +70,7 @@ from pipeline.localservices._common import (
     busiest_window,
     count_by_status,
     json_reply,
+    openai_ratelimit_headers,
     serve,
     service_parser,
 )
@@ -167,7 +174,8 @@ class LocalLlm(Service):
             ],
             "usage": usage,
         }
-        return json_reply(200, payload, _remaining_headers(admission), t=admission.t, tokens=usage["total_tokens"])
+        headers = openai_ratelimit_headers(admission, self.limiter.limits)
+        return json_reply(200, payload, headers, t=admission.t, tokens=usage["total_tokens"])
 
     def _rejected(self, admission: Admission, total_tokens: int) -> Reply:
         if math.isinf(admission.wait):
@@ -179,7 +187,10 @@ class LocalLlm(Service):
                 "request_too_large",
             )
         else:
-            headers = {"Retry-After": str(max(1, math.ceil(admission.wait))), **_remaining_headers(admission)}
+            headers = {
+                "Retry-After": str(max(1, math.ceil(admission.wait))),
+                **openai_ratelimit_headers(admission, self.limiter.limits),
+            }
             reply = _error(
                 429,
                 f"Rate limit reached (tpm={self.tpm}, rpm={self.rpm} per {self.window_s:g} s). "
@@ -215,11 +226,6 @@ class LocalLlm(Service):
         super().reset()
         self.limiter.clear()
         self.faults.clear()
-
-
-def _remaining_headers(admission: Admission) -> dict[str, str]:
-    """Remaining budget per limit that is set, as OpenAI reports it."""
-    return {f"x-ratelimit-remaining-{name}": str(int(max(0, value))) for name, value in admission.remaining.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

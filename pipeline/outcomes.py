@@ -48,6 +48,14 @@ class Permanent(Exception):
         self.status = status
 
 
+class CallAgain(Exception):
+    """The call spent its paced slot on a prerequisite (a site's robots.txt): call the item again.
+
+    The runner puts the item back at the head of the chunk, without counting a
+    try, so every request the service receives went through the pacer.
+    """
+
+
 @dataclass(frozen=True)
 class Failure:
     """A failed call, classified. ``status`` is a short machine-friendly word."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.connection import ChunkClient, ConnectionLost
-from pipeline.outcomes import Failure, Permanent, classify, redact, scrub
+from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.inflight import InFlightLimit
 from pipeline.pacing.memory import Learned, recall, remember
@@ -333,6 +333,10 @@ class _ChunkLoop:
         self._result.add_ok(item_id, started, finished, attempt.tries, payload, tokens)
 
     def _fail(self, attempt: _Try, error: Exception, started: float, finished: float) -> None:
+        if isinstance(error, CallAgain):  # a paced request for a prerequisite: the item itself goes next
+            attempt.tries -= 1
+            self._fresh.appendleft(attempt.item)
+            return
         failure = classify(error)
         if failure.retry_after is not None:
             attempt.retry_after = max(attempt.retry_after or 0.0, failure.retry_after)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.connection import ChunkClient
-from pipeline.outcomes import Throttled
+from pipeline.outcomes import CallAgain, Throttled
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.inflight import HEADROOM, InFlightLimit
 from pipeline.pacing.memory import Learned, recall, remember
@@ -175,3 +175,24 @@ def test_two_throttles_in_a_row_make_the_worker_wait_the_retry_after():
     loop.run()
     assert calls[2] >= calls[1] + 2.0, "two 429s in a row are about the pace: the worker waited as asked"
     assert all(row[1] for row in result.rows), "and every item went through afterwards"
+
+
+def test_a_prerequisite_call_takes_a_paced_slot_and_the_item_goes_next():
+    pacing = Pacing(min_interval_s=0.5, max_in_flight=1)
+    calls: list[tuple[float, str]] = []
+    clock_ref: list[FakeClock] = []
+    fetched: set[str] = set()
+
+    def call(client, item):
+        calls.append((clock_ref[0].now, item.id))
+        if item.id not in fetched:  # e.g. robots.txt of the item's site, fetched once
+            fetched.add(item.id)
+            raise CallAgain()
+        return {}
+
+    loop, result, clock = _loop_on_fake_clock(["a", "b"], call, pacing)
+    clock_ref.append(clock)
+    loop.run()
+    assert [item for _, item in calls] == ["a", "a", "b", "b"]
+    assert [t for t, _ in calls] == pytest.approx([0.0, 0.5, 1.0, 1.5]), "every request went through the pacer"
+    assert [(row[0], row[1], row[6]) for row in result.rows] == [("a", True, 1), ("b", True, 1)]

@@ -210,6 +210,7 @@ def derive_plan(
         seconds_per_call=estimates.seconds_per_call,
         tokens_per_call=estimates.tokens_per_item,
         max_in_flight=_in_flight_cap(limit, window_calls, why),
+        workers=workers,
         max_throttle_retries=overrides.max_throttle_retries,
         max_retry_after_s=overrides.max_retry_after_s,
     )

@@ -35,8 +35,11 @@ from typing import Any
 
 from pipeline.connection import ChunkClient, ConnectionLost
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
+from pipeline.pacing.aimd import Aimd
 from pipeline.pacing.cost import TokenCost
+from pipeline.pacing.headers import ServiceSignal
 from pipeline.pacing.inflight import InFlightLimit
+from pipeline.pacing.listen import listen, take_heard
 from pipeline.pacing.memory import Learned, recall, remember
 from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.work import Item, Work, work_secrets
@@ -168,7 +171,7 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
 class _Try:
     """One item on its way through the chunk: its estimate, its tries so far, the longest Retry-After."""
 
-    __slots__ = ("item", "estimate", "charge", "tries", "retry_after")
+    __slots__ = ("item", "estimate", "charge", "tries", "retry_after", "throttled_at")
 
     def __init__(self, item: Item, estimate: float | None):
         self.item = item
@@ -176,9 +179,11 @@ class _Try:
         self.charge = 0.0
         self.tries = 0
         self.retry_after: float | None = None
+        self.throttled_at: tuple[int, int] | None = None  # (successes, fresh throttles) when its first try was
 
 
-_Outcome = tuple[_Try, Any, "Exception | None", float, float]  # try, value, error, started, finished
+_Outcome = tuple[_Try, Any, "Exception | None", float, float, "ServiceSignal | None"]
+"""What a call hands back: try, value, error, started, finished, what the service said in its headers."""
 _encode_json = json.JSONEncoder(default=str).encode
 
 
@@ -188,8 +193,8 @@ def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try) ->
     try:
         value = call(client, attempt.item)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row
-        return attempt, None, error, started, time.time()
-    return attempt, value, None, started, time.time()
+        return attempt, None, error, started, time.time(), take_heard()
+    return attempt, value, None, started, time.time(), take_heard()
 
 
 class _ChunkLoop:
@@ -216,12 +221,17 @@ class _ChunkLoop:
         latency = learned.latency_s if learned else pacing.seconds_per_call
         self.slots = InFlightLimit(_slot_cap(work, pacing, connection.client), latency)
         self.cost = TokenCost(learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call)
+        self.aimd = Aimd(learned.pace_factor if learned else 1.0)
+        self.pacer.slow_to(self.aimd.factor)
+        listen(connection.client)
         self._fresh = deque(chunk.items())
         self._deferred: list[tuple[float, int, _Try]] = []  # (ready at, tie-breaker, try): a heap
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight = 0
         self._auth_failures = 0
+        self._successes = 0
+        self._fresh_throttles = 0
         self._last_throttled = False
         self._reconnect = False
         self._stopped = False
@@ -253,7 +263,7 @@ class _ChunkLoop:
                 self._submit(attempt)
         if not self._stopped:
             self.pacer.finish()
-        remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call))
+        remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call, self.aimd.factor))
 
     def close(self) -> None:
         """Let go of the call threads (a dead chunk does not wait for calls nobody will read)."""
@@ -304,10 +314,12 @@ class _ChunkLoop:
             self._settle(outcome)
 
     def _settle(self, outcome: _Outcome) -> None:
-        attempt, value, error, started, finished = outcome
+        attempt, value, error, started, finished, heard = outcome
         self._in_flight -= 1
         self.pacer.after_call()
         self.slots.on_sample(finished - started)
+        if heard is not None:
+            self.pacer.heed(heard, self.cost.per_call)
         if self._stopped:
             return  # the chunk was already given up (bad credentials): its rows are written
         if error is None:
@@ -318,6 +330,10 @@ class _ChunkLoop:
     def _succeed(self, attempt: _Try, value: Any, started: float, finished: float) -> None:
         self._connection.on_success()
         self._last_throttled = False
+        self._successes += 1
+        if self.aimd.factor < 1.0:  # probing back up; at the ceiling there is nothing to do
+            self.aimd.on_success()
+            self.pacer.slow_to(self.aimd.factor)
         actual = _reported_usage(self._usage_fn, value)
         if actual is not None:
             self.pacer.reconcile(attempt.charge, actual)
@@ -366,6 +382,7 @@ class _ChunkLoop:
         Retry-After, as the service asked.
         """
         pace_problem, self._last_throttled = self._last_throttled, True
+        self._adjust_pace(attempt)
         if attempt.tries > self._pacing.max_throttle_retries:
             return False
         wait = min(failure.retry_after if failure.retry_after is not None else 1.0, self._pacing.max_retry_after_s)
@@ -373,6 +390,19 @@ class _ChunkLoop:
             self.pacer.hold(wait)
         heapq.heappush(self._deferred, (self._clock() + wait, id(attempt), attempt))
         return True
+
+    def _adjust_pace(self, attempt: _Try) -> None:
+        """A fresh item throttled: slow down. Throttled again on its retry while nothing else was: hot item."""
+        if attempt.tries == 1:
+            self._fresh_throttles += 1
+            attempt.throttled_at = (self._successes, self._fresh_throttles)
+            self.aimd.on_throttle()
+        elif attempt.throttled_at is not None:
+            successes, fresh_throttles = attempt.throttled_at
+            if self._successes > successes and self._fresh_throttles == fresh_throttles:
+                self.aimd.on_hot_item()
+            attempt.throttled_at = None  # an item gives back its decrease once at most
+        self.pacer.slow_to(self.aimd.factor)
 
     # -- the rare paths -------------------------------------------------------------------------
 
@@ -384,7 +414,7 @@ class _ChunkLoop:
         if self._stopped:
             return
         try:
-            self._connection.replace()
+            listen(self._connection.replace())
         except ConnectionLost as lost:
             self._fill_rest(self._scrubbed(lost.failure))
 

@@ -21,11 +21,14 @@ the limit is enforced, and it never schedules faster than the plan allows.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pipeline.pacing.headers import ServiceSignal
 
 DEFAULT_SECONDS_PER_CALL = 0.05
 """A call's latency when nothing better is known: the starting point of the in-flight loop."""
@@ -59,6 +62,7 @@ class Pacing:
     seconds_per_call: float = DEFAULT_SECONDS_PER_CALL
     tokens_per_call: float | None = None
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    workers: int = 1  # how many workers share the limit: a worker's share of a quota the service reports
     max_throttle_retries: int = 3
     max_retry_after_s: float = 60.0
     auth_fail_fast: int = 5
@@ -73,7 +77,8 @@ class Pacing:
 class Pacer:
     """One worker's schedule on an injectable clock (tests run it on simulated time)."""
 
-    __slots__ = ("_pacing", "_clock", "_sleep", "_random", "_ready_at", "_spaced_until", "_unpaced", "_returns")
+    __slots__ = ("_pacing", "_clock", "_sleep", "_random", "_ready_at", "_spaced_until", "_unpaced", "_returns",
+                 "_factor", "_floor_s", "_floor_until", "_last_start")
 
     def __init__(
         self,
@@ -90,6 +95,10 @@ class Pacer:
         self._spaced_until = self._ready_at
         self._unpaced = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
         self._returns = deque(maxlen=pacing.window_calls) if pacing.window_calls else None
+        self._factor = 1.0  # the throttle loop's fraction of the ceiling (see aimd.py); never above 1
+        self._floor_s = 0.0  # spacing a service's quota headers asked for, ...
+        self._floor_until = 0.0  # ... until the quota resets
+        self._last_start = -math.inf
 
     def start_after(self, seconds: float) -> None:
         """Delay the first call (staggered start-up: see ``limits.start_delays``)."""
@@ -107,10 +116,13 @@ class Pacer:
         if self._ready_at > now:
             self._sleep(self._ready_at - now)
             now = self._clock()  # sleep can overshoot; space the next call from the real start
-        spacing = self._pacing.min_interval_s
+        spacing = self._pacing.min_interval_s / self._factor
+        if self._floor_until > now:
+            spacing = max(spacing, self._floor_s)
         if self._pacing.jitter_s:
             spacing += self._random.uniform(0, self._pacing.jitter_s)
         self._spaced_until = now + spacing
+        self._last_start = now
         self._ready_at = now + max(spacing, self._token_seconds(estimated_tokens))
 
     def after_call(self) -> None:
@@ -128,6 +140,35 @@ class Pacer:
         self._unpaced = False
         self._ready_at = max(self._ready_at, self._clock() + seconds)
 
+    def slow_to(self, factor: float) -> None:
+        """Run at ``factor`` (0 < factor <= 1) of the planned ceiling: the throttle loop's lever."""
+        self._factor = min(1.0, max(factor, 1e-3))
+        if self._factor < 1.0:
+            self._unpaced = False
+
+    def heed(self, signal: ServiceSignal, tokens_per_call: float | None) -> None:
+        """Slow down *before* a quota runs out, as the service's rate-limit headers say it will.
+
+        The worker spreads its share (1 / workers) of what remains over the
+        time until the quota resets; a spent quota means waiting for the reset.
+        A header can only lower the pace: the spacing it asks for is a floor
+        under the planned one, never a replacement for it.
+        """
+        now = self._clock()
+        floor = 0.0
+        for quota, per_call in ((signal.requests, 1.0), (signal.tokens, tokens_per_call)):
+            if not per_call or quota.reset_s is None or quota.remaining is None:
+                continue
+            if quota.exhausted:
+                self.hold(quota.reset_s)
+            elif quota.rate:
+                floor = max(floor, per_call * self._pacing.workers / quota.rate)
+                self._floor_until = now + quota.reset_s
+        if floor:
+            self._unpaced = False
+            self._floor_s = floor
+            self._ready_at = max(self._ready_at, self._last_start + floor)
+
     def finish(self) -> None:
         """Keep the slot until the schedule allows another call.
 
@@ -139,14 +180,15 @@ class Pacer:
             self._sleep(remaining)
 
     def calls_per_second(self, tokens_per_call: float | None) -> float | None:
-        """The pace this schedule allows, or None when it does not pace at all."""
-        period = self._pacing.period(tokens_per_call)
+        """The pace this schedule allows now, or None when it does not pace at all."""
+        period = self._pacing.period(tokens_per_call) / self._factor
         return 1 / period if period > 0 else None
 
     def _token_seconds(self, tokens: float) -> float:
         rate = self._pacing.tokens_per_second
-        return tokens / rate if rate and tokens else 0.0
+        return tokens / (rate * self._factor) if rate and tokens else 0.0
 
     def __repr__(self) -> str:
         ahead = self._ready_at - self._clock()
-        return f"<Pacer every {self._pacing.period():.4g} s, next call in {max(0.0, ahead):.3g} s>"
+        return (f"<Pacer every {self._pacing.period() / self._factor:.4g} s (factor {self._factor:.3f}), "
+                f"next call in {max(0.0, ahead):.3g} s>")

@@ -6,6 +6,7 @@ Dagster code, so a backfill can also run from a script or a notebook.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.advice import Advice, advise
+from pipeline.advice import Advice, advise, advised_limit
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
@@ -164,7 +165,13 @@ def run_attempt(
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     plan = store.read_table(store.plan_path(backfill.name, attempt))
+    declared = backfill
+    if attempt > 0:
+        backfill = paced_from_round_before(backfill, store, attempt)
     execution = backfill.execution_plan(max(plan.num_rows, 1))
+    if backfill.limit != declared.limit:
+        execution.explanation.insert(0, f"paced from the advice of attempt {attempt - 1}, which was throttled "
+                                        f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}")
     scan = store.scan_chunks(backfill.name, attempt)
     chunks = iter_chunks(
         plan,
@@ -198,8 +205,21 @@ def run_attempt(
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         report = attempt_report(ledger, backfill.name, attempt, run_id)
         counts = ledger.counts(backfill.name)
-    advice = advise(report, backfill.estimates, tokens_limited=backfill.limit.tokens_per_minute is not None)
+    advice = advise(report, declared.limit, declared.estimates)
     return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, advice)
+
+
+def advice_for(backfill: Backfill, store: ManifestStore, attempt: int) -> list[Advice]:
+    """What attempt ``attempt`` (all its runs) measured, as the declaration to use next time."""
+    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
+        report = attempt_report(ledger, backfill.name, attempt, None)
+    return advise(report, backfill.limit, backfill.estimates)
+
+
+def paced_from_round_before(backfill: Backfill, store: ManifestStore, attempt: int) -> Backfill:
+    """A retry round paces itself from the round before, so it does not repeat the storm that failed its items."""
+    limit = advised_limit(advice_for(backfill, store, attempt - 1), backfill.limit)
+    return backfill if limit == backfill.limit else dataclasses.replace(backfill, limit=limit)
 
 
 class _CredentialCheck:

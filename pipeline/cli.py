@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from pipeline.advice import advise
 from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
 from pipeline.console import ProgressBar, format_table
@@ -25,7 +26,7 @@ from pipeline.ledger import VIEWS, Ledger
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestError, ManifestStore
-from pipeline.report import measured_by_attempt
+from pipeline.report import attempt_report, measured_by_attempt
 from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit-rps", type=float, default=200, help="the demo service's limit (default 200/s)")
     demo.add_argument("--safety", type=float, default=0.5, help="fraction of the limit to aim at (default 0.5)")
     demo.add_argument("--root", default=str(Path(DEFAULT_ROOT) / "demo"), help="where manifests go")
+    demo.add_argument("--real-limit", type=float, help="make the service enforce less than --limit-rps declares, "
+                      "to watch the workers back off and the advice find the real limit")
 
     plan = _command(commands, "plan", cmd_plan, "print how a limit becomes workers, pacing and chunks")
     plan.add_argument("--rps", type=float, help="requests per second the service allows")
@@ -87,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("sql")
     query.add_argument("--root", default=DEFAULT_ROOT)
     query.add_argument("--max-attempts", type=int, default=3)
+
+    advise_ = _command(commands, "advise", cmd_advise, "what each attempt measured, and what to declare next time")
+    advise_.add_argument("--root", default=DEFAULT_ROOT)
+    advise_.add_argument("--backfill", help="only this backfill")
 
     status = _command(commands, "status", cmd_status, "summarise the backfills in a manifest store")
     status.add_argument("--root", default=DEFAULT_ROOT)
@@ -149,6 +156,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_advise(args: argparse.Namespace) -> int:
+    with Ledger(ManifestStore(args.root), backfill=args.backfill) as ledger:
+        attempts = ledger.query("SELECT DISTINCT backfill, attempt FROM results ORDER BY ALL").to_pylist()
+        if not attempts:
+            print(f"No manifests under {args.root}{' for ' + args.backfill if args.backfill else ''}. "
+                  "Run a backfill first (for example `paceline demo`).")
+            return 0
+        for row in attempts:
+            report = attempt_report(ledger, row["backfill"], row["attempt"], None)
+            calls = report.rows + report.throttled_calls
+            print(f"{row['backfill']}, attempt {row['attempt']}: {report.rows:,} items called, "
+                  f"{report.throttled_calls:,} throttled calls ({report.throttled_calls / max(calls, 1):.1%})")
+            for advice in advise(report):
+                print(f"  {advice.line()}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.items < 1:
         raise ValueError(f"--items must be at least 1, got {args.items}.")
@@ -157,8 +181,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(Path(args.root, "manifests", "backfill=demo_api"))
         print(f"Starting fresh: removed the previous demo's manifests under {args.root}.")
     store = ManifestStore(args.root)
-    print(f"Starting the bundled demo service (limit {args.limit_rps:g} req/s, answers 429 above it)...")
-    with start_http_api(rps=args.limit_rps, demo_faults=0.03, latency_ms=40) as service:
+    real = args.real_limit or args.limit_rps
+    if not real > 0:
+        raise ValueError(f"--real-limit must be a positive rate, got {args.real_limit}.")
+    told = f"declared {args.limit_rps:g} req/s, but it enforces {real:g}" if real != args.limit_rps else f"limit {real:g} req/s"
+    print(f"Starting the bundled demo service ({told}; it answers 429 above it)...")
+    with start_http_api(rps=real, demo_faults=0.03, latency_ms=40) as service:
         backfill = Backfill(
             name="demo_api",
             source=Values.of(range(1, args.items + 1)),
@@ -195,7 +223,7 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
     print(f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
           f"({report.achieved_rate / target:.0%} of target)")
     print(f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
-          f"(limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}")
+          f"(declared limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}")
     if report.latency_p50_ms is not None:
         print(f"  measured: latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms; "
               f"{report.in_flight_per_worker:.1f} calls in flight per worker")

@@ -35,12 +35,14 @@ class AttemptReport:
     max_retry_after_s: float = 0.0
     in_flight_per_worker: float = 0.0
     tokens_per_item: float | None = None
+    throttled_calls: int = 0
+    sustainable_rate: float | None = None
 
 
-def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> AttemptReport:
-    """Numbers for the rows one run wrote (a resumed run reports only its own calls)."""
-    where = "backfill = ? AND attempt = ? AND run_id = ?"
-    args = [backfill, attempt, run_id]
+def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str | None) -> AttemptReport:
+    """Numbers for the rows one run wrote (a resumed run reports only its own calls); all runs without ``run_id``."""
+    where = "backfill = ? AND attempt = ?" + (" AND run_id = ?" if run_id else "")
+    args = [backfill, attempt, *([run_id] if run_id else [])]
     rows, ok, p50, p95, retry_after = ledger.con.execute(
         f"SELECT count(*), count(*) FILTER (WHERE ok), quantile_cont(latency_ms, 0.5), "
         f"quantile_cont(latency_ms, 0.95), coalesce(max(retry_after_s), 0) FROM results WHERE {where} AND tries > 0",
@@ -56,6 +58,7 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         f"{_IN_FLIGHT_PER_CHUNK} WHERE {where} AND tries > 0 GROUP BY chunk_id)",
         args + args,
     ).fetchall()[0]
+    throttled, sustainable = ledger.con.execute(_THROTTLING.format(where=where), args).fetchall()[0]
     times, tokens = ledger.call_times(backfill, attempt, run_id)
     seconds = float(times[-1] - times[0]) if len(times) > 1 else 0.0
     return AttemptReport(
@@ -76,7 +79,21 @@ def attempt_report(ledger: Ledger, backfill: str, attempt: int, run_id: str) -> 
         max_retry_after_s=float(retry_after),
         in_flight_per_worker=float(in_flight or 0.0),
         tokens_per_item=None if tokens_per_item is None else float(tokens_per_item),
+        throttled_calls=int(throttled or 0),
+        sustainable_rate=None if sustainable is None else float(sustainable),
     )
+
+
+_THROTTLING = (
+    # Only throttles are retried inside a chunk, so an ok row's tries - 1 are calls the service throttled
+    # and then let through: evidence about the pace. Items that never went through are left out, since a
+    # hot key is throttled whatever the pace. In the seconds where the service throttled, the calls it let
+    # through are what it sustains: the rate at which throttling began.
+    "WITH s AS (SELECT floor(epoch(started_at)) AS second, count(*) FILTER (WHERE ok) AS ok, "
+    "sum(tries - 1) FILTER (WHERE ok) AS throttled "
+    "FROM results WHERE {where} AND tries > 0 GROUP BY second) "
+    "SELECT sum(throttled), quantile_cont(ok, 0.5) FILTER (WHERE throttled > 0) FROM s"
+)
 
 
 _IN_FLIGHT_PER_CHUNK = (

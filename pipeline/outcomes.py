@@ -53,7 +53,14 @@ class CallAgain(Exception):
 
     The runner puts the item back at the head of the chunk, without counting a
     try, so every request the service receives went through the pacer.
+    ``after_s`` > 0 also holds the worker's pacer that long first: a site's
+    ``Crawl-delay`` then spaces the next call, with no call thread asleep
+    inside ``call`` and no latency sample inflated by the wait.
     """
+
+    def __init__(self, message: str = "call again", after_s: float = 0.0):
+        super().__init__(message)
+        self.after_s = after_s
 
 
 @dataclass(frozen=True)

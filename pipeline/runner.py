@@ -352,6 +352,8 @@ class _ChunkLoop:
         if isinstance(error, CallAgain):  # a paced request for a prerequisite: the item itself goes next
             attempt.tries -= 1
             self._fresh.appendleft(attempt.item)
+            if error.after_s > 0:
+                self.pacer.hold(error.after_s)
             return
         failure = classify(error)
         if failure.retry_after is not None:

@@ -203,3 +203,21 @@ def test_a_prerequisite_call_takes_a_paced_slot_and_the_item_goes_next():
     assert [item for _, item in calls] == ["a", "a", "b", "b"]
     assert [t for t, _ in calls] == pytest.approx([0.0, 0.5, 1.0, 1.5]), "every request went through the pacer"
     assert [(row[0], row[1], row[6]) for row in result.rows] == [("a", True, 1), ("b", True, 1)]
+
+
+def test_call_again_after_a_delay_holds_the_pacer_that_long():
+    pacing = Pacing(min_interval_s=0.5, max_in_flight=1)
+    calls: list[float] = []
+    clock_ref: list[FakeClock] = []
+
+    def call(client, item):
+        calls.append(clock_ref[0].now)
+        if len(calls) == 1:  # e.g. robots.txt answered "Crawl-delay: 3": the next request waits 3 s
+            raise CallAgain(after_s=3.0)
+        return {}
+
+    loop, result, clock = _loop_on_fake_clock(["a", "b"], call, pacing)
+    clock_ref.append(clock)
+    loop.run()
+    assert calls == pytest.approx([0.0, 3.0, 3.5]), "held 3 s, not just the 0.5 s pace; then the usual pace"
+    assert [(row[0], row[1], row[6]) for row in result.rows] == [("a", True, 1), ("b", True, 1)]

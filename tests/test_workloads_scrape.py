@@ -47,11 +47,57 @@ def test_pages_scraped_politely_robots_honoured_javascript_shell_refused(runner)
     paths = [a["path"] for a in arrivals]
     assert not any(p.startswith("/private/") for p in paths), "a disallowed page is never requested"
     chunks = runner.chunks(backfill)
-    assert paths.count("/robots.txt") == chunks, "robots.txt fetched once per domain per chunk"
+    assert paths.count("/robots.txt") <= 2 < chunks, "robots.txt fetched once per worker, not once per chunk"
     assert stats["peers"] == chunks, "one client and connection per chunk"
     assert stats["by_status"] == {"200": len(arrivals)}
     assert stats["busiest_1s"] <= 20
-    assert stats["max_peer_rps_1s"] <= 4 + 1, "per-worker politeness (+ the one robots.txt request)"
+    assert stats["max_peer_rps_1s"] <= 4, "per-worker politeness, robots.txt included"
+
+
+def test_a_site_counts_every_request_and_robots_txt_is_paced_and_kept_per_worker(runner) -> None:
+    limit = ServiceLimit(name="site", per_worker_requests_per_second=2, max_workers=2, max_workers_per_domain=2)
+    with start_http_api() as site:
+        urls = [f"{site.url}/site/{n}" for n in range(1, 17)]
+        backfill = spec("scrape_paced_robots", Values.of(urls), overrides=Overrides(chunk_size=4))
+        backfill = backfill.build(Service(limit, site.url))
+        result = runner.run(backfill)
+        stats, paths = site.stats(), [a["path"] for a in site.arrivals()]
+    assert result.counts["ok"] == 16
+    assert runner.chunks(backfill) == 4
+    assert 1 <= paths.count("/robots.txt") <= 2, "once per domain per worker (2 workers), not per chunk (4)"
+    assert stats["busiest_1s_all"] <= 4, "2 workers x 2 req/s, counting every request the site saw"
+
+
+def test_crawl_delay_is_honoured_across_workers(runner) -> None:
+    delay, workers = 1, 2
+    limit = ServiceLimit(name="site", per_worker_requests_per_second=2, max_workers=2, max_workers_per_domain=workers)
+    with start_http_api(crawl_delay=delay) as site:
+        urls = [f"{site.url}/site/{n}" for n in range(1, 5)]
+        result = runner.run(spec("scrape_crawl_delay", ByDomain(Values.of(urls))).build(Service(limit, site.url)))
+        arrivals = site.arrivals()
+    assert result.counts["ok"] == 4
+    by_peer: dict[str, list[float]] = {}
+    for arrival in arrivals:
+        by_peer.setdefault(arrival["peer"], []).append(arrival["t"])
+    assert len(by_peer) == workers and len(arrivals) == 2 + 4, "each worker: its robots.txt, then its pages"
+    tolerance = 0.05  # a request sent on time may reach the server a little early relative to the previous one
+    for times in by_peer.values():
+        assert min(np.diff(np.sort(times))) >= workers * delay - tolerance, "each worker keeps k x d between requests"
+    times = np.sort([a["t"] for a in arrivals])
+    assert busiest_window(times, workers * delay - tolerance) <= workers, "so the site sees one request per d"
+
+
+def test_crawl_delay_without_a_bound_on_workers_is_refused_after_robots_txt(runner) -> None:
+    limit = ServiceLimit(name="site", requests_per_second=100)
+    with start_http_api(crawl_delay=1) as site:
+        urls = [f"{site.url}/site/1", f"{site.url}/site/2"]
+        backfill = spec("scrape_unbounded", Values.of(urls)).build(Service(limit, site.url))
+        runner.run(backfill)
+        paths = [a["path"] for a in site.arrivals()]
+    rows = runner.latest(backfill)
+    assert {(row["status"], row["retryable"]) for row in rows.values()} == {("crawl_delay_unbounded", False)}
+    assert "max_workers_per_domain" in rows[urls[0]]["error"] and "Crawl-delay: 1" in rows[urls[0]]["error"]
+    assert set(paths) == {"/robots.txt"}, "no page was requested, only robots.txt (once per worker)"
 
 
 def test_throttling_and_unreachable_robots_are_retryable(runner, http_api: ServiceHandle) -> None:

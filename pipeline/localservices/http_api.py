@@ -3,7 +3,7 @@
     python -m pipeline.localservices.http_api --port 0 --rps 50 [--window-s 1] \\
         [--quota 100 --quota-window-s 60] [--ratelimit-headers] [--retry-after-date] \\
         [--max-concurrent-batches 4] [--token SECRET] [--demo-faults 0.03] \\
-        [--latency-ms 0] [--latency-jitter-ms 0] [--state-file PATH]
+        [--latency-ms 0] [--latency-jitter-ms 0] [--crawl-delay S] [--state-file PATH]
 
 It prints ``READY http://127.0.0.1:<port>`` once listening. It exists so that
 "the job never broke the service's limits" is checked by the service itself:
@@ -47,7 +47,8 @@ Endpoints
     ``GET /items/{id}``   ``200 {"id": id, "value": crc32(id) % 1000}``
     ``POST /batch``       JSON list body -> ``200 {"upserted": len}``; takes
                           ``--latency-ms`` (50 ms when that is 0) so concurrency is visible
-    ``GET /robots.txt``   disallows ``/private/``
+    ``GET /robots.txt``   disallows ``/private/``; with ``--crawl-delay S`` (whole seconds)
+                          also ``Crawl-delay: S``, so a scraper's spacing is measured here
     ``GET /site/{n}``     product page: ``<title>Page n</title>``, ``<h1>``,
                           ``<a class="link">`` links, ``<p class="price">``
     ``GET /site/{fault}-{n}``  page n behind a fault prefix (below), e.g. ``/site/heal1-3``
@@ -182,6 +183,7 @@ class HttpApi(Service):
         latency_jitter_ms: float = 0.0,
         ratelimit_headers: bool = False,
         retry_after_date: bool = False,
+        crawl_delay_s: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__()
@@ -193,6 +195,7 @@ class HttpApi(Service):
         self.jitter_s = latency_jitter_ms / 1000
         self.ratelimit_headers = ratelimit_headers
         self.retry_after_date = retry_after_date
+        self.robots_txt = ROBOTS_TXT + ("" if crawl_delay_s is None else f"Crawl-delay: {crawl_delay_s}\n")
         self.max_batches = max_concurrent_batches
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -250,7 +253,7 @@ class HttpApi(Service):
         if kind == "site":
             return self._faulty_page(rest)
         if request.path == "/robots.txt":
-            return Reply(200, ROBOTS_TXT.encode(), "text/plain; charset=utf-8")
+            return Reply(200, self.robots_txt.encode(), "text/plain; charset=utf-8")
         if request.path == "/js-shell":
             return _html(JS_SHELL)
         return _error(404, "not found")
@@ -347,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-faults", type=float, default=0.0, help="fraction of plain ids that fail once")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--latency-jitter-ms", type=float, default=0.0, help="latency varies uniformly by +- this")
+    parser.add_argument("--crawl-delay", type=int, default=None, help="robots.txt asks Crawl-delay: S (whole "
+                        "seconds, as Python's robotparser reads it)")
     args = parser.parse_args(argv)
     service = HttpApi(
         _limiter(parser, args),
@@ -358,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         latency_jitter_ms=args.latency_jitter_ms,
         ratelimit_headers=args.ratelimit_headers or args.quota is not None,
         retry_after_date=args.retry_after_date,
+        crawl_delay_s=args.crawl_delay,
     )
     serve(service, args.port, args.watch_stdin)
 

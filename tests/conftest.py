@@ -100,6 +100,23 @@ class BackfillRunner:
         return len(pc.unique(plan["chunk_id"]))
 
 
+class Killed(Exception):
+    """Stands for a run killed part way: raised by ``StopsAfter`` once some manifests are written."""
+
+
+class StopsAfter(LocalExecutor):
+    """The local executor, interrupted after ``chunks`` results: a run that dies before it compacts."""
+
+    def __init__(self, chunks: int):
+        self.chunks = chunks
+
+    def map(self, fn: Any, chunks: Any, max_parallelism: int) -> Iterator[Any]:
+        for done, result in enumerate(super().map(fn, chunks, max_parallelism)):
+            if done == self.chunks:
+                raise Killed
+            yield result
+
+
 @pytest.fixture
 def runner(tmp_path: Any) -> BackfillRunner:
     return BackfillRunner(ManifestStore(str(tmp_path / "paceline")))

@@ -105,7 +105,11 @@ class Killed(Exception):
 
 
 class StopsAfter(LocalExecutor):
-    """The local executor, interrupted after ``chunks`` results: a run that dies before it compacts."""
+    """The local executor, interrupted after ``chunks`` results: a run that dies before it compacts.
+
+    With ``chunks`` at least the attempt's chunk count, every manifest is
+    written and the run dies just before compaction.
+    """
 
     def __init__(self, chunks: int):
         self.chunks = chunks
@@ -115,6 +119,7 @@ class StopsAfter(LocalExecutor):
             if done == self.chunks:
                 raise Killed
             yield result
+        raise Killed
 
 
 @pytest.fixture

@@ -65,6 +65,12 @@ def test_later_success_wins_and_views_partition_items(tmp_path):
             {"item_id": "20", "status": "http_404", "attempt": 0},  # permanent
         ]
         assert ledger.query("SELECT count(*) AS n FROM results")["n"][0].as_py() == 50 + 3 + 1
+        # latest reads only what can be superseded; it must still be the latest row of every item
+        ranked = ledger.query(
+            "SELECT item_id, attempt, status FROM results QUALIFY row_number() OVER "
+            "(PARTITION BY backfill, item_id ORDER BY attempt DESC, finished_at DESC) = 1 ORDER BY item_id"
+        )
+        assert ledger.query("SELECT item_id, attempt, status FROM latest ORDER BY item_id").equals(ranked)
 
 
 def _logging_backfill(log, items: int = 40) -> Backfill:

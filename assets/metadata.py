@@ -55,6 +55,7 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
         "calls_this_run": MetadataValue.int(report.rows),
         "chunks_resumed": MetadataValue.int(result.skipped_chunks),
         "unreadable_manifests": MetadataValue.int(len(result.unreadable_manifests)),
+        "chunk_files_compacted": MetadataValue.int(result.compaction.chunk_files_removed),
         "max_parallelism": MetadataValue.int(result.execution.max_parallelism),
         "achieved_rate_per_s": MetadataValue.float(round(report.achieved_rate, 2)),
         "target_rate_per_s": _float(target),

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.advice import Advice, advise, advised_limit
+from pipeline.compaction import CompactionResult, compact_attempt, explain_files
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
@@ -90,6 +91,7 @@ class RunResult:
     skipped_chunks: int
     unreadable_manifests: list[str]
     execution: ExecutionPlan
+    compaction: CompactionResult
     advice: list[Advice] = field(default_factory=list)
 
     @property
@@ -104,6 +106,7 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     items, normalized = normalize(backfill.source.read())
     execution = backfill.execution_plan(items.num_rows) if items.num_rows else execution_check
     plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
+    execution = explain_files(execution, chunk_count(plan))
     path = store.plan_path(backfill.name, 0)
     _refuse_a_different_plan_over_manifests(backfill, store, path, plan)
     store.write_table(path, plan)
@@ -158,10 +161,13 @@ def run_attempt(
     run_id: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
-    """Run every unfinished chunk of an attempt and write each manifest as it finishes.
+    """Run every unfinished chunk of an attempt and write each manifest as it finishes, then compact them.
 
-    Chunks that already have a readable manifest are skipped (resume);
-    unreadable manifests are reported and their chunks run again.
+    Chunks that already have a readable manifest, compacted or not, are
+    skipped (resume); unreadable manifests are reported and their chunks run
+    again. Once every chunk is written, compaction merges the attempt's chunk
+    files into a few large ones, so the ledger's questions stop costing one
+    file each.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     plan = store.read_table(store.plan_path(backfill.name, attempt))
@@ -202,11 +208,12 @@ def run_attempt(
                 on_progress(progress)
     for refused in credentials.held_back:  # the run ended before it could tell: record them after all
         store.write_chunk(refused)
+    compaction = compact_attempt(store, backfill.name, attempt)
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         report = attempt_report(ledger, backfill.name, attempt, run_id)
         counts = ledger.counts(backfill.name)
     advice = advise(report, declared.limit, declared.estimates)
-    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, advice)
+    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, compaction, advice)
 
 
 def advice_for(backfill: Backfill, store: ManifestStore, attempt: int) -> list[Advice]:

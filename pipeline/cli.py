@@ -1,4 +1,4 @@
-"""The ``paceline`` command: demo, plan, query, status.
+"""The ``paceline`` command: demo, plan, query, status, compact.
 
 Errors are one line that says what is wrong and what to do; a traceback is
 only shown with ``--debug``.
@@ -19,6 +19,7 @@ import duckdb
 from pipeline.advice import advise
 from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
+from pipeline.compaction import compact, explain_files
 from pipeline.console import ProgressBar, format_table
 from pipeline.executors import LocalExecutor
 from pipeline.items import ItemsError, Values
@@ -99,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--root", default=DEFAULT_ROOT)
     status.add_argument("--backfill", help="only this backfill")
     status.add_argument("--max-attempts", type=int, default=3)
+
+    compaction = _command(commands, "compact", cmd_compact,
+                          "merge each attempt's chunk manifests into a few large files (safe to rerun)")
+    compaction.add_argument("--root", default=DEFAULT_ROOT)
+    compaction.add_argument("--backfill", help="only this backfill")
     return parser
 
 
@@ -127,13 +133,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = derive_plan(limit, estimates, overrides, args.items)
     except LimitError as error:
         raise LimitError(_PLAN_NAMES.sub(lambda name: _PLAN_FLAGS[name.group(1)], str(error))) from error
+    if args.items:
+        plan = explain_files(plan, -(-args.items // plan.chunk_size))
     print(plan.describe())
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     with Ledger(ManifestStore(args.root), args.max_attempts) as ledger:
+        if not ledger.files:
+            print(f"paceline: no manifests under {args.root}: the views are empty. Check --root, or run a "
+                  "backfill first (for example `paceline demo`).", file=sys.stderr)
         print(format_table(ledger.query(args.sql)))
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    results = compact(ManifestStore(args.root), args.backfill)
+    if not results:
+        print(f"No chunk plans under {args.root}{f' for {args.backfill}' if args.backfill else ''}: "
+              "nothing to compact. Check --root and --backfill.")
+    for result in results:
+        print(result.describe())
     return 0
 
 

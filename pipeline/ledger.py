@@ -10,6 +10,21 @@ dead       latest row failed for good: permanent, or attempts exhausted
 summary    counts per backfill
 =========  ===============================================================
 
+Reading the least. Two facts hold for every manifest Paceline writes: an
+item has at most one row per attempt (one chunk per item in a plan, one file
+per chunk, and a compacted file replaces its chunk files for readers); and a
+retry attempt holds only items whose latest row was failed and retryable
+(``plan_retry`` reads them from ``failed``). So the only rows a later attempt
+can supersede are failed-retryable ones, and ``latest`` needs no window over
+every row: it is every ok or permanent row, plus the failed-retryable rows
+with no row in a later attempt. That asks for the failed rows (their own row
+groups in a compacted file, skipped by Parquet statistics otherwise) and for
+the item ids of the retry attempts (a few percent), never for a ranking of
+all rows; counts read ``backfill``, ``ok``, ``retryable`` and ``attempt``
+only. The failed items of round n+1 are so read from round n's failures.
+Filters are written ``ok = false`` rather than ``NOT ok``: DuckDB hands
+comparisons down to the Arrow scan, which then skips row groups.
+
 DuckDB runs in memory and reads the manifests through Arrow, so the same
 views work on local folders and on S3, and the database holds no file lock
 (Dagster's DuckDBResource would lock a file). External access is switched off
@@ -38,8 +53,8 @@ class Ledger:
         self.store = store
         self.max_attempts = max_attempts
         self.con = duckdb.connect(":memory:")
-        files = store.manifest_files(backfill)
-        rows = store.dataset(files) if files else MANIFEST_SCHEMA.empty_table()
+        self.files = store.manifest_files(backfill)
+        rows = store.dataset(self.files) if self.files else MANIFEST_SCHEMA.empty_table()
         self.con.register("manifest_rows", rows)
         self._create_views()
         self.con.execute("SET enable_external_access = false")
@@ -48,16 +63,11 @@ class Ledger:
     def _create_views(self) -> None:
         left = f"attempt + 1 < {int(self.max_attempts)}"
         self.con.execute("CREATE VIEW results AS SELECT * FROM manifest_rows")
-        self.con.execute(f"CREATE VIEW latest AS {_latest_rows('TRUE')}")
-        # failed and dead rank only items that have a failed row at all: the same rows, at a
-        # fraction of the cost, since most items of a backfill never failed.
+        self.con.execute(f"CREATE VIEW latest AS SELECT * FROM results WHERE {_FINAL} UNION ALL {_OPEN_RETRIES}")
+        self.con.execute(f"CREATE VIEW failed AS SELECT * FROM ({_OPEN_RETRIES}) WHERE {left}")
         self.con.execute(
-            f"CREATE VIEW failed AS SELECT * FROM ({_latest_rows('NOT ok AND retryable')}) "
-            f"WHERE NOT ok AND retryable AND {left}"
-        )
-        self.con.execute(
-            f"CREATE VIEW dead AS SELECT * FROM ({_latest_rows('NOT ok')}) "
-            f"WHERE NOT ok AND NOT (retryable AND {left})"
+            "CREATE VIEW dead AS SELECT * FROM results WHERE ok = false AND retryable = false "
+            f"UNION ALL SELECT * FROM ({_OPEN_RETRIES}) WHERE NOT ({left})"
         )
         self.con.execute(
             f"""CREATE VIEW summary AS SELECT backfill,
@@ -129,13 +139,12 @@ class Ledger:
         self.close()
 
 
-def _latest_rows(candidates: str) -> str:
-    """The latest row of every item that has at least one row matching ``candidates``."""
-    restrict = (
-        "" if candidates == "TRUE"
-        else f"SEMI JOIN (SELECT DISTINCT backfill, item_id FROM results WHERE {candidates}) USING (backfill, item_id)"
-    )
-    return (
-        f"SELECT results.* FROM results {restrict} "
-        "QUALIFY row_number() OVER (PARTITION BY backfill, item_id ORDER BY attempt DESC, finished_at DESC) = 1"
-    )
+# Rows no later attempt can supersede: ok, or failed for good.
+_FINAL = "ok = true OR retryable = false"
+# Failed-retryable rows whose item has no row in a later attempt: the latest ones.
+_OPEN_RETRIES = (
+    "SELECT r.* FROM results r LEFT JOIN "
+    "(SELECT backfill, item_id, max(attempt) AS last_attempt FROM results WHERE attempt > 0 GROUP BY ALL) later "
+    "USING (backfill, item_id) "
+    "WHERE r.ok = false AND r.retryable = true AND (later.last_attempt IS NULL OR later.last_attempt <= r.attempt)"
+)

@@ -13,15 +13,25 @@ Layout (Hive-style, so DuckDB and Spark read it as a table)::
 
 Two runs writing the same chunk of the same attempt replace each other's
 file: one file per chunk, latest wins, never a duplicate row.
+
+Compaction (``pipeline/compaction.py``) later merges an attempt's chunk files
+into a few ``compacted-<first>-<last>.parquet`` files in the same folder. The
+name is the commit record: a compacted file holds exactly the chunks
+``first..last``, so every reader here (``manifest_files``, ``scan_chunks``)
+reads it and ignores any chunk file in that range. A reader therefore sees,
+for every chunk, either its chunk file or the compacted file, never both.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
+import tempfile
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -55,8 +65,14 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _CHUNK_FILE = re.compile(r"^chunk-(\d+)\.parquet$")
+_COMPACTED_FILE = re.compile(r"^compacted-(\d+)-(\d+)\.parquet$")
+_PLAN_FILE = re.compile(r"^/plans/backfill=([^/]+)/attempt=(\d+)\.parquet$")
 _TEMP_FILE = re.compile(r"^\.(\d+)-[0-9a-f]+\.tmp$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# A name becomes the folder ``backfill=<name>`` and the file ``backfill=<name>.parquet`` (failed items);
+# Linux, macOS and Windows stop a file name at 255 bytes. Dagster stores keys, run keys and partition
+# names as text columns without a length limit, so the file name is the binding one.
+MAX_NAME_CHARS = 255 - len("backfill=") - len(".parquet")
 
 
 class ManifestError(RuntimeError):
@@ -69,6 +85,34 @@ class ChunkScan:
 
     finished: set[int]
     unreadable: list[str]
+
+
+@dataclass(frozen=True)
+class AttemptFiles:
+    """One attempt's folder as a reader must see it: a compacted file wins over the chunk files it holds.
+
+    ``chunks`` are the chunk files no compacted file holds (the ones to read);
+    ``covered`` are chunk files a compacted file already holds (a compaction
+    stopped before removing them, or a late rerun of a compacted chunk): never
+    read, removed by the next compaction.
+    """
+
+    compacted: dict[str, range] = field(default_factory=dict)
+    chunks: dict[int, str] = field(default_factory=dict)
+    covered: dict[int, str] = field(default_factory=dict)
+
+    def files(self) -> list[str]:
+        """What to read: every compacted file and every chunk file none of them holds."""
+        return sorted(self.compacted) + [self.chunks[i] for i in sorted(self.chunks)]
+
+    def chunk_files(self, ids: range) -> list[str]:
+        """Every chunk file with an id in ``ids``, held by a compacted file or not."""
+        return sorted(path for files in (self.chunks, self.covered) for i, path in files.items() if i in ids)
+
+
+def compacted_name(chunks: range) -> str:
+    """The file name that commits ``chunks`` (consecutive ids) as one compacted file."""
+    return f"compacted-{chunks.start:06d}-{chunks.stop - 1:06d}.parquet"
 
 
 def result_table(result: ChunkResult) -> pa.Table:
@@ -136,18 +180,37 @@ class ManifestStore:
 
     def write_table(self, path: str, table: pa.Table) -> None:
         """Write whole or not at all."""
+        self.write_file(path, lambda temp: pq.write_table(table, temp))
+
+    def write_file(self, path: str, write: Callable[[str], None]) -> None:
+        """Publish what ``write(local_path)`` writes at ``path``, whole or not at all.
+
+        Locally: a temp name in the target folder (never read: it does not end
+        in ``.parquet``), fsync, ``os.replace``, fsync of the folder, so a crash
+        leaves either no file or the whole file, also across a power cut. On
+        S3 the file is written locally and then uploaded: an object appears
+        only when its upload completes, and an upload cut short leaves none.
+        """
         parent = path.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
-        if not self.is_local:
-            pq.write_table(table, path, filesystem=self.fs)
-            return
-        temp = f"{parent}/.{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        folder = parent if self.is_local else tempfile.gettempdir()
+        temp = f"{folder}/.{os.getpid()}-{uuid.uuid4().hex}.tmp"
         try:
-            pq.write_table(table, temp)
-            os.replace(temp, path)
+            write(temp)
+            if self.is_local:
+                _fsync(temp)
+                os.replace(temp, path)
+                _fsync(parent)
+            else:
+                pafs.copy_files(temp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
+
+    def remove(self, path: str) -> None:
+        """Delete a file; one already gone is fine (another compaction removed it)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(path)
 
     def read_table(self, path: str) -> pa.Table:
         try:
@@ -160,30 +223,58 @@ class ManifestStore:
 
     # --- reading -----------------------------------------------------------------
     def scan_chunks(self, backfill: str, attempt: int) -> ChunkScan:
-        """Chunks of this attempt that have a readable manifest (for resume)."""
+        """Chunks of this attempt that have a readable manifest, compacted or not (for resume).
+
+        A compacted file that does not read finishes none of its chunks: they
+        run again, and the compaction at the end of that run replaces it.
+        """
+        infos = self._list(self.attempt_dir(backfill, attempt))
+        for info in infos:
+            self._remove_orphaned_temp_file(info)
+        files = attempt_files(infos)
         finished: set[int] = set()
         unreadable: list[str] = []
-        for info in self._list(self.attempt_dir(backfill, attempt)):
-            match = _CHUNK_FILE.match(info.base_name)
-            if not match:
-                self._remove_orphaned_temp_file(info)
-                continue
-            if self._readable(info.path):
-                finished.add(int(match.group(1)))
+        candidates = [(path, ids) for path, ids in files.compacted.items()]
+        candidates += [(path, range(i, i + 1)) for i, path in files.chunks.items()]
+        for path, ids in candidates:
+            if self.readable(path):
+                finished.update(ids)
             else:
-                unreadable.append(self.uri(info.path))
-        return ChunkScan(finished, unreadable)
+                unreadable.append(self.uri(path))
+        return ChunkScan(finished, sorted(unreadable))
+
+    def attempt_files(self, backfill: str, attempt: int) -> AttemptFiles:
+        """One attempt's manifest files, compacted and not (one listing)."""
+        return attempt_files(self._list(self.attempt_dir(backfill, attempt)))
 
     def manifest_files(self, backfill: str | None = None) -> list[str]:
-        """Every manifest file, of one backfill or all of them."""
+        """Every manifest file to read, of one backfill or all of them: one listing, no file opened.
+
+        Per attempt folder, compacted files and the chunk files none of them holds.
+        """
         base = f"{self._base}/manifests"
         if backfill is not None:
             base = f"{base}/backfill={check_name(backfill)}"
-        return sorted(i.path for i in self._list(base, recursive=True) if _CHUNK_FILE.match(i.base_name))
+        folders: dict[str, list[pafs.FileInfo]] = {}
+        for info in self._list(base, recursive=True):
+            folders.setdefault(info.path.rsplit("/", 1)[0], []).append(info)
+        return sorted(path for infos in folders.values() for path in attempt_files(infos).files())
+
+    def planned_attempts(self, backfill: str | None = None) -> list[tuple[str, int]]:
+        """(backfill, attempt) of every chunk plan in the store, of one backfill or all, in order."""
+        base = f"{self._base}/plans"
+        if backfill is not None:
+            base = f"{base}/backfill={check_name(backfill)}"
+        found = []
+        for info in self._list(base, recursive=True):
+            match = _PLAN_FILE.match(info.path[len(self._base):])
+            if match:
+                found.append((match.group(1), int(match.group(2))))
+        return sorted(found)
 
     def dataset(self, files: list[str]) -> pads.Dataset:
         """Manifest files (from ``manifest_files``) as one Arrow dataset; an unreadable one is an error."""
-        bad = [self.uri(f) for f in files if not self._readable(f)]
+        bad = [self.uri(f) for f in files if not self.readable(f)]
         if bad:
             raise ManifestError(
                 f"{len(bad)} manifest file(s) cannot be read, e.g. {bad[0]}. Rerun the backfill: "
@@ -202,7 +293,8 @@ class ManifestStore:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(info.path)
 
-    def _readable(self, path: str) -> bool:
+    def readable(self, path: str) -> bool:
+        """Whether a Parquet file's footer reads (one small read; a half or foreign file does not)."""
         try:
             return pq.read_metadata(path, filesystem=self.fs).num_rows >= 0
         except (OSError, pa.ArrowInvalid):
@@ -210,13 +302,52 @@ class ManifestStore:
 
 
 def check_name(backfill: str) -> str:
-    """Backfill names become folder names; refuse anything that would escape or confuse."""
+    """Backfill names become folder names; refuse anything that would escape, confuse or not fit."""
     if not _NAME.match(backfill or ""):
         raise ManifestError(
             f"backfill name {backfill!r} cannot be used as a folder name. "
             "Use letters, digits, '_', '-' and '.', starting with a letter, digit or '_'."
         )
+    if len(backfill) > MAX_NAME_CHARS:
+        raise ManifestError(
+            f"backfill name is {len(backfill)} characters ({backfill[:20]}...); it becomes the folder "
+            f"backfill=<name> and the file backfill=<name>.parquet, and file names stop at 255 bytes. "
+            f"Use at most {MAX_NAME_CHARS} characters."
+        )
     return backfill
+
+
+def attempt_files(infos: list[pafs.FileInfo]) -> AttemptFiles:
+    """Sort one attempt folder's listing into compacted files, chunk files to read and covered ones.
+
+    Two compacted files that hold the same chunk would count its rows twice;
+    compaction never makes them (it only compacts chunks no compacted file
+    holds), so meeting them is an error rather than a guess.
+    """
+    files = AttemptFiles()
+    for info in infos:
+        match = _COMPACTED_FILE.match(info.base_name)
+        if match:
+            files.compacted[info.path] = range(int(match.group(1)), int(match.group(2)) + 1)
+    ranges = sorted((ids.start, ids.stop, path) for path, ids in files.compacted.items())
+    for (_, stop, path), (start, _, other) in zip(ranges, ranges[1:]):
+        if start < stop:
+            raise ManifestError(
+                f"compacted manifests {path} and {other} hold some of the same chunks. Remove the one that "
+                "was copied in by hand (compaction never writes two), or their rows count twice."
+            )
+    starts = [start for start, _, _ in ranges]
+    for info in infos:
+        match = _CHUNK_FILE.match(info.base_name)
+        if not match:
+            continue
+        chunk_id = int(match.group(1))
+        holder = bisect.bisect_right(starts, chunk_id) - 1
+        if holder >= 0 and chunk_id < ranges[holder][1]:
+            files.covered[chunk_id] = info.path
+        else:
+            files.chunks[chunk_id] = info.path
+    return files
 
 
 def _process_alive(pid: int) -> bool:
@@ -227,6 +358,15 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries, to disk: a rename is durable only once its folder is."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _timestamps(seconds: pa.Array) -> pa.Array:

@@ -100,6 +100,28 @@ class BackfillRunner:
         return len(pc.unique(plan["chunk_id"]))
 
 
+class Killed(Exception):
+    """Stands for a run killed part way: raised by ``StopsAfter`` once some manifests are written."""
+
+
+class StopsAfter(LocalExecutor):
+    """The local executor, interrupted after ``chunks`` results: a run that dies before it compacts.
+
+    With ``chunks`` at least the attempt's chunk count, every manifest is
+    written and the run dies just before compaction.
+    """
+
+    def __init__(self, chunks: int):
+        self.chunks = chunks
+
+    def map(self, fn: Any, chunks: Any, max_parallelism: int) -> Iterator[Any]:
+        for done, result in enumerate(super().map(fn, chunks, max_parallelism)):
+            if done == self.chunks:
+                raise Killed
+            yield result
+        raise Killed
+
+
 @pytest.fixture
 def runner(tmp_path: Any) -> BackfillRunner:
     return BackfillRunner(ManifestStore(str(tmp_path / "paceline")))

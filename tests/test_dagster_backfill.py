@@ -10,6 +10,7 @@ import time
 
 import httpx
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from dagster import (
@@ -227,8 +228,12 @@ def test_rematerializing_manifests_resumes_finished_chunks(fresh_api, instance, 
     root = tmp_path / "data"
     defs = location(fresh_api, str(root), spec("resume", PLAIN))
     run(defs, instance, "resume_backfill")
-    lost = sorted((root / "manifests" / "backfill=resume" / "attempt=0").glob("chunk-*.parquet"))[1]
-    lost.unlink()  # as if the run had died before this chunk finished
+    folder = root / "manifests" / "backfill=resume" / "attempt=0"
+    [compacted] = folder.glob("compacted-*.parquet")
+    rows = pq.read_table(compacted)
+    for chunk in (0, 2, 3):  # as if the run had died before chunk 1 finished, and before compacting
+        pq.write_table(rows.filter(pc.equal(rows["chunk_id"], chunk)), folder / f"chunk-{chunk:06d}.parquet")
+    compacted.unlink()
 
     defs.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance, asset_selection=[BackfillKeys.of("resume").manifests]
@@ -236,7 +241,8 @@ def test_rematerializing_manifests_resumes_finished_chunks(fresh_api, instance, 
 
     resumed = metadata(instance, BackfillKeys.of("resume").manifests)
     assert (resumed["chunks_resumed"], resumed["calls_this_run"], resumed["ok_count"]) == (3, 10, 40)
-    assert lost.exists()
+    assert resumed["chunk_files_compacted"] == 4
+    assert compacted.exists() and not list(folder.glob("chunk-*.parquet")), "the resumed attempt is compacted"
 
 
 def test_a_bad_limit_fails_the_run_with_the_engine_message(fresh_api, instance, tmp_path):

@@ -18,6 +18,7 @@ from pipeline.limits import Overrides, ServiceLimit
 from pipeline.manifests import ManifestError, ManifestStore
 from pipeline.outcomes import Permanent, Retryable
 from pipeline.work import FunctionWork
+from tests.conftest import Killed, StopsAfter
 
 
 def _flaky_backfill(failing: set[str], permanent: set[str] = frozenset(), max_attempts: int = 3) -> Backfill:
@@ -64,23 +65,35 @@ def test_later_success_wins_and_views_partition_items(tmp_path):
             {"item_id": "20", "status": "http_404", "attempt": 0},  # permanent
         ]
         assert ledger.query("SELECT count(*) AS n FROM results")["n"][0].as_py() == 50 + 3 + 1
+        # latest reads only what can be superseded; it must still be the latest row of every item
+        ranked = ledger.query(
+            "SELECT item_id, attempt, status FROM results QUALIFY row_number() OVER "
+            "(PARTITION BY backfill, item_id ORDER BY attempt DESC, finished_at DESC) = 1 ORDER BY item_id"
+        )
+        assert ledger.query("SELECT item_id, attempt, status FROM latest ORDER BY item_id").equals(ranked)
+
+
+def _logging_backfill(log, items: int = 40) -> Backfill:
+    def call(client, item):
+        with open(log, "a") as handle:  # the work runs on a pickled copy, so it reports through a file
+            handle.write(item.id + "\n")
+        return item.id
+
+    return Backfill("resume", Values.of(range(items)), FunctionWork(lambda: None, call),
+                    ServiceLimit("svc", requests_per_second=5000), overrides=Overrides(chunk_size=10))
 
 
 def test_rerun_skips_finished_chunks_and_reruns_unreadable_ones(tmp_path):
     store = ManifestStore(str(tmp_path / "store"))
-    log = tmp_path / "calls.log"  # the work runs on a pickled copy, so it reports through a file
-
-    def call(client, item):
-        with open(log, "a") as handle:
-            handle.write(item.id + "\n")
-        return item.id
-
-    backfill = Backfill("resume", Values.of(range(40)), FunctionWork(lambda: None, call),
-                        ServiceLimit("svc", requests_per_second=5000))
-    plan = plan_backfill(backfill, store)
-    run_attempt(backfill, store, LocalExecutor())
-    assert len(log.read_text().split()) == 40
-    broken = store.chunk_path("resume", 0, 1)
+    log = tmp_path / "calls.log"
+    backfill = _logging_backfill(log)
+    plan = plan_backfill(backfill, store).plan
+    with pytest.raises(Killed):
+        run_attempt(backfill, store, StopsAfter(3))
+    finished = store.scan_chunks("resume", 0).finished
+    assert len(finished) == 3 and not store.attempt_files("resume", 0).compacted
+    broken_chunk = min(finished)
+    broken = store.chunk_path("resume", 0, broken_chunk)
     with open(broken, "wb") as handle:
         handle.write(b"PAR1 this is not parquet")
     with pytest.raises(ManifestError, match="cannot be read"):
@@ -88,10 +101,31 @@ def test_rerun_skips_finished_chunks_and_reruns_unreadable_ones(tmp_path):
     log.unlink()
     result = run_attempt(backfill, store, LocalExecutor())
     assert result.unreadable_manifests == [broken]
-    chunk_one = plan.plan.filter(plan.plan["chunk_id"].to_numpy() == 1)["item_id"].to_pylist()
-    assert sorted(log.read_text().split()) == sorted(chunk_one)
-    assert result.skipped_chunks == plan.chunks - 1
+    rerun = {broken_chunk} | (set(range(4)) - finished)
+    chunk_ids = plan["chunk_id"].to_pylist()
+    expected = [item for item, chunk in zip(plan["item_id"].to_pylist(), chunk_ids) if chunk in rerun]
+    assert sorted(log.read_text().split()) == sorted(expected)
+    assert result.skipped_chunks == 2
     assert result.counts["ok"] == 40
+    assert result.compaction.blocks_written == 1 and len(store.manifest_files()) == 1
+
+
+def test_an_unreadable_compacted_file_reruns_its_chunks_and_is_replaced(tmp_path):
+    store = ManifestStore(str(tmp_path / "store"))
+    log = tmp_path / "calls.log"
+    backfill = _logging_backfill(log)
+    plan_backfill(backfill, store)
+    run_attempt(backfill, store, LocalExecutor())
+    [compacted] = store.manifest_files()
+    with open(compacted, "wb") as handle:
+        handle.write(b"PAR1 cut short")
+    with pytest.raises(ManifestError, match="cannot be read"):
+        Ledger(store)
+    log.unlink()
+    result = run_attempt(backfill, store, LocalExecutor())
+    assert result.unreadable_manifests == [compacted] and result.skipped_chunks == 0
+    assert len(log.read_text().split()) == 40
+    assert store.manifest_files() == [compacted] and result.counts["ok"] == 40
 
 
 def test_no_temp_files_or_half_files_are_left(tmp_path):
@@ -119,7 +153,8 @@ def test_two_concurrent_runs_of_one_attempt_replace_rather_than_duplicate(tmp_pa
     with Ledger(store) as ledger:
         counts = ledger.query("SELECT count(*) AS n, count(DISTINCT item_id) AS d FROM results").to_pylist()
         assert counts == [{"n": 400, "d": 400}]
-    assert len(store.manifest_files()) == 20
+    assert [os.path.basename(f) for f in store.manifest_files()] == ["compacted-000000-000019.parquet"]
+    assert not list(tmp_path.rglob("chunk-*.parquet")), "the second compaction removes the late chunk files"
     assert not list(tmp_path.rglob("*.tmp"))
 
 

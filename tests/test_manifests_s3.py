@@ -1,15 +1,18 @@
 """Manifests on S3 (moto's server) behave as they do on the local filesystem."""
 
+import dataclasses
+
 import pytest
 
 from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.executors import LocalExecutor
 from pipeline.items import ItemsError, S3Prefix, Values
 from pipeline.ledger import Ledger
-from pipeline.limits import ServiceLimit
+from pipeline.limits import Overrides, ServiceLimit
 from pipeline.manifests import ManifestError, ManifestStore
 from pipeline.outcomes import Permanent, Retryable
 from pipeline.work import FunctionWork
+from tests.conftest import Killed, StopsAfter
 
 
 def _call(client, item):
@@ -50,16 +53,20 @@ def test_s3_and_local_give_the_same_ledger(s3_store, tmp_path):
 
 
 def test_resume_and_unreadable_manifests_on_s3(s3, s3_store):
-    plan = plan_backfill(BACKFILL, s3_store)
-    run_attempt(BACKFILL, s3_store, LocalExecutor())
-    bucket, key = s3_store.chunk_path("parity", 0, 0).split("/", 1)
+    backfill = dataclasses.replace(BACKFILL, overrides=Overrides(chunk_size=10))
+    plan = plan_backfill(backfill, s3_store)
+    with pytest.raises(Killed):
+        run_attempt(backfill, s3_store, StopsAfter(3))
+    finished = s3_store.scan_chunks("parity", 0).finished
+    bucket, key = s3_store.chunk_path("parity", 0, min(finished)).split("/", 1)
     s3.client().put_object(Bucket=bucket, Key=key, Body=b"not parquet at all")
     with pytest.raises(ManifestError, match="cannot be read"):
         Ledger(s3_store)
-    again = run_attempt(BACKFILL, s3_store, LocalExecutor())
+    again = run_attempt(backfill, s3_store, LocalExecutor())
     assert again.unreadable_manifests == [f"s3://{bucket}/{key}"]
-    assert again.skipped_chunks == plan.chunks - 1
+    assert again.skipped_chunks == len(finished) - 1 and plan.chunks == 6
     assert again.counts["items"] == 60
+    assert again.compaction.blocks_written == 1 and again.compaction.chunk_files_removed == 6
 
 
 def test_s3_prefix_lists_keys_as_items(s3):

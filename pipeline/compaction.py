@@ -1,0 +1,290 @@
+"""Compaction: an attempt's chunk manifests become a few large files, losing no row and counting none twice.
+
+One Parquet file per finished chunk is the right checkpoint, but every
+question the ledger answers then opens every file, and a big backfill writes
+hundreds of thousands of them (on S3, one request each). Compaction merges
+them once the chunks are written.
+
+The protocol
+------------
+An attempt's chunk ids (``0..n-1`` in its plan) are cut into fixed blocks of
+consecutive ids, sized from the plan so a block holds about ``BLOCK_ROWS``
+rows. Every compactor computes the same blocks. A block moves through four
+states, in this order only (``Block.advance`` refuses anything else)::
+
+    CHUNKS ──▶ WRITING ──▶ COMMITTED ──▶ CLEAN
+
+* ``CHUNKS``: only chunk files. Compaction starts only when every chunk of the
+  block has one (so two compactors of one block always write the same name).
+* ``WRITING``: the rows go to a temp file (local: ``.<pid>-<hex>.tmp`` in the
+  attempt folder; S3: a local file, then one upload). Nothing reads it; a
+  crash leaves the chunk files as they were, and the temp file of a dead
+  writer is removed by the next resume.
+* ``COMMITTED``: the file is published as ``compacted-<first>-<last>.parquet``
+  (fsync, ``os.replace``, fsync of the folder; on S3 the object appears whole
+  when its upload completes). The name is the commit record: from this
+  instant every reader (``ManifestStore.manifest_files``, ``scan_chunks``)
+  reads it and ignores the block's chunk files. It is fsynced before any
+  chunk file is removed.
+* ``CLEAN``: the block's chunk files are removed. A crash half way leaves
+  some of them, which no reader reads; the next compaction finds the
+  committed file and removes the rest.
+
+So at every instant a reader sees each chunk's rows once, from its chunk file
+or from the compacted file, never from both; resume counts a chunk as
+finished in either form. A late chunk file for a compacted chunk (a second
+run of the same attempt) is ignored and removed like the others.
+
+Inside a compacted file, the rows of each chunk keep their order but ok rows
+come first, then permanent failures, then retryable ones, each in their own
+row groups: the Parquet statistics on ``ok`` and ``retryable`` then let a
+reader fetch the failed rows without the rest.
+
+Crash points are named (``CRASH_POINTS``); ``compact_attempt`` calls an
+injectable hook at each one, so tests stop a compaction exactly there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.limits import ExecutionPlan
+from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, ManifestStore, compacted_name
+
+BLOCK_ROWS = 2_000_000  # rows per compacted file: few files for ten million rows, and a block stays cheap to redo
+ROW_GROUP_ROWS = 128 * 1024  # big enough for fast scans, small enough that failed rows sit in their own groups
+READ_WINDOW = 512  # chunk files read ahead at once: bounds memory whatever the block size
+READ_THREADS = 8  # decoding releases the GIL, and on S3 each read is a request worth overlapping
+
+# Named points where a test's hook may stop a compaction (raise, or kill the process).
+TEMP_WRITTEN = "temp_written"  # the compacted rows are in the temp file, not yet published
+COMMITTED = "committed"  # the compacted file is published; no chunk file removed yet
+CHUNK_REMOVED = "chunk_removed"  # after each chunk file removed
+CRASH_POINTS = (TEMP_WRITTEN, COMMITTED, CHUNK_REMOVED)
+
+CrashHook = Callable[[str], None]
+
+
+class CompactionError(ManifestError):
+    """A compaction that cannot proceed; the message says which block and why."""
+
+
+class State(enum.Enum):
+    CHUNKS = "chunks"
+    WRITING = "writing"
+    COMMITTED = "committed"
+    CLEAN = "clean"
+
+
+_NEXT = {
+    State.CHUNKS: {State.WRITING, State.COMMITTED},  # COMMITTED directly: an earlier compaction published it
+    State.WRITING: {State.COMMITTED},
+    State.COMMITTED: {State.CLEAN},
+    State.CLEAN: set(),
+}
+
+
+class Block:
+    """One block of consecutive chunk ids and where it is in the protocol."""
+
+    __slots__ = ("chunks", "path", "state")
+
+    def __init__(self, chunks: range, path: str):
+        self.chunks = chunks
+        self.path = path
+        self.state = State.CHUNKS
+
+    def advance(self, to: State) -> None:
+        """Move to the next state; anything out of order is a bug, refused before it can lose rows."""
+        if to not in _NEXT[self.state]:
+            raise CompactionError(f"{self!r}: cannot go from {self.state.value} to {to.value}.")
+        self.state = to
+
+    def __repr__(self) -> str:
+        return f"Block(chunks {self.chunks.start}..{self.chunks.stop - 1}, {self.state.value})"
+
+
+@dataclass
+class CompactionResult:
+    """What one compaction of one attempt did (and left for later)."""
+
+    backfill: str
+    attempt: int
+    files_before: int = 0
+    files_after: int = 0
+    blocks_written: int = 0
+    chunk_files_removed: int = 0
+    blocks_waiting: int = 0  # blocks with unfinished chunks: compacted by a later run
+    unreadable: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        waiting = f", {self.blocks_waiting} block(s) wait for unfinished chunks" if self.blocks_waiting else ""
+        bad = f", {len(self.unreadable)} unreadable chunk file(s) left for resume" if self.unreadable else ""
+        return (
+            f"backfill={self.backfill} attempt={self.attempt}: {self.files_before:,} -> {self.files_after:,} "
+            f"manifest files ({self.blocks_written} compacted file(s) written, "
+            f"{self.chunk_files_removed:,} chunk files removed{waiting}{bad})"
+        )
+
+
+def blocks_of(plan_chunk_ids: pa.ChunkedArray | pa.Array, block_rows: int = BLOCK_ROWS) -> list[range]:
+    """The attempt's blocks: consecutive chunk ids, as many per block as keep it near ``block_rows`` rows.
+
+    Computed from the plan alone, so every compactor of an attempt cuts the same blocks.
+    """
+    if len(plan_chunk_ids) == 0:
+        return []
+    counts = pc.value_counts(plan_chunk_ids)
+    largest = int(pc.max(counts.field("counts")).as_py())
+    chunks = int(pc.max(plan_chunk_ids).as_py()) + 1
+    per_block = max(1, block_rows // largest)
+    return [range(start, min(start + per_block, chunks)) for start in range(0, chunks, per_block)]
+
+
+def compact_attempt(
+    store: ManifestStore,
+    backfill: str,
+    attempt: int,
+    block_rows: int = BLOCK_ROWS,
+    crash_hook: CrashHook | None = None,
+) -> CompactionResult:
+    """Compact every block of one attempt whose chunks are all written; finish blocks a crash left.
+
+    Safe to run at any time, again and again, and alongside a run of the
+    same attempt: it only merges chunks that are finished, and a reader never
+    sees a row twice (see the module docstring).
+    """
+    plan_path = store.plan_path(backfill, attempt)
+    if not store.exists(plan_path):
+        raise CompactionError(
+            f"{backfill} attempt {attempt}: no chunk plan at {store.uri(plan_path)}, so which chunks make a "
+            "complete block is unknown. Compact attempts that were planned by Paceline."
+        )
+    plan_ids = pq.read_table(plan_path, columns=["chunk_id"], filesystem=store.fs)["chunk_id"]
+    files = store.attempt_files(backfill, attempt)
+    result = CompactionResult(backfill, attempt, files_before=len(files.files()) + len(files.covered))
+    folder = store.attempt_dir(backfill, attempt)
+    for chunks in blocks_of(plan_ids, block_rows):
+        block = Block(chunks, f"{folder}/{compacted_name(chunks)}")
+        _advance_block(store, files, block, result, crash_hook or _no_crash)
+    after = store.attempt_files(backfill, attempt)
+    result.files_after = len(after.files()) + len(after.covered)
+    return result
+
+
+def compact(store: ManifestStore, backfill: str | None = None, crash_hook: CrashHook | None = None
+            ) -> list[CompactionResult]:
+    """Compact every planned attempt of one backfill, or of every backfill in the store."""
+    return [compact_attempt(store, name, attempt, crash_hook=crash_hook)
+            for name, attempt in store.planned_attempts(backfill)]
+
+
+def _no_crash(point: str) -> None:
+    """The default hook: compaction runs through every point."""
+
+
+def _advance_block(store: ManifestStore, files: AttemptFiles, block: Block, result: CompactionResult,
+                   crash: CrashHook) -> None:
+    """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN."""
+    held = files.compacted.get(block.path)
+    if held is None or not store.readable(block.path):  # a compacted file that does not read is rewritten
+        if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in files.compacted.values()):
+            return  # compacted with other block bounds (an older setting): those files stay as they are
+        chunk_files = files.chunk_files(block.chunks)
+        if len(chunk_files) < len(block.chunks):
+            result.blocks_waiting += 1
+            return
+        block.advance(State.WRITING)
+        try:
+            store.write_file(block.path, lambda temp: _write_block(store, chunk_files, temp, crash))
+        except _UnreadableChunk as error:
+            result.unreadable.append(store.uri(error.path))
+            return
+        result.blocks_written += 1
+    block.advance(State.COMMITTED)
+    crash(COMMITTED)
+    for path in files.chunk_files(block.chunks):
+        store.remove(path)
+        result.chunk_files_removed += 1
+        crash(CHUNK_REMOVED)
+    block.advance(State.CLEAN)
+
+
+def _overlap(a: range, b: range) -> bool:
+    return a.start < b.stop and b.start < a.stop
+
+
+class _UnreadableChunk(Exception):
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+
+def _write_block(store: ManifestStore, chunk_files: list[str], temp: str, crash: CrashHook) -> None:
+    """Stream the block's chunk files into one Parquet file: ok rows first, failed rows in their own groups."""
+    permanent: list[pa.Table] = []
+    retryable: list[pa.Table] = []
+    with pq.ParquetWriter(temp, MANIFEST_SCHEMA) as writer:
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for table in _read_chunks(store, chunk_files):
+            pending.append(table)
+            pending_rows += table.num_rows
+            if pending_rows >= ROW_GROUP_ROWS:
+                _split(pa.concat_tables(pending), writer, permanent, retryable)
+                pending, pending_rows = [], 0
+        if pending:
+            _split(pa.concat_tables(pending), writer, permanent, retryable)
+        for failed in (permanent, retryable):
+            if failed:
+                writer.write_table(pa.concat_tables(failed), row_group_size=ROW_GROUP_ROWS)
+    crash(TEMP_WRITTEN)
+
+
+def _split(rows: pa.Table, writer: pq.ParquetWriter, permanent: list[pa.Table], retryable: list[pa.Table]) -> None:
+    """Write the ok rows now; keep the failed ones (a few percent) for the groups at the end."""
+    ok = rows["ok"]
+    writer.write_table(rows.filter(ok), row_group_size=ROW_GROUP_ROWS)
+    failed = rows.filter(pc.invert(ok))
+    permanent.append(failed.filter(pc.invert(failed["retryable"])))
+    retryable.append(failed.filter(failed["retryable"]))
+
+
+def _read_chunks(store: ManifestStore, paths: list[str]) -> Iterator[pa.Table]:
+    """Chunk files in order, read a window at a time on a few threads (small files cost per file, not per row)."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for start in range(0, len(paths), READ_WINDOW):
+            yield from pool.map(lambda path: _read_chunk(store, path), paths[start:start + READ_WINDOW])
+
+
+def _read_chunk(store: ManifestStore, path: str) -> pa.Table:
+    """One chunk file in the manifest schema (columns it predates are null); raises if it does not read."""
+    try:
+        with store.fs.open_input_file(path) as handle:
+            table = pq.read_table(pa.BufferReader(handle.read()), use_threads=False)
+    except (OSError, pa.ArrowInvalid):
+        raise _UnreadableChunk(path) from None
+    columns = {f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in MANIFEST_SCHEMA}
+    return pa.table(columns).cast(MANIFEST_SCHEMA)
+
+
+def explain_files(execution: ExecutionPlan, chunks: int) -> ExecutionPlan:
+    """The plan with one more line of explanation: how many files an attempt writes, and how many stay.
+
+    Chunks are sized for the checkpoint (what a crash costs), not to keep the
+    file count down: compaction takes care of the count.
+    """
+    blocks = math.ceil(chunks / max(1, BLOCK_ROWS // execution.chunk_size))
+    line = (f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction then "
+            f"merges them into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows")
+    return dataclasses.replace(execution, explanation=[*execution.explanation, line])

@@ -44,7 +44,8 @@ from dagster import (
     Resolver,
 )
 from dagster_shared.yaml_utils.source_position import SourcePositionTree
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from assets import backfill_definitions, runtime_definitions, service_definitions
 from pipeline.items import FileColumn, ItemSource, JsonlPrompts, KeyRanges, S3Prefix, TextLines, Values
@@ -116,6 +117,17 @@ class _Located(Model):
     _source: SourcePositionTree | None = PrivateAttr(default=None)
 
     @classmethod
+    def get_model_cls(cls) -> type[BaseModel]:
+        """The component's own fields are its YAML schema.
+
+        Dagster's derived schema makes every field "its type or a template
+        string" (``anyOf``), and ``dg check yaml`` then reports a misspelt
+        nested key only as "not valid under any of the given schemas". With
+        the plain schema it names the key, its line and the keys allowed.
+        """
+        return cls
+
+    @classmethod
     def load(cls, attributes: Any, context: ComponentLoadContext) -> Any:
         component = super().load(attributes, context)  # type: ignore[misc]  # Component.load, by the MRO
         component._source = context.resolution_context.source_position_tree
@@ -172,19 +184,23 @@ class Service(_Located, Component, Resolvable):
             _keep_env_reference,
             model_field_type=str,
             inject_before_resolve=False,
-            description="Base URL (or Postgres DSN): written as is, or '{{ env.NAME }}' to read it when the run starts.",
         ),
-    ] = ""
+    ] = Field(
+        default="",
+        description="Base URL (or Postgres DSN): written as is, or '{{ env.NAME }}' to read it when the run starts.",
+    )
     secret: Annotated[
         str,
         Resolver(
             _secret_reference,
             model_field_type=str,
             inject_before_resolve=False,
-            description="Token, key or password, only as '{{ env.NAME }}': the value is read when the run starts "
-            "and never stored. A literal secret is refused.",
         ),
-    ] = ""
+    ] = Field(
+        default="",
+        description="Token, key or password, only as '{{ env.NAME }}': the value is read when the run starts "
+        "and never stored. A literal secret is refused.",
+    )
     embedded: str = Field(
         default="", description="'http_api', 'llm' or 'demo': start the bundled local service when url is empty."
     )
@@ -220,6 +236,10 @@ class Service(_Located, Component, Resolvable):
         written = self.url if self.url and env_variable(self.url) is None else default_url
         return ConfiguredService(self.limit(), written)
 
+    def declared_at(self) -> str:
+        """Where a backfill's error sends the user when the fix is in the service's limit."""
+        return f"The limit of paceline.Service {self.name!r} is declared at {self.where()}."
+
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         self.limit()
         return service_definitions([self.resource()])
@@ -253,15 +273,15 @@ class KeyRangeItems(Model):
     step: int = Field(description="Keys per range: one bounded query per range.")
 
 
-class Items(Model):
+class Items(Model, Resolvable):
     """Where the items come from: exactly one of lines, column, jsonl, s3_prefix, key_ranges, values."""
 
-    lines: str | None = Field(default=None, description="A text file, one item per line, relative to this defs.yaml's folder.")
-    column: FileColumnItems | None = Field(default=None, description="One column of a Parquet or CSV file.")
-    jsonl: JsonlItems | None = Field(default=None, description="Prompt records from a JSON-lines file (the llm workload).")
-    s3_prefix: S3PrefixItems | None = Field(default=None, description="Object keys under an S3 prefix (s3_to_postgres).")
-    key_ranges: KeyRangeItems | None = Field(default=None, description="Integer key ranges [lo, hi) in steps (the sql workload).")
-    values: list[str] | None = Field(default=None, description="Items written here: a short list.")
+    lines: str | SkipJsonSchema[None] = Field(default=None, description="A text file, one item per line, relative to this defs.yaml's folder.")
+    column: FileColumnItems | SkipJsonSchema[None] = Field(default=None, description="One column of a Parquet or CSV file.")
+    jsonl: JsonlItems | SkipJsonSchema[None] = Field(default=None, description="Prompt records from a JSON-lines file (the llm workload).")
+    s3_prefix: S3PrefixItems | SkipJsonSchema[None] = Field(default=None, description="Object keys under an S3 prefix (s3_to_postgres).")
+    key_ranges: KeyRangeItems | SkipJsonSchema[None] = Field(default=None, description="Integer key ranges [lo, hi) in steps (the sql workload).")
+    values: list[str] | SkipJsonSchema[None] = Field(default=None, description="Items written here: a short list.")
     by_domain: bool = Field(
         default=False, description="Scraping: plan URLs domain by domain, for the service's max_workers_per_domain."
     )
@@ -356,17 +376,17 @@ class S3ToPostgresOptions(Model):
     batch_rows: int = Field(default=S3ToPostgresWork.batch_rows, description="Rows copied per batch inside a file's transaction.")
 
 
-class WorkOptions(Model):
+class WorkOptions(Model, Resolvable):
     """The built-in workload and its options: exactly one of http, http_batch, scrape, llm, sql, s3_to_postgres."""
 
-    http: HttpOptions | None = Field(default=None, description="One HTTP request per item (paced by requests/s or /min).")
-    http_batch: HttpBatchOptions | None = Field(
+    http: HttpOptions | SkipJsonSchema[None] = Field(default=None, description="One HTTP request per item (paced by requests/s or /min).")
+    http_batch: HttpBatchOptions | SkipJsonSchema[None] = Field(
         default=None, description="One POST per batch of records (paced by concurrent_batches)."
     )
-    scrape: ScrapeOptions | None = Field(default=None, description="Polite scraping of static pages (robots.txt honoured).")
-    llm: LlmOptions | None = Field(default=None, description="One chat completion per prompt (paced by tokens_per_minute).")
-    sql: SqlOptions | None = Field(default=None, description="One bounded query per key range (paced by safe_connections).")
-    s3_to_postgres: S3ToPostgresOptions | None = Field(
+    scrape: ScrapeOptions | SkipJsonSchema[None] = Field(default=None, description="Polite scraping of static pages (robots.txt honoured).")
+    llm: LlmOptions | SkipJsonSchema[None] = Field(default=None, description="One chat completion per prompt (paced by tokens_per_minute).")
+    sql: SqlOptions | SkipJsonSchema[None] = Field(default=None, description="One bounded query per key range (paced by safe_connections).")
+    s3_to_postgres: S3ToPostgresOptions | SkipJsonSchema[None] = Field(
         default=None, description="Load S3 files into Postgres, each row once (paced by safe_connections)."
     )
 
@@ -488,11 +508,11 @@ class Backfill(_Located, Component, Resolvable):
         try:
             spec.work(sample)
         except WorkloadConfigError as error:
-            raise self.refuse(("work", self.work.kind()), error, f"(The service is declared at {service.where()}.)") from None
+            raise self.refuse(("work", self.work.kind()), error, service.declared_at()) from None
         try:
             derive_plan(sample.limit, spec.estimates, spec.overrides)
         except LimitError as error:
-            raise self.refuse(("overrides",), error, f"(The service is declared at {service.where()}.)") from None
+            raise self.refuse(("overrides",), error, service.declared_at()) from None
 
 
 # --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -106,6 +106,17 @@ def _default(function: Callable[..., Any], parameter: str) -> Any:
     return inspect.signature(function).parameters[parameter].default
 
 
+def _one_of(model: Model, options: Iterable[str], attribute: str) -> str:
+    """The one option written among ``options``; none or several is refused with the list to choose from."""
+    given = [name for name in options if getattr(model, name) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            f"{attribute} needs exactly one of {', '.join(options)}, got {', '.join(given) or 'none'}. "
+            "Write one of them."
+        )
+    return given[0]
+
+
 def _set_fields(model: Model) -> dict[str, Any]:
     """Only what the YAML wrote, so every default stays the engine's own."""
     return model.model_dump(exclude_unset=True)
@@ -150,6 +161,14 @@ class _Located(Model):
 # --------------------------------------------------------------------------
 
 
+def _like_resource(field: str) -> Any:
+    """The ``ServiceResource`` field's default and description: one source for YAML and the launchpad."""
+    declared = ServiceResource.model_fields[field]
+    if declared.is_required():
+        return Field(description=declared.description)
+    return Field(default=declared.default, description=declared.description)
+
+
 class Service(_Located, Component, Resolvable):
     """An external service and its limit, declared once and named by every paceline.Backfill that calls it.
 
@@ -157,27 +176,17 @@ class Service(_Located, Component, Resolvable):
     of every backfill that calls it). Declare at least one limit.
     """
 
-    name: str = Field(description="The service's name: resource key, concurrency pool, and what backfills write as `service`.")
-    requests_per_second: float | None = Field(default=None, description="Requests per second the service allows in total.")
-    requests_per_minute: float | None = Field(default=None, description="Requests per minute the service allows in total.")
-    tokens_per_minute: float | None = Field(default=None, description="LLM token budget per minute (the llm workload needs it).")
-    safe_connections: int | None = Field(
-        default=None, description="Connections the database tolerates (the sql and s3_to_postgres workloads need it)."
-    )
-    concurrent_batches: int | None = Field(
-        default=None, description="Batches the service accepts in flight (the http_batch workload needs it)."
-    )
-    per_worker_requests_per_second: float | None = Field(
-        default=None, description="Politeness: at most this many requests/s from any one worker, applied as written."
-    )
-    jitter_s: float = Field(default=ServiceLimit.jitter_s, description="Random extra wait (seconds) between one worker's calls.")
-    max_workers: int | None = Field(default=None, description="At most this many workers at once, applied as written.")
-    max_workers_per_domain: int | None = Field(
-        default=None, description="Scraping: at most this many workers on any one domain (needs items.by_domain)."
-    )
-    safety: float = Field(
-        default=ServiceLimit.safety, description="Fraction of the global limits a run aims at, in (0, 1]; 0.5 for a first run."
-    )
+    name: str = _like_resource("name")
+    requests_per_second: float | None = _like_resource("requests_per_second")
+    requests_per_minute: float | None = _like_resource("requests_per_minute")
+    tokens_per_minute: float | None = _like_resource("tokens_per_minute")
+    safe_connections: int | None = _like_resource("safe_connections")
+    concurrent_batches: int | None = _like_resource("concurrent_batches")
+    per_worker_requests_per_second: float | None = _like_resource("per_worker_requests_per_second")
+    jitter_s: float = _like_resource("jitter_s")
+    max_workers: int | None = _like_resource("max_workers")
+    max_workers_per_domain: int | None = _like_resource("max_workers_per_domain")
+    safety: float = _like_resource("safety")
     url: Annotated[
         str,
         Resolver(
@@ -201,16 +210,9 @@ class Service(_Located, Component, Resolvable):
         description="Token, key or password, only as '{{ env.NAME }}': the value is read when the run starts "
         "and never stored. A literal secret is refused.",
     )
-    embedded: str = Field(
-        default="", description="'http_api', 'llm' or 'demo': start the bundled local service when url is empty."
-    )
-    demo_faults: float = Field(
-        default=0.0, description="Embedded http_api only: the fraction of plain ids it fails once on purpose."
-    )
-    embedded_state_file: str = Field(
-        default="",
-        description="Embedded http_api only: where it remembers the ids it already failed, so a retry round heals them.",
-    )
+    embedded: str = _like_resource("embedded")
+    demo_faults: float = _like_resource("demo_faults")
+    embedded_state_file: str = _like_resource("embedded_state_file")
 
     def resource(self) -> ServiceResource:
         """The same resource a Python declaration makes: only the fields written, url and secret as EnvVar."""
@@ -291,17 +293,12 @@ class Items(Model, Resolvable):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Items:
-        given = [name for name in _ITEM_SOURCES if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"items needs exactly one source, got {', '.join(given) or 'none'}. "
-                f"Write one of: {', '.join(_ITEM_SOURCES)}."
-            )
+        _one_of(self, _ITEM_SOURCES, "items")
         return self
 
     def source(self, folder: Path) -> ItemSource:
         """The engine's item source, with relative paths taken from ``folder``."""
-        (name,) = [name for name in _ITEM_SOURCES if getattr(self, name) is not None]
+        name = _one_of(self, _ITEM_SOURCES, "items")
         source = _ITEM_SOURCES[name](getattr(self, name), folder)
         if self.by_domain:
             source = ByDomain(source)
@@ -392,16 +389,11 @@ class WorkOptions(Model, Resolvable):
 
     @model_validator(mode="after")
     def _exactly_one_workload(self) -> WorkOptions:
-        given = [name for name in _WORKLOADS if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"work needs exactly one workload, got {', '.join(given) or 'none'}. Write one of: {', '.join(_WORKLOADS)}."
-            )
+        _one_of(self, _WORKLOADS, "work")
         return self
 
     def kind(self) -> str:
-        (name,) = [name for name in _WORKLOADS if getattr(self, name) is not None]
-        return name
+        return _one_of(self, _WORKLOADS, "work")
 
     def factory(self) -> Callable[[ConfiguredService], Work]:
         """The engine's workload factory (``BackfillSpec.work``) with the options written."""

@@ -18,6 +18,7 @@ import pytest
 from dagster import Definitions, EnvVar, instance_for_test, load_from_defs_folder, serialize_value
 
 from assets import STORE_KEY, BackfillKeys, paceline_definitions
+from paceline import Service
 from pipeline.definitions import defs as location
 from pipeline.items import TextLines
 from pipeline.limits import Estimates
@@ -224,3 +225,7 @@ def test_the_readme_schema_reference_is_what_dg_prints(component):
     printed = dg(f"utils inspect-component paceline.{component} --defs-yaml-schema", PROJECT)
     assert printed.returncode == 0, printed.stderr
     assert f"`paceline.{component}`:\n\n```yaml\n{printed.stdout}```" in SECTION
+
+
+def test_a_yaml_service_declares_every_field_of_the_python_one():
+    assert set(Service.model_fields) == set(ServiceResource.model_fields)

@@ -102,26 +102,41 @@ def paceline_definitions(
 ) -> Definitions:
     """A whole code location: backfills, their services (keyed by name), store and executor.
 
+    The same three pieces the YAML components build one at a time
+    (``paceline.Backfill``, ``paceline.Service``, ``paceline.Runtime``), so a
+    backfill declared either way becomes the same definitions.
+    """
+    _check_services(backfills, {service.name for service in services})
+    return Definitions.merge(
+        *(backfill_definitions(spec, options) for spec in backfills),
+        service_definitions(services),
+        runtime_definitions(store or ManifestStoreResource(), executor or ExecutorResource()),
+    )
+
+
+def service_definitions(services: Sequence[ServiceResource]) -> Definitions:
+    """Each service as a resource keyed by its name, which is also its concurrency pool.
+
     Every value written in code is the default of its own field in the
     launchpad, so one limit can be raised without re-entering the rest.
+    """
+    return Definitions(resources={service.name: overridable(service) for service in services})
+
+
+def runtime_definitions(store: ManifestStoreResource, executor: ExecutorResource) -> Definitions:
+    """Where manifests go and where chunks run: one store and one executor per code location.
 
     Steps run in the run's own process (``in_process_executor``): chunks are
     I/O-bound threads or Burla jobs anyway, Burla needs the main thread, and an
     embedded demo service then lives once for the whole run.
     """
-    by_name = {service.name: service for service in services}
-    _check_services(backfills, by_name)
-    resources = {**by_name, STORE_KEY: store or ManifestStoreResource(), EXECUTOR_KEY: executor or ExecutorResource()}
-    return Definitions.merge(
-        *(backfill_definitions(spec, options) for spec in backfills),
-        Definitions(
-            resources={key: overridable(resource) for key, resource in resources.items()},
-            executor=in_process_executor,
-        ),
+    return Definitions(
+        resources={STORE_KEY: overridable(store), EXECUTOR_KEY: overridable(executor)},
+        executor=in_process_executor,
     )
 
 
-def _check_services(backfills: Sequence[BackfillSpec], resources: dict[str, ServiceResource]) -> None:
+def _check_services(backfills: Sequence[BackfillSpec], resources: set[str]) -> None:
     for spec in backfills:
         if spec.service not in resources:
             raise ValueError(

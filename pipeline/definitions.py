@@ -1,4 +1,8 @@
-"""The Paceline code location: the demo backfill, the service it calls, and where manifests go.
+"""The Paceline code location: the demo backfills, the services they call, and where manifests go.
+
+Backfills come from two places, side by side in one location: the Python
+declarations below, and the YAML ones in ``paceline/defs/`` (component types
+``paceline.Service`` and ``paceline.Backfill``; ``dg list defs`` shows them).
 
 UI (with the daemon, so the retry sensor runs)::
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from dagster import Definitions, load_from_defs_folder
 
 from assets import paceline_definitions
 from pipeline.items import Values
@@ -57,8 +63,12 @@ demo_api = ServiceResource(
 # each against a bundled local service that enforces the limit declared in DEMO_LIMITS.
 workload_demo_services = [ServiceResource.from_limit(limit, embedded="demo") for limit in DEMO_LIMITS.values()]
 
-defs = paceline_definitions(
-    backfills=[demo_ids, *DEMO_SPECS],
-    services=[demo_api, *workload_demo_services],
-    store=ManifestStoreResource(root=str(PROJECT_ROOT / "data")),
+# The YAML backfills use this location's manifest store and executor, declared here in Python.
+defs = Definitions.merge(
+    paceline_definitions(
+        backfills=[demo_ids, *DEMO_SPECS],
+        services=[demo_api, *workload_demo_services],
+        store=ManifestStoreResource(root=str(PROJECT_ROOT / "data")),
+    ),
+    load_from_defs_folder(path_within_project=PROJECT_ROOT),
 )

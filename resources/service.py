@@ -52,14 +52,24 @@ class ServiceResource(ConfigurableResource):
     """A service limit (the ``ServiceLimit`` fields), where the service is, and its secret."""
 
     name: str = Field(description="The service's name: resource key, concurrency pool and folder-safe label.")
-    requests_per_second: float | None = None
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    safe_connections: int | None = None
-    concurrent_batches: int | None = None
-    per_worker_requests_per_second: float | None = None
-    jitter_s: float = ServiceLimit.jitter_s
-    max_workers: int | None = None
+    requests_per_second: float | None = Field(default=None, description="Requests per second the service allows in total.")
+    requests_per_minute: float | None = Field(default=None, description="Requests per minute the service allows in total.")
+    tokens_per_minute: float | None = Field(
+        default=None, description="LLM token budget per minute (the llm workload needs it)."
+    )
+    safe_connections: int | None = Field(
+        default=None, description="Connections the database tolerates (the database workloads need it)."
+    )
+    concurrent_batches: int | None = Field(
+        default=None, description="Batches the service accepts in flight (the batch workload needs it)."
+    )
+    per_worker_requests_per_second: float | None = Field(
+        default=None, description="Politeness: at most this many requests/s from any one worker, applied as written."
+    )
+    jitter_s: float = Field(
+        default=ServiceLimit.jitter_s, description="Random extra wait (seconds) between one worker's calls."
+    )
+    max_workers: int | None = Field(default=None, description="At most this many workers at once, applied as written.")
     max_workers_per_domain: int | None = Field(
         default=None, description="Scraping: at most this many workers on any one domain (ByDomain items)."
     )

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: install demo test ui bench clean
+.PHONY: install demo test lint ui bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Paceline needs Python 3.11 or newer: run make with PYTHON=python3.11 (or newer).")'
@@ -25,6 +25,10 @@ demo: install  ## run the demo backfill on the embedded default (local executor,
 
 test: install  ## the whole test suite; every server it needs is started by its fixtures
 	$(BIN)/python -m pytest
+
+lint: install  ## ruff: lint rules and formatting, as configured in pyproject.toml
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ui: install  ## the Dagster UI on http://127.0.0.1:3000 (with the daemon, so sensors run)
 	$(BIN)/dagster dev -w workspace.yaml

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from pipeline.pacing.schedule import DEFAULT_MAX_IN_FLIGHT, DEFAULT_SECONDS_PER_CALL, Pacing
 
-
 JITTER_HEADROOM = 0.02
 """Per-worker ceilings are hard (no safety factor), so pacing keeps this margin below them."""
 

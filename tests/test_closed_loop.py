@@ -9,12 +9,13 @@ import pytest
 
 from pipeline.backfill import Backfill, plan_backfill, run_attempt
 from pipeline.executors import LocalExecutor
-from pipeline.items import Values
+from pipeline.items import JsonlPrompts, Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, Overrides, ServiceLimit
-from pipeline.localservices import start_http_api
+from pipeline.localservices import start_http_api, start_llm
 from pipeline.manifests import ManifestStore
 from pipeline.work import FunctionWork
+from pipeline.workloads.llm import LlmWork
 
 
 def _api_work(url: str, close_on: str = "") -> FunctionWork:
@@ -92,10 +93,6 @@ def test_a_closed_client_is_replaced_and_only_the_call_at_the_break_fails(tmp_pa
 
 @pytest.mark.parametrize("estimate_ratio", [0.5, 2.0])
 def test_a_wrong_token_estimate_still_spends_the_budget(tmp_path, estimate_ratio):
-    from pipeline.items import JsonlPrompts
-    from pipeline.localservices import start_llm
-    from pipeline.workloads.llm import LlmWork
-
     tokens_per_s, window_s = 2000.0, 2.0
     prompt = "x" * 400  # 104 prompt tokens + 16 completion = 120 per call (the server's rule)
     prompts = tmp_path / "prompts.jsonl"

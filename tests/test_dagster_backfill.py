@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import (
     AssetKey,
+    DagsterInstance,
     DagsterResourceFunctionError,
     DagsterRun,
     DagsterRunStatus,
     Definitions,
-    DagsterInstance,
     build_resources,
     build_sensor_context,
     instance_for_test,

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.items import FileColumn, ItemsError, JsonlPrompts, KeyRanges, TextLines, Values, normalize
-from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.limits import Pacing
+from pipeline.plan import chunk_count, iter_chunks, make_plan
 
 
 def test_text_lines_are_stripped_deduplicated_and_keep_first_order(tmp_path):

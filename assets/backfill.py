@@ -39,9 +39,11 @@ from assets.checks import backfill_checks
 from assets.keys import EXECUTOR_KEY, STORE_KEY, BackfillKeys, attempt_of
 from assets.metadata import failed_metadata, plan_metadata, run_metadata
 from assets.retry import retry_sensor
+from pipeline.advice import advise
 from pipeline.backfill import Backfill, Progress, plan_backfill, plan_retry, run_attempt
 from pipeline.ledger import Ledger
 from pipeline.manifests import ManifestError, ManifestStore
+from pipeline.report import attempt_report
 from pipeline.spec import BackfillSpec
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource, overridable
 
@@ -216,10 +218,12 @@ def _failed_items(spec: BackfillSpec, keys: BackfillKeys) -> AssetsDefinition:
             failed = ledger.failed_items(spec.name)
             retry_after = ledger.max_retry_after(spec.name)
             counts = ledger.counts(spec.name)
+            # The declaration is not at hand here (no service resource), so the advice gives every measured value.
+            advice = advise(attempt_report(ledger, spec.name, counts["last_attempt"], None))
         path = store.failed_path(spec.name)
         store.write_table(path, failed)
         return MaterializeResult(
-            metadata=failed_metadata(failed, counts, spec.max_attempts, retry_after, store.uri(path))
+            metadata=failed_metadata(failed, counts, spec.max_attempts, retry_after, store.uri(path), advice)
         )
 
     return failed_items

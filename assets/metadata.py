@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
+from pipeline.advice import Advice
 from pipeline.backfill import PlanResult, RunResult
 from pipeline.chart import rate_chart
 from pipeline.limits import ServiceLimit
@@ -67,8 +68,7 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
         "latency_p95_ms": _float(report.latency_p95_ms),
         "in_flight_per_worker": MetadataValue.float(round(report.in_flight_per_worker, 2)),
         "tokens_per_item": _float(report.tokens_per_item),
-        "advice": MetadataValue.md("\n".join(f"- `{a.field}={a.value:g}`: {a.evidence}" for a in result.advice)
-                                   or "The estimates matched what was measured."),
+        "advice": advice_markdown(result.advice),
         "max_retry_after": MetadataValue.float(result.max_retry_after),
         "errors": MetadataValue.table(
             [TableRecord({"status": s, "count": n, "example": _short(e)}) for s, n, e in report.errors],
@@ -81,11 +81,23 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
     return metadata
 
 
+def advice_markdown(advice: list[Advice]) -> MetadataValue:
+    """What to declare next time, one line each with its evidence (see ``pipeline.advice``)."""
+    lines = "\n".join(f"- `{a.field}={a.value:g}`: {a.evidence}" for a in advice)
+    return MetadataValue.md(lines or "What was measured matched what was declared.")
+
+
 def failed_metadata(
-    failed: pa.Table, counts: dict[str, int], max_attempts: int, max_retry_after: float, path: str
+    failed: pa.Table,
+    counts: dict[str, int],
+    max_attempts: int,
+    max_retry_after: float,
+    path: str,
+    advice: list[Advice],
 ) -> dict[str, Any]:
     next_attempt = counts["last_attempt"] + 1
     return {
+        "advice": advice_markdown(advice),
         "failed_count": MetadataValue.int(counts["failed"]),
         "dead_count": MetadataValue.int(counts["dead"]),
         "ok_count": MetadataValue.int(counts["ok"]),

@@ -222,6 +222,7 @@ class _ChunkLoop:
         self.slots = InFlightLimit(_slot_cap(work, pacing, connection.client), latency)
         self.cost = TokenCost(learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call)
         self.aimd = Aimd(learned.pace_factor if learned else 1.0)
+        self._proven = learned is not None  # a worker whose earlier chunk of this run got through
         self.pacer.slow_to(self.aimd.factor)
         listen(connection.client)
         self._fresh = deque(chunk.items())
@@ -244,7 +245,7 @@ class _ChunkLoop:
             if self._reconnect:
                 self._replace_client()
                 continue
-            slots = self.slots.limit(self.pacer.calls_per_second(self.cost.per_call))
+            slots = self._slots()
             if self._in_flight >= slots:
                 self._settle(self._done.get())
                 continue
@@ -264,6 +265,16 @@ class _ChunkLoop:
         if not self._stopped:
             self.pacer.finish()
         remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call, self.aimd.factor))
+
+    def _slots(self) -> int:
+        """Calls that may be in flight now: one until the service has accepted a call of this worker.
+
+        Until then every call may be refused for bad credentials, and the fail-fast
+        check stops after exactly ``auth_fail_fast`` refusals, not that many plus the calls in flight.
+        """
+        if not self._proven:
+            return 1
+        return self.slots.limit(self.pacer.calls_per_second(self.cost.per_call))
 
     def close(self) -> None:
         """Let go of the call threads (a dead chunk does not wait for calls nobody will read)."""
@@ -331,6 +342,7 @@ class _ChunkLoop:
         self._connection.on_success()
         self._last_throttled = False
         self._successes += 1
+        self._proven = True
         if self.aimd.factor < 1.0:  # probing back up; at the ceiling there is nothing to do
             self.aimd.on_success()
             self.pacer.slow_to(self.aimd.factor)

@@ -15,7 +15,9 @@ from typing import Any
 
 from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal
 
-_heard = threading.local()
+_heard: dict[int, ServiceSignal] = {}
+"""The latest signal per calling thread. A plain dict, not a ``threading.local``: this module travels
+to Burla workers by value inside the pickled chunk function, and a thread-local does not pickle."""
 
 
 def listen(client: Any) -> bool:
@@ -30,12 +32,10 @@ def listen(client: Any) -> bool:
 
 def take_heard() -> ServiceSignal | None:
     """What the service said on this thread since the last take (None when it said nothing)."""
-    signal = getattr(_heard, "signal", None)
-    _heard.signal = None
-    return signal
+    return _heard.pop(threading.get_ident(), None)
 
 
 def _hear(response: Any) -> None:
     signal = read_signal(response.headers)
     if signal != NO_SIGNAL:
-        _heard.signal = signal
+        _heard[threading.get_ident()] = signal

@@ -6,17 +6,7 @@ import pytest
 
 from pipeline.limits import Pacing
 from pipeline.pacing.schedule import Pacer
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+from tests.simclock import FakeClock
 
 
 def _run(pacing: Pacing, latencies: list[float]) -> tuple[list[float], list[float]]:

@@ -9,6 +9,7 @@ import pytest
 from pipeline.pacing.aimd import DECREASE, INCREASE, MIN_FACTOR, Aimd
 from pipeline.pacing.headers import Quota, ServiceSignal
 from pipeline.pacing.schedule import Pacer, Pacing
+from tests.simclock import FakeClock
 
 
 def test_backs_off_multiplicatively_and_probes_back_up_additively():
@@ -76,16 +77,6 @@ def test_a_limit_above_the_ceiling_is_never_probed_past_the_ceiling():
     goodput, refused = _shared_limit(10, ceiling_total=90.0, real=100.0)
     assert refused == 0 and goodput == pytest.approx(0.9, abs=0.02)
 
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
 
 
 def test_quota_headers_spread_what_remains_over_the_time_to_reset():

@@ -15,18 +15,7 @@ from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.plan import iter_chunks
 from pipeline.runner import Chunk, ChunkResult, _ChunkLoop
 from pipeline.work import FunctionWork
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-
+from tests.simclock import FakeClock
 
 # -- in flight: Little's law ------------------------------------------------------------------
 

@@ -184,7 +184,7 @@ def derive_plan(
     cap = _worker_cap(limit, why)
     per_worker = _per_worker_ceiling(limit, estimates, overrides, why)
 
-    workers = _choose_workers(rate, cap, per_worker, overrides, limit, why)
+    workers = _choose_workers(rate, cap, per_worker, overrides, limit, estimates, why)
     request_rate = _declared_request_rate(limit)
     interval = _choose_interval(request_rate, workers, _politeness(limit, overrides), overrides, why)
     _admit(limit, workers, interval, estimates, overrides)
@@ -325,6 +325,7 @@ def _choose_workers(
     per_worker: float,
     overrides: Overrides,
     limit: ServiceLimit,
+    estimates: Estimates,
     why: list[str],
 ) -> int:
     if overrides.max_parallelism is not None:
@@ -349,8 +350,45 @@ def _choose_workers(
             workers = max(1, math.floor(rate / overrides.per_worker_requests_per_second + 1e-9))
         if cap is not None:
             workers = min(workers, cap)
+        if overrides.per_worker_requests_per_second is None:  # a pinned pace is the user's; admission judges it
+            workers = _within_the_shortest_window(workers, limit, estimates, why)
     why.append(f"max_parallelism = {workers}")
     return workers
+
+
+def _within_the_shortest_window(workers: int, limit: ServiceLimit, estimates: Estimates, why: list[str]) -> int:
+    """Fewer workers, so the busiest short window holds by construction, not only on average.
+
+    Each worker spaces its own calls, but its phase is its own: in any window,
+    a worker may place one call more than its share. So the busiest window can
+    hold target + workers calls (tokens: + workers x tokens per call), and a
+    worker whose period is longer than the window can land anywhere in it.
+    Keeping workers <= limit per window x (1 - safety) keeps even that worst
+    case under the limit. Windows are one second: the limit's own for
+    requests_per_second, and a sixtieth of the minute for per-minute budgets,
+    which providers may enforce that finely. Calls in flight per worker make
+    up the rate, so a worker with one connection or a politeness ceiling
+    (which cannot keep more than one call in flight) is never capped here.
+    """
+    if limit.per_worker_requests_per_second is not None or limit.concurrency_cap() is not None:
+        return workers
+    headroom = 1 - limit.safety
+    caps = []
+    if limit.global_rate() is not None:
+        caps.append(limit.global_rate() * headroom)
+    if limit.tokens_per_minute is not None and estimates.tokens_per_item:
+        caps.append(limit.tokens_per_minute / 60 * headroom / estimates.tokens_per_item)
+    if not caps:
+        return workers
+    bound = max(1, math.floor(min(caps) + 1e-9))
+    if bound >= workers:
+        return workers
+    why.append(
+        f"at most {bound} workers: each may be one call early in any second (its phase is its own), so "
+        f"workers <= the limit per second x (1 - safety {limit.safety:g}) keeps the busiest second under the "
+        "limit; calls in flight make up the rate"
+    )
+    return bound
 
 
 def _choose_interval(

@@ -26,6 +26,7 @@ import dataclasses
 import heapq
 import json
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -229,6 +230,7 @@ class _ChunkLoop:
         self._deferred: list[tuple[float, int, _Try]] = []  # (ready at, tie-breaker, try): a heap
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
+        self._gate = _SendGate()
         self._in_flight = 0
         self._auth_failures = 0
         self._successes = 0
@@ -311,8 +313,13 @@ class _ChunkLoop:
     def _submit(self, attempt: _Try) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix=f"paceline-chunk-{self._chunk.chunk_id}")
-        client, done = self._connection.client, self._done
-        self._pool.submit(lambda: done.put(_timed_call(self._call, client, attempt)))
+        client, done, gate, spacing = self._connection.client, self._done, self._gate, self.pacer.spacing()
+
+        def send() -> None:
+            gate.enter(spacing)
+            done.put(_timed_call(self._call, client, attempt))
+
+        self._pool.submit(send)
 
     # -- settling what came back ----------------------------------------------------------------
 
@@ -451,6 +458,29 @@ class _ChunkLoop:
 
     def _scrubbed(self, failure: Failure) -> Failure:
         return dataclasses.replace(failure, error=redact(failure.error, self._secrets) or "")
+
+
+class _SendGate:
+    """Calls handed to call threads start no closer together than the pacer spaced them.
+
+    The pacer spaces calls when it hands them over; a busy CPU can delay a call
+    thread and then let several go at once, which the service would count in
+    one window. The gate re-spaces them where they really start.
+    """
+
+    __slots__ = ("_lock", "_next")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def enter(self, spacing: float) -> None:
+        with self._lock:  # held while waiting: the next call could not start before this one anyway
+            now = time.monotonic()
+            if self._next > now:
+                time.sleep(self._next - now)
+                now = time.monotonic()
+            self._next = now + spacing
 
 
 def _slot_cap(work: Work, pacing: Pacing, client: Any) -> int:

@@ -179,6 +179,11 @@ class Pacer:
         if remaining > 0:
             self._sleep(remaining)
 
+    def spacing(self) -> float:
+        """The least time between two call starts of this worker right now (requests only, no tokens)."""
+        floor = self._floor_s if self._floor_until > self._clock() else 0.0
+        return max(self._pacing.min_interval_s / self._factor, floor)
+
     def calls_per_second(self, tokens_per_call: float | None) -> float | None:
         """The pace this schedule allows now, or None when it does not pace at all."""
         period = self._pacing.period(tokens_per_call) / self._factor

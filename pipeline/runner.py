@@ -172,7 +172,7 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
 class _Try:
     """One item on its way through the chunk: its estimate, its tries so far, the longest Retry-After."""
 
-    __slots__ = ("item", "estimate", "charge", "tries", "retry_after", "throttled_at")
+    __slots__ = ("item", "estimate", "charge", "tries", "retry_after", "throttled_at", "hot", "failure")
 
     def __init__(self, item: Item, estimate: float | None):
         self.item = item
@@ -181,6 +181,8 @@ class _Try:
         self.tries = 0
         self.retry_after: float | None = None
         self.throttled_at: tuple[int, int] | None = None  # (successes, fresh throttles) when its first try was
+        self.hot = False  # throttled again on its retry while other calls went through: about the item
+        self.failure: Failure | None = None  # its last throttle, recorded if it never goes through
 
 
 _Outcome = tuple[_Try, Any, "Exception | None", float, float, "ServiceSignal | None"]
@@ -306,9 +308,25 @@ class _ChunkLoop:
             self._settle(self._done.get())
             return True
         if self._deferred:
+            if all(attempt.hot for _, _, attempt in self._deferred):
+                self._give_up_hot_items()
+                return False
             self._sleep(max(0.0, self._deferred[0][0] - self._clock()))
             return True
         return False
+
+    def _give_up_hot_items(self) -> None:
+        """At the end of a chunk, hot items are not worth idling for: the retry round tries them later.
+
+        Waiting out their remaining Retry-Afters would idle the worker for
+        seconds per chunk, for items the service singled out; the retry round
+        gets them failed-retryable, with the tries and the Retry-After they had.
+        """
+        now = time.time()
+        for _, _, attempt in self._deferred:
+            failure = self._scrubbed(attempt.failure or Failure("http_429", True, "throttled", 429))
+            self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
+        self._deferred.clear()
 
     def _submit(self, attempt: _Try) -> None:
         if self._pool is None:
@@ -409,6 +427,7 @@ class _ChunkLoop:
         wait = min(failure.retry_after if failure.retry_after is not None else 1.0, self._pacing.max_retry_after_s)
         if pace_problem:
             self.pacer.hold(wait)
+        attempt.failure = failure
         heapq.heappush(self._deferred, (self._clock() + wait, id(attempt), attempt))
         return True
 
@@ -422,6 +441,7 @@ class _ChunkLoop:
             successes, fresh_throttles = attempt.throttled_at
             if self._successes > successes and self._fresh_throttles == fresh_throttles:
                 self.aimd.on_hot_item()
+                attempt.hot = True
             attempt.throttled_at = None  # an item gives back its decrease once at most
         self.pacer.slow_to(self.aimd.factor)
 

@@ -210,3 +210,22 @@ def test_call_again_after_a_delay_holds_the_pacer_that_long():
     loop.run()
     assert calls == pytest.approx([0.0, 3.0, 3.5]), "held 3 s, not just the 0.5 s pace; then the usual pace"
     assert [(row[0], row[1], row[6]) for row in result.rows] == [("a", True, 1), ("b", True, 1)]
+
+
+def test_at_the_end_of_a_chunk_a_proven_hot_item_is_left_to_the_retry_round():
+    pacing = Pacing(min_interval_s=0.1, max_in_flight=1, max_throttle_retries=3)
+    clock_ref: list[FakeClock] = []
+
+    def call(client, item):
+        if item.id == "hot":
+            raise Throttled(retry_after=1.0)
+        return {}
+
+    items = [f"x{i}" for i in range(20)] + ["hot", "last"]  # the hot item comes near the end of the chunk
+    loop, result, clock = _loop_on_fake_clock(items, call, pacing)
+    clock_ref.append(clock)
+    loop.run()
+    rows = {row[0]: row for row in result.rows}
+    assert sorted(rows) == sorted(items)
+    assert rows["hot"][1:4] == (False, True, "http_429") and rows["hot"][6] == 2, "proven hot on its second try"
+    assert clock.now < 22 * 0.1 + 1.5, "the chunk did not idle through two more Retry-Afters for it"

@@ -26,8 +26,12 @@ The in-flight loop absorbs any latency; the estimate only sizes workers and
 chunks, so small errors do not matter and are not worth a line.
 """
 
-THROTTLED_SHARE = 0.01
-"""Advise a lower declared rate when more than 1% of calls were throttled: the real limit is lower."""
+THROTTLED_SHARE = 0.002
+"""Advise a lower declared rate when more than 0.2% of calls were throttled and then went through.
+
+Only throttles that the same item got past on a retry count (a hot key is throttled at any pace), so
+even a few are evidence. The throttle loop itself keeps them near 1% at a real limit well below the
+declared one: a higher threshold would hide exactly the runs that need the advice."""
 
 RETRY_SAFETY = 0.9
 """Safety to pair with a measured limit: it was measured, so aim just under it, not at half."""

@@ -462,11 +462,29 @@ def _choose_chunk_size(
     else:
         size = max(1, min(10_000, math.floor(estimates.target_chunk_seconds / seconds_per_item)))
         if item_count:
-            # At least two chunks per worker, so a slow chunk does not leave the others idle.
-            size = max(1, min(size, math.ceil(item_count / (2 * workers))))
+            size = min(size, _balanced_chunk_size(workers, pacing, seconds_per_item, estimates, item_count))
     minutes = size * seconds_per_item / 60
     why.append(f"chunks of {size:,} items take about {_fmt_duration(minutes * 60)} each")
     return size
+
+
+CHUNKS_PER_WORKER = 4
+"""Chunks each worker should get in a short run, so workers that end up at different paces (each one
+backs off on its own throttles) finish close together: whoever is done first takes the next chunk."""
+
+DRAIN_LATENCIES = 50
+"""A chunk with calls in flight lasts at least this many call latencies: it waits for its last calls
+at its end, so its drain costs at most 2% of it."""
+
+
+def _balanced_chunk_size(
+    workers: int, pacing: Pacing, seconds_per_item: float, estimates: Estimates, item_count: int
+) -> int:
+    """Small enough for ``CHUNKS_PER_WORKER`` chunks each, large enough that the drain stays cheap."""
+    balanced = math.ceil(item_count / (CHUNKS_PER_WORKER * workers))
+    drains = pacing.max_in_flight > 1  # one call at a time has nothing to drain but the call itself
+    drain_floor = math.ceil(DRAIN_LATENCIES * estimates.seconds_per_call / seconds_per_item) if drains else 1
+    return max(1, min(max(balanced, drain_floor), math.ceil(item_count / workers)))
 
 
 def _min_defined(values: list[float | int | None]) -> float | None:

@@ -131,3 +131,27 @@ def test_a_pinned_worker_rate_means_fewer_workers_not_a_higher_rate():
     assert plan.max_parallelism == 5 and plan.pacing.min_interval_s == pytest.approx(0.05)
     half = derive_plan(ServiceLimit("api", requests_per_second=100), overrides=Overrides(per_worker_requests_per_second=20))
     assert half.max_parallelism / half.pacing.min_interval_s <= 50 + 1e-9  # the target, not the limit
+
+
+@pytest.mark.parametrize("safety", [0.5, 0.9])
+@pytest.mark.parametrize("seconds_per_call", [0.005, 0.2, 2.0])
+def test_even_the_worst_phases_of_the_workers_keep_the_busiest_second_under_the_limit(safety, seconds_per_call):
+    limit = ServiceLimit("api", requests_per_second=100, safety=safety)
+    plan = derive_plan(limit, Estimates(seconds_per_call=seconds_per_call))
+    # each worker may place one call more than its share in any second: target + workers <= limit
+    assert plan.target_rate + plan.max_parallelism <= 100
+
+
+def test_a_token_budget_counted_per_second_is_held_even_if_every_worker_is_early():
+    limit = ServiceLimit("llm", tokens_per_minute=90_000, safety=0.9)
+    plan = derive_plan(limit, Estimates(seconds_per_call=0.3, tokens_per_item=70))
+    assert plan.max_parallelism * 70 + 90_000 * 0.9 / 60 <= 90_000 / 60
+
+
+def test_short_runs_get_several_chunks_per_worker_but_no_chunk_shorter_than_its_drain():
+    limit = ServiceLimit("api", requests_per_second=100, safety=0.5)
+    quick = derive_plan(limit, Estimates(seconds_per_call=0.01), item_count=4000)
+    assert 4000 / quick.chunk_size >= 4 * quick.max_parallelism, "four chunks per worker, for balance"
+    slow = derive_plan(limit, Estimates(seconds_per_call=2.0), item_count=4000)
+    seconds_per_chunk = slow.chunk_size * slow.pacing.period()
+    assert seconds_per_chunk >= 50 * 2.0 or slow.chunk_size == -(-4000 // slow.max_parallelism)

@@ -18,7 +18,7 @@ what keeps the rate.
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,7 @@ class BackfillOptions:
     sensor_interval_s: int = 10
     sensor_running: bool = True
     failure_rate_warn: float = 0.05
+    clock: Callable[[], float] = time.time  # the sensor's cool-down clock; tests move it instead of sleeping
 
 
 def backfill_definitions(spec: BackfillSpec, options: BackfillOptions = BackfillOptions()) -> Definitions:
@@ -86,7 +87,9 @@ def backfill_definitions(spec: BackfillSpec, options: BackfillOptions = Backfill
         description=f"{spec.name}: one retry round, then the refreshed failed items.",
     )
     status = DefaultSensorStatus.RUNNING if options.sensor_running else DefaultSensorStatus.STOPPED
-    sensor = retry_sensor(spec, keys, rounds, retry.name, options.cooldown_s, options.sensor_interval_s, status)
+    sensor = retry_sensor(
+        spec, keys, rounds, retry.name, options.cooldown_s, options.sensor_interval_s, status, options.clock
+    )
     return Definitions(
         assets=assets,
         asset_checks=backfill_checks(spec, keys, options.failure_rate_warn),

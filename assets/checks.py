@@ -21,7 +21,7 @@ from dagster import (
     asset_check,
 )
 
-from assets.keys import STORE_KEY, BackfillKeys
+from assets.keys import FAILED_COUNT, STORE_KEY, BackfillKeys
 from assets.metadata import markdown_preview
 from pipeline.ledger import Ledger
 from pipeline.limits import ServiceLimit
@@ -87,7 +87,7 @@ def _failure_rate(spec: BackfillSpec, keys: BackfillKeys, warn_above: float) -> 
             metadata={
                 "failure_rate": MetadataValue.float(round(rate, 4)),
                 "threshold": MetadataValue.float(warn_above),
-                "failed_count": MetadataValue.int(counts["failed"]),
+                FAILED_COUNT: MetadataValue.int(counts["failed"]),
                 "dead_count": MetadataValue.int(counts["dead"]),
             },
         )

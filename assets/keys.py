@@ -10,6 +10,12 @@ STORE_KEY = "manifest_store"
 EXECUTOR_KEY = "paceline_executor"
 ROUND_PREFIX = "attempt-"
 
+# Metadata labels the retry sensor reads back: written and read through these names only, so a
+# renamed label fails loudly instead of reading as 0 ("nothing to retry").
+FAILED_COUNT = "failed_count"
+NEXT_ATTEMPT = "next_attempt"
+MAX_RETRY_AFTER = "max_retry_after"
+
 
 @dataclass(frozen=True)
 class BackfillKeys:

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
+from assets.keys import FAILED_COUNT, MAX_RETRY_AFTER, NEXT_ATTEMPT
 from pipeline.advice import Advice
 from pipeline.backfill import PlanResult, RunResult
 from pipeline.chart import rate_chart
@@ -51,7 +52,7 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
     declared = limit.global_rate()
     metadata = {
         "ok_count": MetadataValue.int(result.counts["ok"]),
-        "failed_count": MetadataValue.int(result.counts["failed"]),
+        FAILED_COUNT: MetadataValue.int(result.counts["failed"]),
         "dead_count": MetadataValue.int(result.counts["dead"]),
         "calls_this_run": MetadataValue.int(report.rows),
         "chunks_resumed": MetadataValue.int(result.skipped_chunks),
@@ -69,7 +70,7 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
         "in_flight_per_worker": MetadataValue.float(round(report.in_flight_per_worker, 2)),
         "tokens_per_item": _float(report.tokens_per_item),
         "advice": advice_markdown(result.advice),
-        "max_retry_after": MetadataValue.float(result.max_retry_after),
+        MAX_RETRY_AFTER: MetadataValue.float(result.max_retry_after),
         "errors": MetadataValue.table(
             [TableRecord({"status": s, "count": n, "example": _short(e)}) for s, n, e in report.errors],
             schema=_ERROR_SCHEMA,
@@ -98,12 +99,12 @@ def failed_metadata(
     next_attempt = counts["last_attempt"] + 1
     return {
         "advice": advice_markdown(advice),
-        "failed_count": MetadataValue.int(counts["failed"]),
+        FAILED_COUNT: MetadataValue.int(counts["failed"]),
         "dead_count": MetadataValue.int(counts["dead"]),
         "ok_count": MetadataValue.int(counts["ok"]),
-        "next_attempt": MetadataValue.int(next_attempt),
+        NEXT_ATTEMPT: MetadataValue.int(next_attempt),
         "attempts_left": MetadataValue.int(max(0, max_attempts - next_attempt)),
-        "max_retry_after": MetadataValue.float(max_retry_after),
+        MAX_RETRY_AFTER: MetadataValue.float(max_retry_after),
         "preview": MetadataValue.md(markdown_preview(failed)),
         "path": MetadataValue.path(path),
     }

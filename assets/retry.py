@@ -17,7 +17,7 @@ run that produced the failures, so a launchpad override carries over.
 """
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dagster import (
@@ -34,7 +34,15 @@ from dagster import (
     sensor,
 )
 
-from assets.keys import EXECUTOR_KEY, STORE_KEY, BackfillKeys, round_key
+from assets.keys import (
+    EXECUTOR_KEY,
+    FAILED_COUNT,
+    MAX_RETRY_AFTER,
+    NEXT_ATTEMPT,
+    STORE_KEY,
+    BackfillKeys,
+    round_key,
+)
 from pipeline.spec import BackfillSpec
 
 PARTITION_TAG = "dagster/partition"  # set by Dagster on every partitioned run
@@ -55,8 +63,9 @@ def retry_sensor(
     cooldown_s: float,
     interval_s: int,
     status: DefaultSensorStatus,
+    clock: Callable[[], float] = time.time,
 ) -> SensorDefinition:
-    """The sensor that drives the retry rounds of one backfill."""
+    """The sensor that drives the retry rounds of one backfill (``clock`` lets tests skip the cool-down)."""
 
     @sensor(
         name=f"{spec.name}_retry_sensor",
@@ -72,8 +81,14 @@ def retry_sensor(
             return SkipReason(f"{spec.name}: failed_items has not been materialized yet.")
         record = records[0]
         metadata = record.asset_materialization.metadata
-        failed = int(_value(metadata, "failed_count"))
-        attempt = int(_value(metadata, "next_attempt"))
+        missing = [label for label in (FAILED_COUNT, NEXT_ATTEMPT) if label not in metadata]
+        if missing:
+            return SkipReason(
+                f"{spec.name}: the latest failed_items materialization has no {' or '.join(missing)}. "
+                f"Materialize {spec.name}/failed_items again with this version of Paceline."
+            )
+        failed = int(_value(metadata, FAILED_COUNT))
+        attempt = int(_value(metadata, NEXT_ATTEMPT))
         if failed == 0:
             return SkipReason(f"{spec.name}: nothing to retry.")
         if attempt >= spec.max_attempts:
@@ -81,8 +96,8 @@ def retry_sensor(
         partition = round_key(attempt)
         if _round_in_flight(context.instance, job_name, partition):
             return SkipReason(f"{spec.name}: a run of {partition} is queued or running.")
-        wait = max(cooldown_s, _value(metadata, "max_retry_after"))
-        remaining = record.timestamp + wait - time.time()
+        wait = max(cooldown_s, _value(metadata, MAX_RETRY_AFTER))
+        remaining = record.timestamp + wait - clock()
         if remaining > 0:
             return SkipReason(f"{spec.name}: cooling down {remaining:.0f} s more before {partition}.")
         request = RunRequest(

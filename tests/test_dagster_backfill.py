@@ -7,6 +7,7 @@ which is what the daemon would do.
 """
 
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -71,13 +72,14 @@ def spec(name: str, items: list[str], max_attempts: int = 3, **overrides) -> Bac
     )
 
 
-def location(api: ServiceHandle, root: str, *specs: BackfillSpec, cooldown_s: float = 0.0, **limit) -> Definitions:
+def location(api: ServiceHandle, root: str, *specs: BackfillSpec, cooldown_s: float = 0.0,
+             clock: Callable[[], float] = time.time, **limit) -> Definitions:
     service = ServiceResource(name="test_api", url=api.url, **(limit or {"requests_per_second": SERVER_RPS}))
     return paceline_definitions(
         backfills=specs,
         services=[service],
         store=ManifestStoreResource(root=root),
-        options=BackfillOptions(cooldown_s=cooldown_s),
+        options=BackfillOptions(cooldown_s=cooldown_s, clock=clock),
     )
 
 
@@ -206,12 +208,13 @@ def test_sensor_never_requests_a_round_that_is_still_running(fresh_api, instance
 def test_sensor_waits_out_retry_after_and_stops_at_max_attempts(fresh_api, instance, tmp_path):
     """A 429 with Retry-After: 1 sets the cool-down; after the last attempt the item is dead."""
     backfill = spec("stubborn", PLAIN[:5] + ["throttle-x"], max_attempts=2, max_throttle_retries=0)
-    defs = location(fresh_api, str(tmp_path / "data"), backfill)
+    later = [0.0]  # seconds the sensor's clock is ahead of the wall clock
+    defs = location(fresh_api, str(tmp_path / "data"), backfill, clock=lambda: time.time() + later[0])
     run(defs, instance, "stubborn_backfill")
     assert metadata(instance, BackfillKeys.of("stubborn").failed)["max_retry_after"] == 1.0
 
     assert "cooling down" in evaluate(defs, instance, "stubborn").skip_message
-    time.sleep(1.1)
+    later[0] += 1.1
     tick = evaluate(defs, instance, "stubborn")
     assert [r.partition_key for r in tick.run_requests] == ["attempt-1"]
     launch(defs, instance, "stubborn", tick)
@@ -219,7 +222,7 @@ def test_sensor_waits_out_retry_after_and_stops_at_max_attempts(fresh_api, insta
     final = metadata(instance, BackfillKeys.of("stubborn").failed)
     assert (final["failed_count"], final["dead_count"], final["attempts_left"]) == (0, 1, 0)
     arrivals = fresh_api.stats()["count"]
-    time.sleep(1.1)
+    later[0] += 1.1
     assert not evaluate(defs, instance, "stubborn").run_requests
     assert fresh_api.stats()["count"] == arrivals
 

@@ -63,7 +63,7 @@ from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, Man
 BLOCK_ROWS = 2_000_000  # rows per compacted file: few files for ten million rows, and a block stays cheap to redo
 ROW_GROUP_ROWS = 128 * 1024  # big enough for fast scans, small enough that failed rows sit in their own groups
 READ_WINDOW = 512  # chunk files read ahead at once: bounds memory whatever the block size
-READ_THREADS = 8  # decoding releases the GIL, and on S3 each read is a request worth overlapping
+READ_THREADS = 8  # decoding releases the GIL, and on S3 each read or removal is a request worth overlapping
 
 # Named points where a test's hook may stop a compaction (raise, or kill the process).
 TEMP_WRITTEN = "temp_written"  # the compacted rows are in the temp file, not yet published
@@ -212,10 +212,10 @@ def _advance_block(store: ManifestStore, files: AttemptFiles, block: Block, resu
         result.blocks_written += 1
     block.advance(State.COMMITTED)
     crash(COMMITTED)
-    for path in files.chunk_files(block.chunks):
-        store.remove(path)
-        result.chunk_files_removed += 1
-        crash(CHUNK_REMOVED)
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # on S3 each removal is a request
+        for _ in pool.map(store.remove, files.chunk_files(block.chunks)):
+            result.chunk_files_removed += 1
+            crash(CHUNK_REMOVED)
     block.advance(State.CLEAN)
 
 

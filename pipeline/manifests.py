@@ -31,6 +31,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -72,6 +73,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # A name becomes the folder ``backfill=<name>`` and the file ``backfill=<name>.parquet`` (failed items);
 # Linux, macOS and Windows stop a file name at 255 bytes. Dagster stores keys, run keys and partition
 # names as text columns without a length limit, so the file name is the binding one.
+FOOTER_THREADS = 8  # footers are small reads; on S3 each is a request worth overlapping
 MAX_NAME_CHARS = 255 - len("backfill=") - len(".parquet")
 
 
@@ -273,14 +275,24 @@ class ManifestStore:
         return sorted(found)
 
     def dataset(self, files: list[str]) -> pads.Dataset:
-        """Manifest files (from ``manifest_files``) as one Arrow dataset; an unreadable one is an error."""
-        bad = [self.uri(f) for f in files if not self.readable(f)]
+        """Manifest files (from ``manifest_files``) as one Arrow dataset; an unreadable one is an error.
+
+        Each footer is read once, here (on a few threads: on S3 each is a
+        request), and kept with its fragment: every later query of the
+        ledger reuses it, and the row-group statistics in it let a query for
+        failed rows skip files and row groups that hold none.
+        """
+        parquet = pads.ParquetFileFormat()
+        fragments = [parquet.make_fragment(f, filesystem=self.fs) for f in files]
+        with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+            read = list(pool.map(_footer_reads, fragments))
+        bad = [self.uri(f) for f, ok in zip(files, read) if not ok]
         if bad:
             raise ManifestError(
                 f"{len(bad)} manifest file(s) cannot be read, e.g. {bad[0]}. Rerun the backfill: "
                 "resume re-runs the chunks of unreadable manifests and replaces them."
             )
-        return pads.dataset(files, schema=MANIFEST_SCHEMA, format="parquet", filesystem=self.fs)
+        return pads.FileSystemDataset(fragments, MANIFEST_SCHEMA, parquet, self.fs)
 
     def _list(self, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
@@ -357,6 +369,14 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def _footer_reads(fragment: pads.ParquetFileFragment) -> bool:
+    try:
+        fragment.ensure_complete_metadata()
+    except (OSError, pa.ArrowInvalid):
+        return False
     return True
 
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import PYTHON, Outcome, child_env, main, median, peak_rss_bytes, run_child, stopwatch
-from benchmarks.failed_query import FAIL_FIRST, FAIL_RETRY, PERMANENT_FIRST, manifest_table
+from benchmarks.failed_query import FAIL_FIRST, FAIL_RETRY, PERMANENT_FIRST, manifest_table, measure
 from pipeline.compaction import compact, compact_attempt
 from pipeline.ledger import Ledger
 from pipeline.localservices.s3 import start_s3
@@ -91,15 +91,10 @@ def _write_attempt(store: ManifestStore, attempt: int, numbers: np.ndarray, fail
 
 def ask(store: ManifestStore) -> dict[str, float | int | dict]:
     """What one Dagster round asks: open the ledger, failed_items, counts (each timed)."""
-    with stopwatch() as opening:
-        ledger = Ledger(store, 3, BACKFILL)
-    with ledger:
-        with stopwatch() as failed:
-            failed_rows = ledger.failed_items(BACKFILL).num_rows
-        with stopwatch() as counting:
-            counts = ledger.counts(BACKFILL)
-    return {"open_s": opening(), "failed_s": failed(), "counts_s": counting(),
-            "total_s": opening() + failed() + counting(), "failed_rows": failed_rows, "counts": counts}
+    found = measure(store)
+    return {"open_s": found["ledger"], "failed_s": found["failed_items"], "counts_s": found["counts"],
+            "total_s": found["ledger"] + found["failed_items"] + found["counts"],
+            "failed_rows": found["failed_rows"], "counts": found["counted"]}
 
 
 def _check(asked: dict, expected: dict, where: str) -> None:

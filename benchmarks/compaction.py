@@ -136,7 +136,7 @@ def at_scale(outcome: Outcome, quick: bool) -> None:
                 _check(asked, expected, f"{files:,} files compacted")
         totals = [a["total_s"] for a in after]
         opened, failed, counts = (median([a[k] for a in after]) for k in ("open_s", "failed_s", "counts_s"))
-        outcome.row(f"{files:,} chunk files ({expected['rows']:,} rows)",
+        _row(outcome, f"{files:,} chunk files ({expected['rows']:,} rows)",
                     f"before {before['total_s']:.2f} s (open {before['open_s']:.2f} + failed {before['failed_s']:.2f}"
                     f" + counts {before['counts_s']:.2f}); compaction {compaction['seconds']:.1f} s, peak "
                     f"{compaction['peak_rss_bytes'] / 1e6:,.0f} MB, {compaction['files_after']} files; after "
@@ -168,10 +168,16 @@ def on_s3(outcome: Outcome, quick: bool) -> None:
         for asked in after:
             _check(asked, expected, "S3 after")
     total = median([a["total_s"] for a in after])
-    outcome.row(f"moto S3, {S3_FILES[quick]:,} chunk files ({expected['rows']:,} rows)",
+    _row(outcome, f"moto S3, {S3_FILES[quick]:,} chunk files ({expected['rows']:,} rows)",
                 f"before {before['total_s']:.2f} s (open {before['open_s']:.2f}); compaction {compacting():.1f} s; "
                 f"after {total:.2f} s; {before['total_s'] / total:.0f}x faster (uploaded in {generating():.0f} s)")
     outcome.metrics.update(s3_before_s=before["total_s"], s3_after_s=total, s3_compaction_s=compacting())
+
+
+def _row(outcome: Outcome, label: str, value: str) -> None:
+    """Record a row and print it at once: the full run takes many minutes, and each part stands alone."""
+    outcome.row(label, value)
+    print(f"  {label}: {value}", flush=True)
 
 
 @contextlib.contextmanager
@@ -211,7 +217,7 @@ def kills(outcome: Outcome, quick: bool) -> None:
             for attempt in chunks:
                 compact_attempt(store, BACKFILL, attempt, block_rows=block_rows)
             held += whole and _whole(store, expected, chunks) and not store.attempt_files(BACKFILL, 0).chunks
-    outcome.row("kill -9 during compaction", f"{held}/{TRIALS[quick]} trials whole before and after a second "
+    _row(outcome, "kill -9 during compaction", f"{held}/{TRIALS[quick]} trials whole before and after a second "
                 f"compaction; attempt 0 at the kill (compacted files / chunk files they hold / chunk files "
                 f"alone): {', '.join(states)}")
     outcome.metrics.update(trials=TRIALS[quick], held=held)

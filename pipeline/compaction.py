@@ -195,8 +195,7 @@ def _no_crash(point: str) -> None:
 def _advance_block(store: ManifestStore, files: AttemptFiles, block: Block, result: CompactionResult,
                    crash: CrashHook) -> None:
     """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN."""
-    held = files.compacted.get(block.path)
-    if held is None or not store.readable(block.path):  # a compacted file that does not read is rewritten
+    if block.path not in files.compacted or not store.readable(block.path):  # one that does not read is rewritten
         if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in files.compacted.values()):
             return  # compacted with other block bounds (an older setting): those files stay as they are
         chunk_files = files.chunk_files(block.chunks)

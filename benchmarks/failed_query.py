@@ -99,8 +99,8 @@ def _write_attempt(store: ManifestStore, attempt: int, numbers: np.ndarray, fail
     return len(chunks)
 
 
-def measure(store: ManifestStore) -> dict[str, float]:
-    """One run: Ledger construction, failed_items, count(*) over failed."""
+def measure(store: ManifestStore) -> dict[str, float | int | dict]:
+    """One run: Ledger construction, failed_items, count(*) over failed, the counts."""
     with stopwatch() as construct:
         ledger = Ledger(store, 3, BACKFILL)
     with ledger:
@@ -108,8 +108,10 @@ def measure(store: ManifestStore) -> dict[str, float]:
             rows = ledger.failed_items(BACKFILL).num_rows
         with stopwatch() as count_query:
             count = ledger.query("SELECT count(*) AS n FROM failed")["n"][0].as_py()
-    return {"ledger": construct(), "failed_items": failed_items(), "count": count_query(),
-            "failed_rows": rows, "failed_count": count}
+        with stopwatch() as counting:
+            counts = ledger.counts(BACKFILL)
+    return {"ledger": construct(), "failed_items": failed_items(), "count": count_query(), "counts": counting(),
+            "failed_rows": rows, "failed_count": count, "counted": counts}
 
 
 def run(quick: bool) -> Outcome:

@@ -22,6 +22,7 @@ from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.localservices.postgres import ConnectionSampler, PostgresHandle, start_postgres
 from pipeline.localservices.s3 import S3Handle, start_s3
 from pipeline.manifests import ManifestStore
+from pipeline.outcomes import Permanent, Retryable
 
 # --------------------------------------------------------------------------
 # Servers (session-scoped: started once, stopped at the end)
@@ -98,6 +99,15 @@ class BackfillRunner:
     def chunks(self, backfill: Backfill, attempt: int = 0) -> int:
         plan = self.store.read_table(self.store.plan_path(backfill.name, attempt))
         return len(pc.unique(plan["chunk_id"]))
+
+
+def sevens_retry_nines_fail(client: Any, item: Any) -> dict[str, int]:
+    """A call whose ids ending in 7 fail retryably and ids ending in 9 for good; the rest succeed."""
+    if item.id.endswith("7"):
+        raise Retryable("flaky", "http_503")
+    if item.id.endswith("9"):
+        raise Permanent("gone", "http_404")
+    return {"n": int(item.id)}
 
 
 class Killed(Exception):

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks import crash_cost, failed_query, overhead, planning, utilisation
+from benchmarks import compaction, crash_cost, failed_query, overhead, planning, utilisation
 from benchmarks.common import child_env
 
 # The engine is about 0.25x the raw thread pool today on no-op work (see BENCHMARKS.md);
@@ -35,6 +35,14 @@ def test_failed_query_quick_finds_exactly_the_failed_items():
     outcome = failed_query.run(quick=True)  # raises if the ledger's count differs from what was generated
     assert outcome.metrics["failed"] > 0
     assert outcome.metrics["total_s"] < 10 * failed_query.GOAL_SECONDS, outcome.render()
+
+
+def test_compaction_quick_answers_faster_after_and_survives_kills():
+    outcome = compaction.run(quick=True)  # raises if any answer differs from what was generated
+    largest = max(compaction.FILES[True])
+    assert outcome.metrics[f"after_s_{largest}"] < outcome.metrics[f"before_s_{largest}"], outcome.render()
+    assert outcome.metrics["s3_after_s"] < outcome.metrics["s3_before_s"], outcome.render()
+    assert outcome.metrics["held"] == outcome.metrics["trials"] == compaction.TRIALS[True], outcome.render()
 
 
 def test_crash_cost_quick_repeats_only_what_was_in_flight():

@@ -27,24 +27,15 @@ from pipeline.items import Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Overrides, ServiceLimit
 from pipeline.manifests import ManifestError, ManifestStore, check_name
-from pipeline.outcomes import Permanent, Retryable
 from pipeline.work import FunctionWork
-from tests.conftest import Killed, StopsAfter
+from tests.conftest import Killed, StopsAfter, sevens_retry_nines_fail
 
 NAME = "compacting"
 ROWS = "SELECT attempt, chunk_id, item_id, ok, retryable, status FROM results ORDER BY attempt, item_id"
 BLOCK_ROWS = 25  # five chunks of five items per compacted file: several blocks, so crashes land between them
 
 
-def _call(client, item):
-    if item.id.endswith("7"):
-        raise Retryable("flaky", "http_503")
-    if item.id.endswith("9"):
-        raise Permanent("gone", "http_404")
-    return {"n": int(item.id)}
-
-
-BACKFILL = Backfill(NAME, Values.of(range(200)), FunctionWork(lambda: None, _call),
+BACKFILL = Backfill(NAME, Values.of(range(200)), FunctionWork(lambda: None, sevens_retry_nines_fail),
                     ServiceLimit("svc", requests_per_second=50_000), overrides=Overrides(chunk_size=5))
 
 
@@ -232,7 +223,7 @@ def test_compaction_needs_the_plan(tmp_path):
 def test_a_name_too_long_for_a_file_is_refused_up_front(tmp_path):
     assert check_name("b" * 238) == "b" * 238
     with pytest.raises(ManifestError, match="backfill name is 300 characters.*at most 238 characters"):
-        Backfill("b" * 300, Values.of([1]), FunctionWork(lambda: None, _call), ServiceLimit("svc", 10))
+        Backfill("b" * 300, Values.of([1]), FunctionWork(lambda: None, sevens_retry_nines_fail), ServiceLimit("svc", 10))
 
 
 def test_compact_and_query_commands(tmp_path, capsys):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import duckdb
 import pytest
 
-from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.backfill import Backfill, RunResult, plan_backfill, plan_retry, run_attempt
 from pipeline.executors import LocalExecutor
 from pipeline.items import Values
 from pipeline.ledger import Ledger
@@ -83,6 +83,16 @@ def _logging_backfill(log, items: int = 40) -> Backfill:
                     ServiceLimit("svc", requests_per_second=5000), overrides=Overrides(chunk_size=10))
 
 
+def _break_then_rerun(backfill: Backfill, store: ManifestStore, manifest: str, log) -> RunResult:
+    """Overwrite a manifest with bytes that are not Parquet: the ledger refuses it, a rerun repairs it."""
+    with open(manifest, "wb") as handle:
+        handle.write(b"PAR1 this is not parquet")
+    with pytest.raises(ManifestError, match="cannot be read"):
+        Ledger(store)
+    log.unlink()
+    return run_attempt(backfill, store, LocalExecutor())
+
+
 def test_rerun_skips_finished_chunks_and_reruns_unreadable_ones(tmp_path):
     store = ManifestStore(str(tmp_path / "store"))
     log = tmp_path / "calls.log"
@@ -94,12 +104,7 @@ def test_rerun_skips_finished_chunks_and_reruns_unreadable_ones(tmp_path):
     assert len(finished) == 3 and not store.attempt_files("resume", 0).compacted
     broken_chunk = min(finished)
     broken = store.chunk_path("resume", 0, broken_chunk)
-    with open(broken, "wb") as handle:
-        handle.write(b"PAR1 this is not parquet")
-    with pytest.raises(ManifestError, match="cannot be read"):
-        Ledger(store)
-    log.unlink()
-    result = run_attempt(backfill, store, LocalExecutor())
+    result = _break_then_rerun(backfill, store, broken, log)
     assert result.unreadable_manifests == [broken]
     rerun = {broken_chunk} | (set(range(4)) - finished)
     chunk_ids = plan["chunk_id"].to_pylist()
@@ -117,12 +122,7 @@ def test_an_unreadable_compacted_file_reruns_its_chunks_and_is_replaced(tmp_path
     plan_backfill(backfill, store)
     run_attempt(backfill, store, LocalExecutor())
     [compacted] = store.manifest_files()
-    with open(compacted, "wb") as handle:
-        handle.write(b"PAR1 cut short")
-    with pytest.raises(ManifestError, match="cannot be read"):
-        Ledger(store)
-    log.unlink()
-    result = run_attempt(backfill, store, LocalExecutor())
+    result = _break_then_rerun(backfill, store, compacted, log)
     assert result.unreadable_manifests == [compacted] and result.skipped_chunks == 0
     assert len(log.read_text().split()) == 40
     assert store.manifest_files() == [compacted] and result.counts["ok"] == 40

@@ -10,20 +10,11 @@ from pipeline.items import ItemsError, S3Prefix, Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Overrides, ServiceLimit
 from pipeline.manifests import ManifestError, ManifestStore
-from pipeline.outcomes import Permanent, Retryable
 from pipeline.work import FunctionWork
-from tests.conftest import Killed, StopsAfter
+from tests.conftest import Killed, StopsAfter, sevens_retry_nines_fail
 
 
-def _call(client, item):
-    if item.id.endswith("7"):
-        raise Retryable("flaky", "http_503")
-    if item.id.endswith("9"):
-        raise Permanent("gone", "http_404")
-    return {"n": int(item.id)}
-
-
-BACKFILL = Backfill("parity", Values.of(range(60)), FunctionWork(lambda: None, _call),
+BACKFILL = Backfill("parity", Values.of(range(60)), FunctionWork(lambda: None, sevens_retry_nines_fail),
                     ServiceLimit("svc", requests_per_second=5000))
 COMPARED = "SELECT item_id, attempt, ok, retryable, status, payload FROM latest ORDER BY item_id"
 

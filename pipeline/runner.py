@@ -196,8 +196,14 @@ def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try) ->
     try:
         value = call(client, attempt.item)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row
-        return attempt, None, error, started, time.time(), take_heard()
-    return attempt, value, None, started, time.time(), take_heard()
+        return attempt, None, error, started, time.time(), None
+    return attempt, value, None, started, time.time(), None
+
+
+def _timed_call_heard(call: Callable[[Any, Item], Any], client: Any, attempt: _Try) -> _Outcome:
+    """``_timed_call`` on an httpx client that reports its rate-limit headers (``pacing.listen``)."""
+    attempt, value, error, started, finished, _ = _timed_call(call, client, attempt)
+    return attempt, value, error, started, finished, take_heard()
 
 
 class _ChunkLoop:
@@ -224,10 +230,12 @@ class _ChunkLoop:
         latency = learned.latency_s if learned else pacing.seconds_per_call
         self.slots = InFlightLimit(_slot_cap(work, pacing, connection.client), latency)
         self.cost = TokenCost(learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call)
+        self._counts_returns = bool(pacing.window_calls)  # politeness windows count from returns
+        self._charges_tokens = bool(pacing.tokens_per_second or self._cost_fn or self._usage_fn)
         self.aimd = Aimd(learned.pace_factor if learned else 1.0)
         self._proven = learned is not None  # a worker whose earlier chunk of this run got through
         self.pacer.slow_to(self.aimd.factor)
-        listen(connection.client)
+        self._call_fn = _timed_call_heard if listen(connection.client) else _timed_call
         self._fresh = deque(chunk.items())
         self._deferred: list[tuple[float, int, _Try]] = []  # (ready at, tie-breaker, try): a heap
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
@@ -244,6 +252,9 @@ class _ChunkLoop:
     def run(self) -> None:
         self.pacer.start_after(self._chunk.start_delay_s)
         while not self._stopped:
+            if self._unpaced_and_plain():
+                self._run_unpaced()
+                continue
             if self._in_flight:
                 self._settle_finished()
             if self._reconnect:
@@ -253,22 +264,57 @@ class _ChunkLoop:
             if self._in_flight >= slots:
                 self._settle(self._done.get())
                 continue
-            attempt = self._next_ready()
-            if attempt is None:
-                if not self._wait_for_work():
-                    break
-                continue
-            attempt.charge = self.cost.charge(attempt.estimate)
+            if self._fresh and not self._deferred and self._cost_fn is None:  # the common case, kept cheap
+                attempt = _Try(self._fresh.popleft(), None)
+            else:
+                attempt = self._next_ready()
+                if attempt is None:
+                    if not self._wait_for_work():
+                        break
+                    continue
+            if self._charges_tokens:
+                attempt.charge = self.cost.charge(attempt.estimate)
             self.pacer.before_call(attempt.charge)
             attempt.tries += 1
             self._in_flight += 1
             if slots == 1 and self._in_flight == 1:
-                self._settle(_timed_call(self._call, self._connection.client, attempt))
+                self._settle(self._call_fn(self._call, self._connection.client, attempt))
             else:
                 self._submit(attempt)
         if not self._stopped:
             self.pacer.finish()
         remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call, self.aimd.factor))
+
+    def _unpaced_and_plain(self) -> bool:
+        """Nothing to pace, count or hear, and nothing set aside: the hot loop can take the next items."""
+        return (
+            bool(self._fresh)
+            and self.pacer.unpaced
+            and not (self._deferred or self._in_flight or self._reconnect or self._charges_tokens)
+            and not self._counts_returns
+            and self._call_fn is _timed_call
+        )
+
+    def _run_unpaced(self) -> None:
+        """The hot loop, for work nothing paces (a connection-limited load): one call at a time, inline.
+
+        It runs once per item of a million-item backfill, so it calls as few
+        functions per item as it can; any failure goes through the general
+        path, and anything that makes the worker paced (a Retry-After to wait)
+        hands the rest back to the general loop.
+        """
+        fresh, call, client, succeed = self._fresh, self._call, self._connection.client, self._succeed
+        while fresh and self.pacer.unpaced and not (self._deferred or self._reconnect or self._stopped):
+            item = fresh.popleft()
+            started = time.time()
+            try:
+                value = call(client, item)
+            except Exception as error:  # noqa: BLE001 - every failure becomes a row
+                attempt = _Try(item, None)
+                attempt.tries = 1
+                self._fail(attempt, error, started, time.time())
+                continue
+            succeed(item, 1, 0.0, None, value, started, time.time())
 
     def _slots(self) -> int:
         """Calls that may be in flight now: one until the service has accepted a call of this worker.
@@ -276,7 +322,7 @@ class _ChunkLoop:
         Until then every call may be refused for bad credentials, and the fail-fast
         check stops after exactly ``auth_fail_fast`` refusals, not that many plus the calls in flight.
         """
-        if not self._proven:
+        if not self._proven or self.slots.cap == 1 or self.pacer.unpaced:
             return 1
         return self.slots.limit(self.pacer.calls_per_second(self.cost.per_call))
 
@@ -332,10 +378,11 @@ class _ChunkLoop:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix=f"paceline-chunk-{self._chunk.chunk_id}")
         client, done, gate, spacing = self._connection.client, self._done, self._gate, self.pacer.spacing()
+        timed_call = self._call_fn
 
         def send() -> None:
             gate.enter(spacing)
-            done.put(_timed_call(self._call, client, attempt))
+            done.put(timed_call(self._call, client, attempt))
 
         self._pool.submit(send)
 
@@ -352,18 +399,21 @@ class _ChunkLoop:
     def _settle(self, outcome: _Outcome) -> None:
         attempt, value, error, started, finished, heard = outcome
         self._in_flight -= 1
-        self.pacer.after_call()
-        self.slots.on_sample(finished - started)
+        if self._counts_returns:
+            self.pacer.after_call()
+        if self.slots.cap > 1 and not self.pacer.unpaced:  # latency only matters to a paced worker
+            self.slots.on_sample(finished - started)
         if heard is not None:
             self.pacer.heed(heard, self.cost.per_call)
         if self._stopped:
             return  # the chunk was already given up (bad credentials): its rows are written
         if error is None:
-            self._succeed(attempt, value, started, finished)
+            self._succeed(attempt.item, attempt.tries, attempt.charge, attempt.estimate, value, started, finished)
         else:
             self._fail(attempt, error, started, finished)
 
-    def _succeed(self, attempt: _Try, value: Any, started: float, finished: float) -> None:
+    def _succeed(self, item: Item, tries: int, charge: float, estimate: float | None, value: Any, started: float,
+                 finished: float) -> None:
         self._connection.on_success()
         self._last_throttled = False
         self._successes += 1
@@ -371,19 +421,16 @@ class _ChunkLoop:
         if self.aimd.factor < 1.0:  # probing back up; at the ceiling there is nothing to do
             self.aimd.on_success()
             self.pacer.slow_to(self.aimd.factor)
-        actual = _reported_usage(self._usage_fn, value)
+        actual = None if self._usage_fn is None else _reported_usage(self._usage_fn, value)
         if actual is not None:
-            self.pacer.reconcile(attempt.charge, actual)
+            self.pacer.reconcile(charge, actual)
             self.cost.on_usage(actual)
-        item_id = attempt.item.id
         try:
             payload = None if value is None else scrub(_encode_json(value), self._secrets)
         except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent
-            failure = self._scrubbed(classify(error))
-            self._result.add_failure(item_id, started, finished, attempt.tries, failure, attempt.retry_after)
+            self._result.add_failure(item.id, started, finished, tries, self._scrubbed(classify(error)))
             return
-        tokens = actual if actual is not None else attempt.estimate
-        self._result.add_ok(item_id, started, finished, attempt.tries, payload, tokens)
+        self._result.add_ok(item.id, started, finished, tries, payload, actual if actual is not None else estimate)
 
     def _fail(self, attempt: _Try, error: Exception, started: float, finished: float) -> None:
         if isinstance(error, CallAgain):  # a paced request for a prerequisite: the item itself goes next
@@ -455,7 +502,7 @@ class _ChunkLoop:
         if self._stopped:
             return
         try:
-            listen(self._connection.replace())
+            self._call_fn = _timed_call_heard if listen(self._connection.replace()) else _timed_call
         except ConnectionLost as lost:
             self._fill_rest(self._scrubbed(lost.failure))
 

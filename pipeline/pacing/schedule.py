@@ -100,6 +100,11 @@ class Pacer:
         self._floor_until = 0.0  # ... until the quota resets
         self._last_start = -math.inf
 
+    @property
+    def unpaced(self) -> bool:
+        """Nothing paces this worker now: no rate, no politeness, no tokens, no wait pending."""
+        return self._unpaced
+
     def start_after(self, seconds: float) -> None:
         """Delay the first call (staggered start-up: see ``limits.start_delays``)."""
         if seconds > 0:

@@ -125,14 +125,22 @@ def tail(ledger: Ledger, name: str, workers: int, ok_times: np.ndarray) -> Tail:
     A worker takes the next chunk when its chunk ends, so the first worker left
     without one is the one whose chunk was the (chunks - workers + 1)-th to end.
     """
-    ends = sorted(r[0] for r in ledger.con.execute(
-        "SELECT epoch(max(finished_at)) FROM results WHERE backfill = ? AND attempt = 0 GROUP BY chunk_id",
-        [name]).fetchall())
+    ends = sorted(
+        r[0]
+        for r in ledger.con.execute(
+            "SELECT epoch(max(finished_at)) FROM results WHERE backfill = ? AND attempt = 0 GROUP BY chunk_id", [name]
+        ).fetchall()
+    )
     idle = ends[max(0, len(ends) - workers)]
     before, after = ok_times[ok_times < idle], ok_times[ok_times >= idle]
-    return Tail(len(ends), workers, float(idle - ok_times[0]), float(ok_times[-1] - idle),
-                len(before) / (idle - ok_times[0]) if len(before) else 0.0,
-                len(after) / (ok_times[-1] - idle) if len(after) > 1 else 0.0)
+    return Tail(
+        len(ends),
+        workers,
+        float(idle - ok_times[0]),
+        float(ok_times[-1] - idle),
+        len(before) / (idle - ok_times[0]) if len(before) else 0.0,
+        len(after) / (ok_times[-1] - idle) if len(after) > 1 else 0.0,
+    )
 
 
 @dataclass
@@ -159,8 +167,10 @@ class Cell:
 
 def _items(count: int, heal: int) -> list[str]:
     heal_every = count // (heal + 1) if heal else 0
-    return [f"heal1-{n}" if heal_every and n % heal_every == heal_every - 1 and n // heal_every < heal
-            else f"item-{n}" for n in range(count)]
+    return [
+        f"heal1-{n}" if heal_every and n % heal_every == heal_every - 1 and n // heal_every < heal else f"item-{n}"
+        for n in range(count)
+    ]
 
 
 def run_cell(label: str, server: dict[str, Any], real_rps: float, seconds: float, heal: int, root: str) -> Cell:
@@ -182,16 +192,32 @@ def run_cell(label: str, server: dict[str, Any], real_rps: float, seconds: float
         with Ledger(store, backfill.max_attempts, label) as ledger:
             end = tail(ledger, label, first.execution.max_parallelism, ok_times)
             latest, distinct, ok = ledger.con.execute(
-                "SELECT count(*), count(DISTINCT item_id), count(*) FILTER (WHERE ok) FROM latest").fetchall()[0]
+                "SELECT count(*), count(DISTINCT item_id), count(*) FILTER (WHERE ok) FROM latest"
+            ).fetchall()[0]
     lost = len(items) - distinct + (latest - distinct)  # no row, or more than one latest row
     with start_http_api(latency_ms=LATENCY_MS, **server) as twin:
         baseline_client = run_baseline(twin.url, items, DECLARED_RPS, CONCURRENCY)
         baseline = served(twin.arrivals())
     rate = next((a.value for a in first.advice if a.field == "requests_per_second"), None)
     explanation, retry_items = retry
-    return Cell(label, real_rps, served(arrivals), baseline, baseline_client, len(items), lost, len(items) - ok,
-                rate, first.report.sustainable_rate, [a.line() for a in first.advice], explanation, retry_items, factors,
-                (load_before, os.getloadavg()[0]), end)
+    return Cell(
+        label,
+        real_rps,
+        served(arrivals),
+        baseline,
+        baseline_client,
+        len(items),
+        lost,
+        len(items) - ok,
+        rate,
+        first.report.sustainable_rate,
+        [a.line() for a in first.advice],
+        explanation,
+        retry_items,
+        factors,
+        (load_before, os.getloadavg()[0]),
+        end,
+    )
 
 
 def _retry_round(backfill: Backfill, store: ManifestStore, first: RunResult) -> tuple[str, int]:
@@ -219,24 +245,39 @@ def run(quick: bool) -> Outcome:
 
 def _outcome(cells: list[Cell], headers: Cell, quota: int, window: float, quick: bool) -> Outcome:
     worst = min(c.paceline.goodput / c.real_rps for c in cells)
-    outcome = Outcome(NAME, f"lowest goodput {worst:.2f} of the real limit, most 429s "
-                            f"{max(c.paceline.throttled_share for c in cells):.1%}; headers only: "
-                            f"{headers.paceline.throttled} 429s (aiolimiter: {headers.baseline.throttled})")
-    outcome.row("declared", f"requests_per_second={DECLARED_RPS:g}, safety {SAFETY} (target {DECLARED_RPS * SAFETY:g}"
-                            f" req/s); server latency {LATENCY_MS:g} ms; aiolimiter at {DECLARED_RPS:g} req/s, "
-                            f"concurrency {CONCURRENCY}")
+    outcome = Outcome(
+        NAME,
+        f"lowest goodput {worst:.2f} of the real limit, most 429s "
+        f"{max(c.paceline.throttled_share for c in cells):.1%}; headers only: "
+        f"{headers.paceline.throttled} 429s (aiolimiter: {headers.baseline.throttled})",
+    )
+    outcome.row(
+        "declared",
+        f"requests_per_second={DECLARED_RPS:g}, safety {SAFETY} (target {DECLARED_RPS * SAFETY:g}"
+        f" req/s); server latency {LATENCY_MS:g} ms; aiolimiter at {DECLARED_RPS:g} req/s, "
+        f"concurrency {CONCURRENCY}",
+    )
     for cell in cells:
         _cell_rows(outcome, cell)
         _cell_goals(outcome, cell, quick)
     _cell_rows(outcome, headers, f"quota {quota} per {window:g} s window, headers on every response")
     p = headers.paceline
-    outcome.goal("headers only: zero 429s", p.throttled == 0,
-                 f"{p.throttled} of {p.requests} requests (aiolimiter: {headers.baseline.throttled} of "
-                 f"{headers.baseline.requests})")
-    outcome.goal("headers only: busiest second never above the declared limit", p.busiest_1s <= DECLARED_RPS,
-                 f"{p.busiest_1s} <= {DECLARED_RPS:g}")
-    outcome.goal("headers only: nothing lost", headers.lost == 0 and headers.not_ok == 0,
-                 f"{headers.lost} lost, {headers.not_ok} not ok of {headers.items}")
+    outcome.goal(
+        "headers only: zero 429s",
+        p.throttled == 0,
+        f"{p.throttled} of {p.requests} requests (aiolimiter: {headers.baseline.throttled} of "
+        f"{headers.baseline.requests})",
+    )
+    outcome.goal(
+        "headers only: busiest second never above the declared limit",
+        p.busiest_1s <= DECLARED_RPS,
+        f"{p.busiest_1s} <= {DECLARED_RPS:g}",
+    )
+    outcome.goal(
+        "headers only: nothing lost",
+        headers.lost == 0 and headers.not_ok == 0,
+        f"{headers.lost} lost, {headers.not_ok} not ok of {headers.items}",
+    )
     outcome.metrics["headers_429"] = p.throttled
     outcome.metrics["headers_busiest_1s"] = p.busiest_1s
     outcome.metrics["headers_lost"] = headers.lost
@@ -247,31 +288,51 @@ def _outcome(cells: list[Cell], headers: Cell, quota: int, window: float, quick:
 
 def _cell_rows(outcome: Outcome, cell: Cell, server: str | None = None) -> None:
     p, b = cell.paceline, cell.baseline
-    outcome.row(f"{cell.label}", server or f"real limit {cell.real_rps:g} req/s = {cell.real_rps / DECLARED_RPS:.0%}"
-                                           f" of the declared; {cell.items} items")
-    outcome.row("  goodput / real limit", f"Paceline {p.goodput:.1f} / {cell.real_rps:g} = {p.goodput / cell.real_rps:.3f}"
-                                          f"; aiolimiter {b.goodput:.1f} = {b.goodput / cell.real_rps:.3f}; "
-                                          f"ratio {p.goodput / b.goodput:.2f}")
-    outcome.row("  429 share (server)", f"Paceline {p.throttled_share:.2%} ({p.throttled} of {p.requests}); aiolimiter "
-                                        f"{b.throttled_share:.2%} ({b.throttled} of {b.requests})")
+    outcome.row(
+        f"{cell.label}",
+        server
+        or f"real limit {cell.real_rps:g} req/s = {cell.real_rps / DECLARED_RPS:.0%}"
+        f" of the declared; {cell.items} items",
+    )
+    outcome.row(
+        "  goodput / real limit",
+        f"Paceline {p.goodput:.1f} / {cell.real_rps:g} = {p.goodput / cell.real_rps:.3f}"
+        f"; aiolimiter {b.goodput:.1f} = {b.goodput / cell.real_rps:.3f}; "
+        f"ratio {p.goodput / b.goodput:.2f}",
+    )
+    outcome.row(
+        "  429 share (server)",
+        f"Paceline {p.throttled_share:.2%} ({p.throttled} of {p.requests}); aiolimiter "
+        f"{b.throttled_share:.2%} ({b.throttled} of {b.requests})",
+    )
     outcome.row("  busiest second (server, all arrivals)", f"Paceline {p.busiest_1s}; aiolimiter {b.busiest_1s}")
     outcome.row("  run length (server, first to last)", f"Paceline {p.seconds:.1f} s; aiolimiter {b.seconds:.1f} s")
     steady = p.ok_per_s[1:-1] or p.ok_per_s
-    outcome.row("  Paceline 200s per second: median / min..max (inner seconds)",
-                f"{statistics.median(steady):g} / {min(steady)}..{max(steady)}")
+    outcome.row(
+        "  Paceline 200s per second: median / min..max (inner seconds)",
+        f"{statistics.median(steady):g} / {min(steady)}..{max(steady)}",
+    )
     outcome.row("  Paceline 200s per second", " ".join(map(str, p.ok_per_s)))
     outcome.row("  Paceline 429s per second", " ".join(map(str, p.throttled_per_s)))
     t = cell.tail
-    outcome.row("  tail (first worker out of chunks)",
-                f"{t.chunks} chunks over {t.workers} workers; starts {t.starts_after_s:.1f} s after the first 200, "
-                f"lasts {t.seconds:.1f} s; goodput before {t.goodput_before:.1f} "
-                f"({t.goodput_before / cell.real_rps:.3f} of the real limit), in the tail {t.goodput_in_tail:.1f}")
+    outcome.row(
+        "  tail (first worker out of chunks)",
+        f"{t.chunks} chunks over {t.workers} workers; starts {t.starts_after_s:.1f} s after the first 200, "
+        f"lasts {t.seconds:.1f} s; goodput before {t.goodput_before:.1f} "
+        f"({t.goodput_before / cell.real_rps:.3f} of the real limit), in the tail {t.goodput_in_tail:.1f}",
+    )
     outcome.row("  workers' AIMD factor at the end", ", ".join(f"{f:.3f}" for f in cell.pace_factors) or "-")
-    outcome.row("  rate advice", f"requests_per_second={cell.rate_advice:g}: {cell.rate_advice / cell.real_rps:.3f} of "
-                                 f"the real limit" if cell.rate_advice else "none (no rate advice)")
+    outcome.row(
+        "  rate advice",
+        f"requests_per_second={cell.rate_advice:g}: {cell.rate_advice / cell.real_rps:.3f} of the real limit"
+        if cell.rate_advice
+        else "none (no rate advice)",
+    )
     if cell.sustainable is not None:
-        outcome.row("  measured sustainable rate (report, advised or not)",
-                    f"{cell.sustainable:.1f} = {cell.sustainable / cell.real_rps:.3f} of the real limit")
+        outcome.row(
+            "  measured sustainable rate (report, advised or not)",
+            f"{cell.sustainable:.1f} = {cell.sustainable / cell.real_rps:.3f} of the real limit",
+        )
     for line in cell.advice_lines:
         outcome.row("    advice", line)
     outcome.row("  retry round", f"{cell.retry_items} items; {cell.retry_explanation}")
@@ -298,28 +359,52 @@ def _cell_goals(outcome: Outcome, cell: Cell, quick: bool) -> None:
     p, name = cell.paceline, f"real limit {cell.real_rps / DECLARED_RPS:.0%}"
     if not quick:
         outcome.goal(f"{name}: run of at least 30 s", p.seconds >= 30, f"{p.seconds:.1f} s")
-    outcome.goal(f"{name}: goodput >= {GOAL_GOODPUT} of the real limit", p.goodput >= GOAL_GOODPUT * cell.real_rps,
-                 f"{p.goodput:.1f} / {cell.real_rps:g} = {p.goodput / cell.real_rps:.3f}")
-    outcome.goal(f"{name}: <= {GOAL_THROTTLED:.0%} of calls throttled", p.throttled_share <= GOAL_THROTTLED,
-                 f"{p.throttled_share:.2%} ({p.throttled} of {p.requests})")
-    outcome.goal(f"{name}: busiest second never above the declared limit", p.busiest_1s <= DECLARED_RPS,
-                 f"{p.busiest_1s} <= {DECLARED_RPS:g}")
-    outcome.goal(f"{name}: nothing lost", cell.lost == 0 and cell.not_ok == 0,
-                 f"{cell.lost} lost, {cell.not_ok} not ok of {cell.items} after the retry round")
+    outcome.goal(
+        f"{name}: goodput >= {GOAL_GOODPUT} of the real limit",
+        p.goodput >= GOAL_GOODPUT * cell.real_rps,
+        f"{p.goodput:.1f} / {cell.real_rps:g} = {p.goodput / cell.real_rps:.3f}",
+    )
+    outcome.goal(
+        f"{name}: <= {GOAL_THROTTLED:.0%} of calls throttled",
+        p.throttled_share <= GOAL_THROTTLED,
+        f"{p.throttled_share:.2%} ({p.throttled} of {p.requests})",
+    )
+    outcome.goal(
+        f"{name}: busiest second never above the declared limit",
+        p.busiest_1s <= DECLARED_RPS,
+        f"{p.busiest_1s} <= {DECLARED_RPS:g}",
+    )
+    outcome.goal(
+        f"{name}: nothing lost",
+        cell.lost == 0 and cell.not_ok == 0,
+        f"{cell.lost} lost, {cell.not_ok} not ok of {cell.items} after the retry round",
+    )
     if cell.real_rps >= DECLARED_RPS:  # the declaration was right: nothing to advise about the rate
-        outcome.goal(f"{name}: no rate advice where the declared limit is the real one", cell.rate_advice is None,
-                     f"{'none' if cell.rate_advice is None else cell.rate_advice}; {p.throttled} calls throttled")
+        outcome.goal(
+            f"{name}: no rate advice where the declared limit is the real one",
+            cell.rate_advice is None,
+            f"{'none' if cell.rate_advice is None else cell.rate_advice}; {p.throttled} calls throttled",
+        )
     elif cell.rate_advice is None:
-        outcome.goal(f"{name}: advice within {GOAL_ADVICE:.0%} of the real limit", False,
-                     f"no rate advice at all: {p.throttled_share:.2%} of calls throttled, under the "
-                     f"{THROTTLED_SHARE:.0%} the advice needs (pipeline.advice.THROTTLED_SHARE)")
+        outcome.goal(
+            f"{name}: advice within {GOAL_ADVICE:.0%} of the real limit",
+            False,
+            f"no rate advice at all: {p.throttled_share:.2%} of calls throttled, under the "
+            f"{THROTTLED_SHARE:.0%} the advice needs (pipeline.advice.THROTTLED_SHARE)",
+        )
     else:
         off = cell.rate_advice / cell.real_rps - 1
-        outcome.goal(f"{name}: advice within {GOAL_ADVICE:.0%} of the real limit", abs(off) <= GOAL_ADVICE,
-                     f"requests_per_second={cell.rate_advice:g} vs {cell.real_rps:g} ({off:+.1%})")
+        outcome.goal(
+            f"{name}: advice within {GOAL_ADVICE:.0%} of the real limit",
+            abs(off) <= GOAL_ADVICE,
+            f"requests_per_second={cell.rate_advice:g} vs {cell.real_rps:g} ({off:+.1%})",
+        )
     if cell.rate_advice is not None and cell.retry_items:
-        outcome.goal(f"{name}: the retry round paced itself from the advice",
-                     cell.retry_explanation.startswith("paced from the advice"), cell.retry_explanation)
+        outcome.goal(
+            f"{name}: the retry round paced itself from the advice",
+            cell.retry_explanation.startswith("paced from the advice"),
+            cell.retry_explanation,
+        )
 
 
 if __name__ == "__main__":

@@ -468,7 +468,7 @@ def _choose_chunk_size(
     return size
 
 
-CHUNKS_PER_WORKER = 4
+CHUNKS_PER_WORKER = 8
 """Chunks each worker should get in a short run, so workers that end up at different paces (each one
 backs off on its own throttles) finish close together: whoever is done first takes the next chunk."""
 

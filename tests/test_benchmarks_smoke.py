@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks import compaction, crash_cost, failed_query, overhead, planning, utilisation
+from benchmarks import compaction, crash_cost, failed_query, overhead, planning, real_limit, utilisation
 from benchmarks.common import child_env
 
 # The engine is about 0.25x the raw thread pool today on no-op work (see BENCHMARKS.md);
@@ -59,6 +59,17 @@ def test_utilisation_quick_never_exceeds_a_limit_and_uses_most_of_the_budget():
     for case in utilisation.CASES:
         assert outcome.metrics[f"{case}_busiest_over_limit"] <= 1.0, outcome.render()
         assert outcome.metrics[f"{case}_utilisation"] >= MIN_UTILISATION, outcome.render()
+
+
+def test_real_limit_quick_loses_nothing_never_exceeds_the_declared_limit_and_heeds_headers():
+    outcome = real_limit.run(quick=True)
+    metrics = outcome.metrics
+    for cell in ("real100", "real70", "real40"):
+        assert metrics[f"{cell}_lost"] == 0, outcome.render()  # every item has exactly one latest row
+        assert metrics[f"{cell}_busiest_1s"] <= real_limit.DECLARED_RPS, outcome.render()
+    assert metrics["headers_lost"] == 0, outcome.render()
+    assert metrics["headers_busiest_1s"] <= real_limit.DECLARED_RPS, outcome.render()
+    assert metrics["headers_429"] == 0, "a client that reads x-ratelimit-remaining never meets the quota's 429"
 
 
 def test_run_entry_point_prints_a_summary_and_writes_json(tmp_path):

@@ -151,7 +151,7 @@ def test_a_token_budget_counted_per_second_is_held_even_if_every_worker_is_early
 def test_short_runs_get_several_chunks_per_worker_but_no_chunk_shorter_than_its_drain():
     limit = ServiceLimit("api", requests_per_second=100, safety=0.5)
     quick = derive_plan(limit, Estimates(seconds_per_call=0.01), item_count=4000)
-    assert 4000 / quick.chunk_size >= 4 * quick.max_parallelism, "four chunks per worker, for balance"
+    assert 4000 / quick.chunk_size >= 8 * quick.max_parallelism, "eight chunks per worker, for balance"
     slow = derive_plan(limit, Estimates(seconds_per_call=2.0), item_count=4000)
     seconds_per_chunk = slow.chunk_size * slow.pacing.period()
     assert seconds_per_chunk >= min(50 * 2.0, Estimates().target_chunk_seconds), "the drain stays a small part"

@@ -106,7 +106,7 @@ def test_a_file_cut_off_midway_loads_nothing_then_exactly_once_on_retry(
 
     first = runner.run(backfill)
     rows = runner.latest(backfill)
-    assert runner.chunks(backfill) == 4, "one worker, four chunks of one file (limits.CHUNKS_PER_WORKER)"
+    assert runner.chunks(backfill) == 4, "one worker, a chunk per file (limits.CHUNKS_PER_WORKER)"
     failed = {key for key, row in rows.items() if not row["ok"]}
     assert failed == {"in/part-000.jsonl.gz"}, "only the cut file: the rest of its chunk ran on a new connection"
     assert {rows[key]["status"] for key in failed} == {"db_unavailable"} and first.counts["failed"] == 1

@@ -17,9 +17,10 @@ states, in this order only (``Block.advance`` refuses anything else)::
 * ``CHUNKS``: only chunk files. Compaction starts only when every chunk of the
   block has one (so two compactors of one block always write the same name).
 * ``WRITING``: the rows go to a temp file (local: ``.<pid>-<hex>.tmp`` in the
-  attempt folder; S3: a local file, then one upload). Nothing reads it; a
-  crash leaves the chunk files as they were, and the temp file of a dead
-  writer is removed by the next resume.
+  attempt folder; S3: a file in the local temp folder, then one upload).
+  Nothing reads it; a crash leaves the chunk files as they were. Locally the
+  next resume removes a dead writer's temp file; on S3 an upload cut short
+  leaves no object (the local temp file stays for the OS to clear).
 * ``COMMITTED``: the file is published as ``compacted-<first>-<last>.parquet``
   (fsync, ``os.replace``, fsync of the folder; on S3 the object appears whole
   when its upload completes). The name is the commit record: from this

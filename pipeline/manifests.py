@@ -70,10 +70,10 @@ _COMPACTED_FILE = re.compile(r"^compacted-(\d+)-(\d+)\.parquet$")
 _PLAN_FILE = re.compile(r"^/plans/backfill=([^/]+)/attempt=(\d+)\.parquet$")
 _TEMP_FILE = re.compile(r"^\.(\d+)-[0-9a-f]+\.tmp$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+FOOTER_THREADS = 8  # footers are small reads; on S3 each is a request worth overlapping
 # A name becomes the folder ``backfill=<name>`` and the file ``backfill=<name>.parquet`` (failed items);
 # Linux, macOS and Windows stop a file name at 255 bytes. Dagster stores keys, run keys and partition
 # names as text columns without a length limit, so the file name is the binding one.
-FOOTER_THREADS = 8  # footers are small reads; on S3 each is a request worth overlapping
 MAX_NAME_CHARS = 255 - len("backfill=") - len(".parquet")
 
 
@@ -236,7 +236,7 @@ class ManifestStore:
         files = attempt_files(infos)
         finished: set[int] = set()
         unreadable: list[str] = []
-        candidates = [(path, ids) for path, ids in files.compacted.items()]
+        candidates = list(files.compacted.items())
         candidates += [(path, range(i, i + 1)) for i, path in files.chunks.items()]
         for path, ids in candidates:
             if self.readable(path):

@@ -30,4 +30,4 @@ def test_workload_demo_job_succeeds_and_loses_no_item(spec, instance, tmp_path):
         assert failed_count > 0  # its deliberate "fails once" ids wait for the sensor's retry round
     else:
         assert failed_count == 0
-    assert list((tmp_path / "manifests").rglob("*.parquet")), "manifests were written (and compacted) under the root"
+    assert list(tmp_path.rglob("compacted-*.parquet")), "manifests were written (and compacted) under the configured root"

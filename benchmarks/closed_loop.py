@@ -117,6 +117,10 @@ class Cell:
     latency_ms: float
     period_s: float
     load: str
+    construction_bound: float = 0.0
+    offered_busiest: float | None = None
+    limit_429_times: list[float] = field(default_factory=list)
+    losses: dict[str, float] = field(default_factory=dict)
     startup_busiest: float | None = None
     later_busiest: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -199,9 +203,13 @@ def _plan_label(overrides: Overrides) -> str:
 
 def _cell_from(key: str, condition: str, overrides: Overrides, ran: Ran, unit: str, target: float,
                achieved: float, seconds: float, limit: float, busiest: float, window: str, limit_429s: int,
-               items: int, period_s: float, load: str) -> Cell:
+               items: int, period_s: float, load: str, window_s: float = 1.0, per_call: float = 1.0) -> Cell:
     report, execution = ran.result.report, ran.result.execution
+    with Ledger(ran.store, ran.backfill.max_attempts, ran.backfill.name) as ledger:
+        losses = shortfall(ledger, ran.backfill.name, execution.max_parallelism, period_s)
     return Cell(
+        construction_bound=execution.max_parallelism * calls_per_window(period_s, window_s) * per_call,
+        losses=losses,
         key=key, condition=condition, plan=_plan_label(overrides), unit=unit, target=target, achieved=achieved,
         limit=limit, busiest=busiest, window=window, limit_429s=limit_429s, items=items, rows=ran.rows,
         distinct_rows=ran.distinct_rows, ok=int(ran.result.counts["ok"]), seconds=seconds,
@@ -239,12 +247,16 @@ def api_cell(latency_ms: int, estimate: str, duration: float, root: str,
     # Admitted by the limiter: everything but its own 429s (a throttle fault's 429 came through it).
     admitted = [a["t"] for a in arrivals if a["status"] != 429 or str(a["item"]).startswith("throttle")]
     achieved, seconds = _span_rate(admitted)
-    limit_429s = sum(1 for a in arrivals if a["status"] == 429 and not str(a["item"]).startswith("throttle"))
+    refused = sorted(a["t"] for a in arrivals if a["status"] == 429 and not str(a["item"]).startswith("throttle"))
+    limit_429s = len(refused)
     condition = f"API {latency_ms} ms, seconds_per_call {_estimate_words(estimate, latency_ms)}"
     cell = _cell_from(key, condition, overrides, ran, "req/s", target, achieved, seconds, RPS,
                       stats["busiest_1s"], "1 s", limit_429s, len(ids), ran.result.execution.pacing.min_interval_s,
                       f"{load} -> {_load()}")
-    cell.notes.append(f"429s from the throttle fault: {stats['by_status'].get('429', 0) - limit_429s}")
+    plain_ok = [a["t"] for a in arrivals if a["status"] == 200 and not str(a["item"]).startswith("throttle")]
+    cell.notes.append(str(_span_rate(plain_ok)[0]))  # the throttled-items case reads it
+    cell.offered_busiest = stats["busiest_1s_all"]
+    cell.limit_429_times = [t - min(admitted) for t in refused]
     return cell
 
 
@@ -254,6 +266,52 @@ def _estimate_words(estimate: str, latency_ms: int) -> str:
     if estimate == "wrong5x":
         return f"5x optimistic ({latency_ms / 5000:g} s)"
     return "absent (default 0.05 s)"
+
+
+def shortfall(ledger: Ledger, backfill: str, workers: int, period_s: float) -> dict[str, float]:
+    """Where the workers' budget of calls went, as shares of it (client start times, from the manifests).
+
+    Manifests do not say which worker ran a chunk, so the LocalExecutor's
+    order is replayed: the first ``workers`` chunks to start open one worker
+    each, and every later chunk goes to the worker whose chunk ended first
+    before it started. Over the span from the first call to the last, each
+    worker could have called span / period times; the shortfall splits into
+    starting late, finishing early, the gap at each chunk boundary beyond one
+    period (the drain, a new client, the pickling), and gaps inside chunks
+    beyond the period (start-up ramp, 429 waits, a CPU-starved dispatcher).
+    """
+    chunks = ledger.con.execute(
+        "SELECT epoch(min(started_at)), epoch(max(started_at)), epoch(max(finished_at)), count(*) FROM results "
+        "WHERE backfill = ? AND attempt = 0 AND tries > 0 GROUP BY chunk_id ORDER BY 1", [backfill]
+    ).fetchall()
+    if not chunks or period_s <= 0:
+        return {}
+    first = chunks[0][0]
+    last = max(c[1] for c in chunks)
+    budget = workers * (last - first) / period_s
+    ends: list[tuple[float, float]] = []  # (last finish, last start) of each worker's latest chunk
+    lost = {"late start": 0.0, "early finish": 0.0, "chunk boundaries": 0.0, "within chunks": 0.0}
+    for start, last_start, finish, calls in chunks:
+        lost["within chunks"] += (last_start - start) / period_s - (calls - 1)
+        if len(ends) < workers:
+            lost["late start"] += (start - first) / period_s
+        else:
+            ends.sort()
+            _, previous_start = ends.pop(0)
+            lost["chunk boundaries"] += (start - previous_start) / period_s - 1
+        ends.append((finish, last_start))
+    lost["early finish"] = sum(last - previous_start for _, previous_start in ends) / period_s
+    return {reason: calls / budget for reason, calls in lost.items()}
+
+
+def calls_per_window(period_s: float, window_s: float) -> int:
+    """Most calls one worker spaced ``period_s`` apart can put in a half-open window of ``window_s``.
+
+    Workers x this is what per-worker spacing alone guarantees over the
+    limit's window, whatever the workers' phases; it can exceed the limit
+    when the period is not much shorter than the window.
+    """
+    return math.floor(window_s / period_s - 1e-9) + 1 if period_s > 0 else 10**9
 
 
 def _items_for(rate: float, duration: float) -> int:
@@ -266,7 +324,7 @@ def _items_for(rate: float, duration: float) -> int:
 
 
 def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WINDOW_S,
-             overrides: Overrides = Overrides(), burst: bool = False) -> Cell:
+             overrides: Overrides = Overrides(), burst: bool = False, count: int | None = None) -> Cell:
     """Tokens/min declared, enforced per ``window_s`` with the budget scaled; estimate ``factor`` x the truth."""
     key = ("llm_burst_1s_window" if burst else f"llm_tokens_{factor:g}x") + (
         "" if overrides.chunk_size is None else "_pinned")
@@ -275,7 +333,7 @@ def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WI
     per_window = LLM_TOKENS_PER_S * window_s
     estimates = Estimates(seconds_per_call=LLM_LATENCY_MS / 1000, tokens_per_item=TOKENS_PER_PROMPT * factor)
     prompts = os.path.join(root, f"{key}.jsonl")
-    count = _items_for(target / TOKENS_PER_PROMPT, duration)
+    count = count or _items_for(target / TOKENS_PER_PROMPT, duration)
     with open(prompts, "w") as out:
         for n in range(count):
             out.write(json.dumps({"id": n, "prompt": PROMPT}) + "\n")
@@ -286,6 +344,7 @@ def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WI
         ran = _run(key, JsonlPrompts(prompts), work, limit, estimates, overrides, root)
         stats, arrivals = llm.stats(), llm.arrivals()
     accepted = sorted((a["t"], a["tokens"]) for a in arrivals if a["status"] == 200)
+    refused = sorted(a["t"] for a in arrivals if a["status"] == 429)
     times = np.array([t for t, _ in accepted])
     tokens = np.array([k for _, k in accepted], dtype=float)
     seconds = float(times[-1] - times[0])
@@ -296,7 +355,8 @@ def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WI
                  f"tokens_per_item {factor:g}x ({TOKENS_PER_PROMPT * factor:g})")
     cell = _cell_from(key, condition, overrides, ran, "tokens/s", target, achieved, seconds, per_window,
                       stats["busiest_window_tokens"], f"{window_s:g} s", stats["by_status"].get("429", 0), count,
-                      period, f"{load} -> {_load()}")
+                      period, f"{load} -> {_load()}", window_s, TOKENS_PER_PROMPT)
+    cell.limit_429_times = [t - accepted[0][0] for t in refused]
     if burst:
         cell.startup_busiest, cell.later_busiest = startup_and_later(times, tokens, 1.0, STARTUP_S)
     return cell
@@ -339,6 +399,7 @@ class Throttled:
     throttled_rows_ok: int  # throttled items that ended failed-retryable
     lost: int
     tries: list[int]
+    plain_span_rate: float  # with throttled items: plain items per second between the first and last plain 200
     plain: Cell
     with_throttled: Cell
 
@@ -360,6 +421,7 @@ def throttled(duration: float, root: str) -> Throttled:
     plain.key = "throttled_baseline"
     rows_root = os.path.join(root, "throttle-mixed")
     mixed_cell = api_cell(THROTTLE_LATENCY_MS, "given", duration, rows_root, ids=mixed)
+    plain_span_rate = mixed_cell.notes.pop()
     with Ledger(ManifestStore(os.path.join(rows_root, mixed_cell.key))) as ledger:
         latest = ledger.query("SELECT item_id, ok, retryable, tries FROM latest").to_pylist()
     mixed_cell.key = "throttled_mixed"
@@ -374,6 +436,7 @@ def throttled(duration: float, root: str) -> Throttled:
         throttled_rows_ok=sum(1 for r in hot if not r["ok"] and r["retryable"]),
         lost=len(mixed) - len(latest),
         tries=sorted({r["tries"] for r in hot}),
+        plain_span_rate=float(plain_span_rate),
         plain=plain,
         with_throttled=mixed_cell,
     )
@@ -499,10 +562,16 @@ def run(quick: bool) -> Outcome:
             for cell in [c for c in cells if c.utilisation < GOAL_UTILISATION and c.chunks > c.workers]:
                 if len(steady) == MAX_STEADY_STATE_RERUNS:
                     break
-                pinned = Overrides(chunk_size=math.ceil(cell.items / cell.workers))
+                # One chunk per worker, exactly: no chunk boundary, no worker idle while others finish.
+                size = math.ceil(cell.items / cell.workers)
+                pinned = Overrides(chunk_size=size)
                 if cell.key.startswith("api_"):
                     latency_ms, estimate = cell.key.split("_")[1:3]
-                    steady.append(api_cell(int(latency_ms.removesuffix("ms")), estimate, duration, root, pinned))
+                    ids = [str(i) for i in range(size * cell.workers)]
+                    steady.append(api_cell(int(latency_ms.removesuffix("ms")), estimate, duration, root, pinned, ids))
+                elif cell.key.startswith("llm_tokens_"):
+                    factor = float(cell.key.split("_")[2].removesuffix("x"))
+                    steady.append(llm_cell(factor, duration, root, overrides=pinned, count=size * cell.workers))
         throttle = throttled(duration, root) if not quick else None
         fail = failover(FAILOVER_DURATION[quick], root)
     return _outcome(cells, steady, throttle, fail, duration, time.perf_counter() - started)
@@ -526,6 +595,9 @@ def _outcome(cells: list[Cell], steady: list[Cell], throttle: Throttled | None, 
                     f"{throttle.plain_rate:.2f} / {throttle.throttled_rate:.2f} = cost {throttle.cost:.1%} "
                     f"(server span {throttle.plain.seconds:.1f} / {throttle.with_throttled.seconds:.1f} s; "
                     f"load {throttle.plain.load} / {throttle.with_throttled.load})")
+        outcome.row("  with them, plain items/s from the first to the last plain 200",
+                    f"{throttle.plain_span_rate:.2f} (cost {1 - throttle.plain_span_rate / throttle.plain_rate:.1%}: "
+                    "the rest of the cost is the run's end waiting for the last throttled tries)")
         outcome.row("  throttled items ended failed-retryable", f"{throttle.throttled_rows_ok} of "
                                                                  f"{throttle.throttled_items}, tries {throttle.tries}")
         outcome.metrics.update(throttle_cost=throttle.cost, throttle_lost=throttle.lost)
@@ -561,12 +633,20 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
                                      f"chunks of {cell.chunk_size}; latency p50 {cell.latency_ms:.0f} ms, in flight "
                                      f"per worker {cell.in_flight:.1f}; chunk drains predict "
                                      f"{cell.drain_share:.1%} lost; load {cell.load}")
+    outcome.row("  offered busiest / per-worker spacing bound",
+                f"{'-' if cell.offered_busiest is None else f'{cell.offered_busiest:,.0f}'} (all arrivals, 429s "
+                f"included) / {cell.construction_bound:,.0f} (workers x calls one worker may put in {cell.window})")
+    if cell.limit_429_times:
+        times = cell.limit_429_times
+        outcome.row("  limit 429s at", f"+{min(times):.1f} .. +{max(times):.1f} s after the first arrival")
+    outcome.row("  shortfall: " + ", ".join(cell.losses), ", ".join(f"{v:.1%}" for v in cell.losses.values()))
     if cell.startup_busiest is not None:
         outcome.row("  busiest 1 s at start-up / later", f"{cell.startup_busiest:,.0f} / {cell.later_busiest:,.0f}")
     suffix = "" if cell.plan == "default" else "_pinned_plan"
     for name, value in (("utilisation", cell.utilisation), ("busiest_over_limit", cell.busiest / cell.limit),
                         ("limit_429s", cell.limit_429s), ("lost", cell.lost), ("not_ok", cell.items - cell.ok),
-                        ("drain_share", cell.drain_share)):
+                        ("drain_share", cell.drain_share), ("construction_bound_over_limit",
+                                                            cell.construction_bound / cell.limit)):
         outcome.metrics[f"{cell.key}{suffix}_{name}"] = value
     if cell.startup_busiest is not None:
         outcome.metrics[f"{cell.key}_startup_over_later"] = cell.startup_busiest / max(cell.later_busiest or 0, 1e-9)

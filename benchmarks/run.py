@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import crash_cost, failed_query, overhead, planning, utilisation
+from benchmarks import closed_loop, crash_cost, failed_query, overhead, planning, utilisation
 from benchmarks.common import Outcome, machine_line, write_json
 
-BENCHMARKS = {module.NAME: module.run for module in (overhead, planning, failed_query, crash_cost, utilisation)}
+BENCHMARKS = {
+    module.NAME: module.run for module in (overhead, planning, failed_query, crash_cost, utilisation, closed_loop)
+}
 
 
 def summary(outcomes: list[Outcome], seconds: dict[str, float]) -> str:

@@ -85,6 +85,7 @@ STARTUP_S = 2.0                        # "start-up" in the burst cell: windows s
 THROTTLED_SHARE = 0.005
 THROTTLE_LATENCY_MS = 200
 GOAL_THROTTLE_COST = 0.05
+THROTTLE_PAIRS = 2
 
 PG_CONNECTIONS, PG_KEY_STEP, PG_QUERY_S = 10, 100, 0.04
 FAILOVER_DURATION = {False: 12.0, True: 5.0}
@@ -392,24 +393,30 @@ def startup_and_later(times: np.ndarray, weights: np.ndarray, width: float, star
 
 @dataclass
 class Throttled:
-    plain_rate: float
-    throttled_rate: float
+    """Runs without and with always-throttled ids, in alternating order; the rates are per run."""
+
+    plain_rates: list[float]       # plain items/s over the server span, without throttled ids
+    throttled_rates: list[float]   # the same, with them (the span includes their last tries)
+    plain_span_rates: list[float]  # with them, between the first and the last plain 200 only
     throttled_items: int
     items: int
-    throttled_rows_ok: int  # throttled items that ended failed-retryable
+    failed_retryable: int          # throttled items whose latest row is failed-retryable (every run)
     lost: int
     tries: list[int]
-    plain_span_rate: float  # with throttled items: plain items per second between the first and last plain 200
-    plain: Cell
-    with_throttled: Cell
+    loads: list[str]
 
     @property
     def cost(self) -> float:
-        return 1 - self.throttled_rate / self.plain_rate
+        """Median of the paired costs (1 - with / without)."""
+        return float(np.median([1 - t / p for p, t in zip(self.plain_rates, self.throttled_rates)]))
+
+    @property
+    def cost_inside(self) -> float:
+        return float(np.median([1 - t / p for p, t in zip(self.plain_rates, self.plain_span_rates)]))
 
 
-def throttled(duration: float, root: str) -> Throttled:
-    """The same 200 ms cell twice, without and with 0.5 % always-throttled ids spread through the list."""
+def throttled(duration: float, root: str, pairs: int = THROTTLE_PAIRS) -> Throttled:
+    """The 200 ms cell without and with 0.5 % always-throttled ids spread through the list, order alternating."""
     plain_ids = [str(i) for i in range(_items_for(RPS * SAFETY, duration))]
     step = round(1 / THROTTLED_SHARE)
     mixed: list[str] = []
@@ -417,29 +424,29 @@ def throttled(duration: float, root: str) -> Throttled:
         if n % step == step // 2:
             mixed.append(f"throttle-{n}")
         mixed.append(item)
-    plain = api_cell(THROTTLE_LATENCY_MS, "given", duration, os.path.join(root, "throttle-baseline"), ids=plain_ids)
-    plain.key = "throttled_baseline"
-    rows_root = os.path.join(root, "throttle-mixed")
-    mixed_cell = api_cell(THROTTLE_LATENCY_MS, "given", duration, rows_root, ids=mixed)
-    plain_span_rate = mixed_cell.notes.pop()
-    with Ledger(ManifestStore(os.path.join(rows_root, mixed_cell.key))) as ledger:
-        latest = ledger.query("SELECT item_id, ok, retryable, tries FROM latest").to_pylist()
-    mixed_cell.key = "throttled_mixed"
-    hot = [r for r in latest if r["item_id"].startswith("throttle-")]
-    count = len(mixed) - len(plain_ids)
-    # The run's rate: plain items done per second of the whole run on the server (throttle retries included).
-    return Throttled(
-        plain_rate=plain.ok / plain.seconds,
-        throttled_rate=mixed_cell.ok / mixed_cell.seconds,
-        throttled_items=count,
-        items=len(mixed),
-        throttled_rows_ok=sum(1 for r in hot if not r["ok"] and r["retryable"]),
-        lost=len(mixed) - len(latest),
-        tries=sorted({r["tries"] for r in hot}),
-        plain_span_rate=float(plain_span_rate),
-        plain=plain,
-        with_throttled=mixed_cell,
-    )
+    out = Throttled([], [], [], len(mixed) - len(plain_ids), len(mixed), 0, 0, [], [])
+    tries: set[int] = set()
+    for pair in range(pairs):
+        for side in ("plain", "mixed") if pair % 2 == 0 else ("mixed", "plain"):
+            folder = os.path.join(root, f"throttle-{side}-{pair}")
+            cell = api_cell(THROTTLE_LATENCY_MS, "given", duration, folder, ids=plain_ids if side == "plain" else mixed)
+            out.loads.append(f"{side} {cell.load}")
+            plain_span_rate = float(cell.notes.pop())
+            if side == "plain":
+                out.plain_rates.append(cell.ok / cell.seconds)
+                continue
+            # The run's rate: plain items done per second of the whole run on the server (throttle retries included).
+            out.throttled_rates.append(cell.ok / cell.seconds)
+            out.plain_span_rates.append(plain_span_rate)
+            with Ledger(ManifestStore(os.path.join(folder, cell.key))) as ledger:
+                latest = ledger.query("SELECT item_id, ok, retryable, tries FROM latest").to_pylist()
+            hot = [r for r in latest if r["item_id"].startswith("throttle-")]
+            out.failed_retryable += sum(1 for r in hot if not r["ok"] and r["retryable"])
+            out.lost += len(mixed) - len(latest)
+            tries |= {r["tries"] for r in hot}
+    out.failed_retryable //= pairs
+    out.tries = sorted(tries)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -590,22 +597,25 @@ def _outcome(cells: list[Cell], steady: list[Cell], throttle: Throttled | None, 
         _cell_rows(outcome, cell)
     if throttle is not None:
         outcome.row("throttled items", f"{throttle.throttled_items} of {throttle.items} ids always 429 "
-                                       f"(Retry-After 1 s), API {THROTTLE_LATENCY_MS} ms")
-        outcome.row("  plain items/s, without / with them",
-                    f"{throttle.plain_rate:.2f} / {throttle.throttled_rate:.2f} = cost {throttle.cost:.1%} "
-                    f"(server span {throttle.plain.seconds:.1f} / {throttle.with_throttled.seconds:.1f} s; "
-                    f"load {throttle.plain.load} / {throttle.with_throttled.load})")
-        outcome.row("  with them, plain items/s from the first to the last plain 200",
-                    f"{throttle.plain_span_rate:.2f} (cost {1 - throttle.plain_span_rate / throttle.plain_rate:.1%}: "
-                    "the rest of the cost is the run's end waiting for the last throttled tries)")
-        outcome.row("  throttled items ended failed-retryable", f"{throttle.throttled_rows_ok} of "
-                                                                 f"{throttle.throttled_items}, tries {throttle.tries}")
-        outcome.metrics.update(throttle_cost=throttle.cost, throttle_lost=throttle.lost)
+                                       f"(Retry-After 1 s), API {THROTTLE_LATENCY_MS} ms, {len(throttle.plain_rates)} "
+                                       "pairs in alternating order")
+        outcome.row("  plain items/s without them (per run)", ", ".join(f"{r:.2f}" for r in throttle.plain_rates))
+        outcome.row("  with them, over the whole run (per run)", ", ".join(f"{r:.2f}" for r in throttle.throttled_rates))
+        outcome.row("  with them, first to last plain 200 (per run)",
+                    ", ".join(f"{r:.2f}" for r in throttle.plain_span_rates))
+        outcome.row("  cost, median of pairs", f"{throttle.cost:.1%} over the whole run; {throttle.cost_inside:.1%} "
+                                                "before the run's end waits for the last throttled tries")
+        outcome.row("  loads", "; ".join(throttle.loads))
+        outcome.row("  throttled items ended failed-retryable", f"{throttle.failed_retryable} of "
+                                                                 f"{throttle.throttled_items} per run, tries {throttle.tries}")
+        outcome.metrics.update(throttle_cost=throttle.cost, throttle_cost_inside=throttle.cost_inside,
+                               throttle_lost=throttle.lost)
         outcome.goal("throttled items cost <= 5 % of the run's rate", throttle.cost <= GOAL_THROTTLE_COST,
-                     f"{throttle.cost:.1%} ({throttle.plain_rate:.2f} -> {throttle.throttled_rate:.2f} items/s)")
+                     f"{throttle.cost:.1%} (median of {len(throttle.plain_rates)} pairs; {throttle.cost_inside:.1%} "
+                     "without the run's end)")
         outcome.goal("throttled items end failed-retryable, none lost",
-                     throttle.throttled_rows_ok == throttle.throttled_items and throttle.lost == 0,
-                     f"{throttle.throttled_rows_ok}/{throttle.throttled_items} failed-retryable, {throttle.lost} lost")
+                     throttle.failed_retryable == throttle.throttled_items and throttle.lost == 0,
+                     f"{throttle.failed_retryable}/{throttle.throttled_items} failed-retryable, {throttle.lost} lost")
     outcome.row("failover", f"{fail.items} key ranges INSERT ... ON CONFLICT DO NOTHING, {PG_CONNECTIONS} connections "
                             f"x safety {SAFETY}; every backend of the role terminated at half-way (load {fail.load})")
     outcome.row("  backends terminated (active)", f"{fail.terminated} ({fail.active_at_termination})")

@@ -42,7 +42,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -124,7 +123,7 @@ class Cell:
     losses: dict[str, float] = field(default_factory=dict)
     startup_busiest: float | None = None
     later_busiest: float | None = None
-    notes: list[str] = field(default_factory=list)
+    plain_ok_rate: float = 0.0  # 200s of non-throttle ids per second, first to last of them (API cells)
 
     @property
     def utilisation(self) -> float:
@@ -255,7 +254,7 @@ def api_cell(latency_ms: int, estimate: str, duration: float, root: str,
                       stats["busiest_1s"], "1 s", limit_429s, len(ids), ran.result.execution.pacing.min_interval_s,
                       f"{load} -> {_load()}")
     plain_ok = [a["t"] for a in arrivals if a["status"] == 200 and not str(a["item"]).startswith("throttle")]
-    cell.notes.append(str(_span_rate(plain_ok)[0]))  # the throttled-items case reads it
+    cell.plain_ok_rate = _span_rate(plain_ok)[0]
     cell.offered_busiest = stats["busiest_1s_all"]
     cell.limit_429_times = [t - min(admitted) for t in refused]
     return cell
@@ -431,13 +430,12 @@ def throttled(duration: float, root: str, pairs: int = THROTTLE_PAIRS) -> Thrott
             folder = os.path.join(root, f"throttle-{side}-{pair}")
             cell = api_cell(THROTTLE_LATENCY_MS, "given", duration, folder, ids=plain_ids if side == "plain" else mixed)
             out.loads.append(f"{side} {cell.load}")
-            plain_span_rate = float(cell.notes.pop())
             if side == "plain":
                 out.plain_rates.append(cell.ok / cell.seconds)
                 continue
             # The run's rate: plain items done per second of the whole run on the server (throttle retries included).
             out.throttled_rates.append(cell.ok / cell.seconds)
-            out.plain_span_rates.append(plain_span_rate)
+            out.plain_span_rates.append(cell.plain_ok_rate)
             with Ledger(ManifestStore(os.path.join(folder, cell.key))) as ledger:
                 latest = ledger.query("SELECT item_id, ok, retryable, tries FROM latest").to_pylist()
             hot = [r for r in latest if r["item_id"].startswith("throttle-")]
@@ -600,14 +598,15 @@ def _outcome(cells: list[Cell], steady: list[Cell], throttle: Throttled | None, 
                                        f"(Retry-After 1 s), API {THROTTLE_LATENCY_MS} ms, {len(throttle.plain_rates)} "
                                        "pairs in alternating order")
         outcome.row("  plain items/s without them (per run)", ", ".join(f"{r:.2f}" for r in throttle.plain_rates))
-        outcome.row("  with them, over the whole run (per run)", ", ".join(f"{r:.2f}" for r in throttle.throttled_rates))
+        outcome.row("  with them, over the whole run (per run)",
+                    ", ".join(f"{r:.2f}" for r in throttle.throttled_rates))
         outcome.row("  with them, first to last plain 200 (per run)",
                     ", ".join(f"{r:.2f}" for r in throttle.plain_span_rates))
         outcome.row("  cost, median of pairs", f"{throttle.cost:.1%} over the whole run; {throttle.cost_inside:.1%} "
                                                 "before the run's end waits for the last throttled tries")
         outcome.row("  loads", "; ".join(throttle.loads))
-        outcome.row("  throttled items ended failed-retryable", f"{throttle.failed_retryable} of "
-                                                                 f"{throttle.throttled_items} per run, tries {throttle.tries}")
+        outcome.row("  throttled items ended failed-retryable",
+                    f"{throttle.failed_retryable} of {throttle.throttled_items} per run, tries {throttle.tries}")
         outcome.metrics.update(throttle_cost=throttle.cost, throttle_cost_inside=throttle.cost_inside,
                                throttle_lost=throttle.lost)
         outcome.goal("throttled items cost <= 5 % of the run's rate", throttle.cost <= GOAL_THROTTLE_COST,
@@ -616,10 +615,12 @@ def _outcome(cells: list[Cell], steady: list[Cell], throttle: Throttled | None, 
         outcome.goal("throttled items end failed-retryable, none lost",
                      throttle.failed_retryable == throttle.throttled_items and throttle.lost == 0,
                      f"{throttle.failed_retryable}/{throttle.throttled_items} failed-retryable, {throttle.lost} lost")
-    outcome.row("failover", f"{fail.items} key ranges INSERT ... ON CONFLICT DO NOTHING, {PG_CONNECTIONS} connections "
-                            f"x safety {SAFETY}; every backend of the role terminated at half-way (load {fail.load})")
+    outcome.row("failover", f"{fail.items} key ranges INSERT ... ON CONFLICT DO NOTHING, {PG_CONNECTIONS} "
+                            f"connections x safety {SAFETY}; every backend of the role terminated at half-way "
+                            f"(load {fail.load})")
     outcome.row("  backends terminated (active)", f"{fail.terminated} ({fail.active_at_termination})")
-    outcome.row("  items failed in attempt 0", f"{fail.failed_attempt0} ({fail.reconnect_note}); retried {fail.retried}")
+    outcome.row("  items failed in attempt 0",
+                f"{fail.failed_attempt0} ({fail.reconnect_note}); retried {fail.retried}")
     outcome.row("  table after the retry round", f"{fail.rows:,} rows, {fail.distinct:,} distinct keys, expected "
                                                   f"{fail.rows_expected:,}; {fail.ok_after_retry} / {fail.items} ok")
     outcome.metrics.update(failover_failed=fail.failed_attempt0, failover_terminated=fail.terminated,
@@ -637,8 +638,9 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
     outcome.row(label, cell.condition)
     outcome.row("  achieved / target (server)", f"{cell.achieved:,.2f} / {cell.target:,.2f} {cell.unit} = "
                                                 f"{cell.utilisation:.3f} over {cell.seconds:.1f} s")
-    outcome.row(f"  busiest ({cell.window}) / limit", f"{cell.busiest:,.0f} / {cell.limit:,.0f}; 429s from the "
-                                                      f"limit {cell.limit_429s}; rows {cell.rows} for {cell.items} items")
+    outcome.row(f"  busiest ({cell.window}) / limit",
+                f"{cell.busiest:,.0f} / {cell.limit:,.0f}; 429s from the limit {cell.limit_429s}; rows {cell.rows} "
+                f"for {cell.items} items")
     outcome.row("  plan / measured", f"{cell.workers} workers, period {cell.period_s * 1000:.1f} ms, {cell.chunks} "
                                      f"chunks of {cell.chunk_size}; latency p50 {cell.latency_ms:.0f} ms, in flight "
                                      f"per worker {cell.in_flight:.1f}; chunk drains predict "

@@ -12,12 +12,21 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import compaction, crash_cost, failed_query, overhead, planning, real_limit, utilisation
+from benchmarks import (
+    closed_loop,
+    compaction,
+    crash_cost,
+    failed_query,
+    overhead,
+    planning,
+    real_limit,
+    utilisation,
+)
 from benchmarks.common import Outcome, machine_line, write_json
 
 BENCHMARKS = {
     module.NAME: module.run
-    for module in (overhead, planning, failed_query, compaction, crash_cost, utilisation, real_limit)
+    for module in (overhead, planning, failed_query, compaction, crash_cost, utilisation, closed_loop, real_limit)
 }
 
 

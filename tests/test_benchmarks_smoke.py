@@ -11,13 +11,14 @@ import json
 import subprocess
 import sys
 
-from benchmarks import compaction, crash_cost, failed_query, overhead, planning, real_limit, utilisation
+from benchmarks import closed_loop, compaction, crash_cost, failed_query, overhead, planning, real_limit, utilisation
 from benchmarks.common import child_env
 
 # The engine is about 0.25x the raw thread pool today on no-op work (see BENCHMARKS.md);
 # raise this floor towards 0.3+ once the per-item overhead recommended there is removed.
 MIN_OVERHEAD_RATIO = 0.15
 MIN_UTILISATION = 0.8
+MIN_CLOSED_LOOP_UTILISATION = 0.7  # 4 s cells: start-up and chunk drains weigh more than in 20 s runs
 def test_overhead_quick_runs_and_paceline_is_not_pathologically_slower():
     outcome = overhead.run(quick=True)
     assert outcome.metrics["items"] == overhead.SIZES[True]
@@ -70,6 +71,23 @@ def test_real_limit_quick_loses_nothing_never_exceeds_the_declared_limit_and_hee
     assert metrics["headers_lost"] == 0, outcome.render()
     assert metrics["headers_busiest_1s"] <= real_limit.DECLARED_RPS, outcome.render()
     assert metrics["headers_429"] == 0, "a client that reads x-ratelimit-remaining never meets the quota's 429"
+
+
+def test_closed_loop_quick_holds_the_limit_loses_nothing_and_survives_a_failover():
+    outcome = closed_loop.run(quick=True)
+    metrics = outcome.metrics
+    cells = [(latency, estimate) for latency, estimate in closed_loop.API_CELLS[True]]
+    keys = [f"api_{latency}ms_{estimate}" for latency, estimate in cells] + ["llm_tokens_2x", "llm_burst_1s_window"]
+    for key in keys:
+        assert metrics[f"{key}_busiest_over_limit"] <= 1.0, outcome.render()
+        if key != "llm_burst_1s_window":
+            # The burst cell's plan can offer 3,360 tokens in a 1 s window of 3,000 (12 workers x 4 calls,
+            # see BENCHMARKS.md "Closed-loop pacing"): its rare limit 429s are a known engine finding.
+            assert metrics[f"{key}_limit_429s"] == 0, outcome.render()
+        assert metrics[f"{key}_lost"] == metrics[f"{key}_not_ok"] == 0, outcome.render()
+        assert metrics[f"{key}_utilisation"] >= MIN_CLOSED_LOOP_UTILISATION, outcome.render()
+    assert metrics["failover_failed"] <= metrics["failover_terminated"], outcome.render()
+    assert metrics["failover_rows_right"], outcome.render()
 
 
 def test_run_entry_point_prints_a_summary_and_writes_json(tmp_path):

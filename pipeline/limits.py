@@ -480,11 +480,12 @@ at its end, so its drain costs at most 2% of it."""
 def _balanced_chunk_size(
     workers: int, pacing: Pacing, seconds_per_item: float, estimates: Estimates, item_count: int
 ) -> int:
-    """Small enough for ``CHUNKS_PER_WORKER`` chunks each, large enough that the drain stays cheap."""
-    balanced = math.ceil(item_count / (CHUNKS_PER_WORKER * workers))
-    drains = pacing.max_in_flight > 1  # one call at a time has nothing to drain but the call itself
-    drain_floor = math.ceil(DRAIN_LATENCIES * estimates.seconds_per_call / seconds_per_item) if drains else 1
-    return max(1, min(max(balanced, drain_floor), math.ceil(item_count / workers)))
+    """The same number of chunks for every worker: up to ``CHUNKS_PER_WORKER``, fewer where chunks
+    would get shorter than their drain is worth (``DRAIN_LATENCIES``)."""
+    per_worker_seconds = math.ceil(item_count / workers) * seconds_per_item
+    drain_s = DRAIN_LATENCIES * estimates.seconds_per_call if pacing.max_in_flight > 1 else 0.0
+    chunks_each = CHUNKS_PER_WORKER if not drain_s else math.floor(per_worker_seconds / drain_s)
+    return max(1, math.ceil(item_count / (max(1, min(CHUNKS_PER_WORKER, chunks_each)) * workers)))
 
 
 def _min_defined(values: list[float | int | None]) -> float | None:

@@ -35,8 +35,12 @@ def backfill_checks(spec: BackfillSpec, keys: BackfillKeys, failure_rate_warn: f
 
 
 def _no_item_lost(spec: BackfillSpec, keys: BackfillKeys) -> AssetChecksDefinition:
-    @asset_check(asset=keys.failed, name="no_item_lost", required_resource_keys={STORE_KEY},
-                 description="Every item of the chunk plan has a latest row in the ledger.")
+    @asset_check(
+        asset=keys.failed,
+        name="no_item_lost",
+        required_resource_keys={STORE_KEY},
+        description="Every item of the chunk plan has a latest row in the ledger.",
+    )
     def no_item_lost(context: AssetCheckExecutionContext) -> AssetCheckResult:
         store = getattr(context.resources, STORE_KEY).store()
         planned = store.read_table(store.plan_path(spec.name, 0)).select(["item_id"])
@@ -55,16 +59,22 @@ def _no_item_lost(spec: BackfillSpec, keys: BackfillKeys) -> AssetChecksDefiniti
 
 
 def _limit_held(spec: BackfillSpec, keys: BackfillKeys) -> AssetChecksDefinition:
-    @asset_check(asset=keys.failed, name="limit_held", required_resource_keys={spec.service, STORE_KEY},
-                 description="The busiest windows of call start times stayed within the declared limit.")
+    @asset_check(
+        asset=keys.failed,
+        name="limit_held",
+        required_resource_keys={spec.service, STORE_KEY},
+        description="The busiest windows of call start times stayed within the declared limit.",
+    )
     def limit_held(context: AssetCheckExecutionContext) -> AssetCheckResult:
         limit: ServiceLimit = getattr(context.resources, spec.service).limit()
         store = getattr(context.resources, STORE_KEY).store()
         with Ledger(store, spec.max_attempts, spec.name) as ledger:
             times, tokens = ledger.call_times(spec.name)
         measured = measure_against_limit(times, tokens, limit)
-        metadata = {name: MetadataValue.text(f"{seen:,.0f} (limit {allowed:,.0f})")
-                    for name, (seen, allowed) in measured.items()}
+        metadata = {
+            name: MetadataValue.text(f"{seen:,.0f} (limit {allowed:,.0f})")
+            for name, (seen, allowed) in measured.items()
+        }
         return AssetCheckResult(
             passed=all(seen <= allowed for seen, allowed in measured.values()),
             metadata=metadata or {"note": MetadataValue.text("no rate or token limit declared: nothing to measure")},
@@ -74,8 +84,12 @@ def _limit_held(spec: BackfillSpec, keys: BackfillKeys) -> AssetChecksDefinition
 
 
 def _failure_rate(spec: BackfillSpec, keys: BackfillKeys, warn_above: float) -> AssetChecksDefinition:
-    @asset_check(asset=keys.failed, name="failure_rate", required_resource_keys={STORE_KEY},
-                 description=f"Warns when more than {warn_above:.0%} of the items ended failed or dead.")
+    @asset_check(
+        asset=keys.failed,
+        name="failure_rate",
+        required_resource_keys={STORE_KEY},
+        description=f"Warns when more than {warn_above:.0%} of the items ended failed or dead.",
+    )
     def failure_rate(context: AssetCheckExecutionContext) -> AssetCheckResult:
         store = getattr(context.resources, STORE_KEY).store()
         with Ledger(store, spec.max_attempts, spec.name) as ledger:

@@ -62,24 +62,24 @@ from pipeline.workloads.llm import LlmWork
 NAME = "closed_loop"
 SAFETY = 0.9
 GOAL_UTILISATION = 0.95
-DURATION = {False: 22.0, True: 4.0}   # seconds of work at target; a run below target lasts longer
+DURATION = {False: 22.0, True: 4.0}  # seconds of work at target; a run below target lasts longer
 
-RPS = 100                              # the HTTP API's limit (sliding 1 s window)
+RPS = 100  # the HTTP API's limit (sliding 1 s window)
 LATENCIES_MS = (5, 200, 2000)
-JITTER = 0.1                           # server latency uniform in +-10 %
+JITTER = 0.1  # server latency uniform in +-10 %
 ESTIMATES = ("given", "absent", "wrong5x")
 API_CELLS = {
     False: [(latency, estimate) for latency in LATENCIES_MS for estimate in ESTIMATES],
     True: [(5, "given"), (200, "absent"), (200, "wrong5x")],
 }
 
-LLM_TOKENS_PER_S = 3_000               # declared tokens_per_minute = 180,000
+LLM_TOKENS_PER_S = 3_000  # declared tokens_per_minute = 180,000
 LLM_LATENCY_MS = 300
-LLM_WINDOW_S = 10.0                    # the token cells: a per-minute budget enforced per 10 s
-PROMPT = "word " * 40                  # 200 characters: 54 prompt tokens by the server's rule
-LLM_MAX_TOKENS = 16                    # the server's completion length, so usage is exactly this
+LLM_WINDOW_S = 10.0  # the token cells: a per-minute budget enforced per 10 s
+PROMPT = "word " * 40  # 200 characters: 54 prompt tokens by the server's rule
+LLM_MAX_TOKENS = 16  # the server's completion length, so usage is exactly this
 TOKENS_PER_PROMPT = math.ceil(len(PROMPT) / 4) + 4 + LLM_MAX_TOKENS  # 70, the true tokens per item
-STARTUP_S = 2.0                        # "start-up" in the burst cell: windows starting in the first 2 s
+STARTUP_S = 2.0  # "start-up" in the burst cell: windows starting in the first 2 s
 
 THROTTLED_SHARE = 0.005
 THROTTLE_LATENCY_MS = 200
@@ -155,8 +155,11 @@ class Cell:
             why.append(f"{self.limit_429s} 429s from the limit")
         if self.lost or self.ok != self.items:
             why.append(f"{self.lost} lost, {self.items - self.ok} not ok")
-        if self.startup_busiest is not None and self.later_busiest is not None \
-                and self.startup_busiest > self.later_busiest:
+        if (
+            self.startup_busiest is not None
+            and self.later_busiest is not None
+            and self.startup_busiest > self.later_busiest
+        ):
             why.append(f"start-up 1 s {self.startup_busiest:,.0f} > later {self.later_busiest:,.0f}")
         return why
 
@@ -177,8 +180,15 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _run(name: str, source: ItemSource, work: Work, limit: ServiceLimit, estimates: Estimates,
-         overrides: Overrides, root: str) -> Ran:
+def _run(
+    name: str,
+    source: ItemSource,
+    work: Work,
+    limit: ServiceLimit,
+    estimates: Estimates,
+    overrides: Overrides,
+    root: str,
+) -> Ran:
     backfill = Backfill(name, source, work, limit, estimates, overrides)
     store = ManifestStore(os.path.join(root, name))
     planned = plan_backfill(backfill, store)
@@ -201,20 +211,52 @@ def _plan_label(overrides: Overrides) -> str:
     return "default" if overrides.chunk_size is None else f"chunk_size={overrides.chunk_size} (pinned)"
 
 
-def _cell_from(key: str, condition: str, overrides: Overrides, ran: Ran, unit: str, target: float,
-               achieved: float, seconds: float, limit: float, busiest: float, window: str, limit_429s: int,
-               items: int, period_s: float, load: str, window_s: float = 1.0, per_call: float = 1.0) -> Cell:
+def _cell_from(
+    key: str,
+    condition: str,
+    overrides: Overrides,
+    ran: Ran,
+    unit: str,
+    target: float,
+    achieved: float,
+    seconds: float,
+    limit: float,
+    busiest: float,
+    window: str,
+    limit_429s: int,
+    items: int,
+    period_s: float,
+    load: str,
+    window_s: float = 1.0,
+    per_call: float = 1.0,
+) -> Cell:
     report, execution = ran.result.report, ran.result.execution
     with Ledger(ran.store, ran.backfill.max_attempts, ran.backfill.name) as ledger:
         losses = shortfall(ledger, ran.backfill.name, execution.max_parallelism, period_s)
     return Cell(
         construction_bound=execution.max_parallelism * calls_per_window(period_s, window_s) * per_call,
         losses=losses,
-        key=key, condition=condition, plan=_plan_label(overrides), unit=unit, target=target, achieved=achieved,
-        limit=limit, busiest=busiest, window=window, limit_429s=limit_429s, items=items, rows=ran.rows,
-        distinct_rows=ran.distinct_rows, ok=int(ran.result.counts["ok"]), seconds=seconds,
-        workers=execution.max_parallelism, chunk_size=execution.chunk_size, chunks=ran.planned.chunks,
-        in_flight=report.in_flight_per_worker, latency_ms=report.latency_p50_ms or 0.0, period_s=period_s,
+        key=key,
+        condition=condition,
+        plan=_plan_label(overrides),
+        unit=unit,
+        target=target,
+        achieved=achieved,
+        limit=limit,
+        busiest=busiest,
+        window=window,
+        limit_429s=limit_429s,
+        items=items,
+        rows=ran.rows,
+        distinct_rows=ran.distinct_rows,
+        ok=int(ran.result.counts["ok"]),
+        seconds=seconds,
+        workers=execution.max_parallelism,
+        chunk_size=execution.chunk_size,
+        chunks=ran.planned.chunks,
+        in_flight=report.in_flight_per_worker,
+        latency_ms=report.latency_p50_ms or 0.0,
+        period_s=period_s,
         load=load,
     )
 
@@ -232,8 +274,14 @@ def api_estimates(estimate: str, latency_s: float) -> Estimates:
     return Estimates()
 
 
-def api_cell(latency_ms: int, estimate: str, duration: float, root: str,
-             overrides: Overrides = Overrides(), ids: list[str] | None = None) -> Cell:
+def api_cell(
+    latency_ms: int,
+    estimate: str,
+    duration: float,
+    root: str,
+    overrides: Overrides = Overrides(),
+    ids: list[str] | None = None,
+) -> Cell:
     """One HTTP cell: ``RPS`` limit, target ``RPS x SAFETY``, rate from the server's admitted arrivals."""
     key = f"api_{latency_ms}ms_{estimate}" + ("" if overrides.chunk_size is None else "_pinned")
     limit = ServiceLimit("api", requests_per_second=RPS, safety=SAFETY)
@@ -250,9 +298,23 @@ def api_cell(latency_ms: int, estimate: str, duration: float, root: str,
     refused = sorted(a["t"] for a in arrivals if a["status"] == 429 and not str(a["item"]).startswith("throttle"))
     limit_429s = len(refused)
     condition = f"API {latency_ms} ms, seconds_per_call {_estimate_words(estimate, latency_ms)}"
-    cell = _cell_from(key, condition, overrides, ran, "req/s", target, achieved, seconds, RPS,
-                      stats["busiest_1s"], "1 s", limit_429s, len(ids), ran.result.execution.pacing.min_interval_s,
-                      f"{load} -> {_load()}")
+    cell = _cell_from(
+        key,
+        condition,
+        overrides,
+        ran,
+        "req/s",
+        target,
+        achieved,
+        seconds,
+        RPS,
+        stats["busiest_1s"],
+        "1 s",
+        limit_429s,
+        len(ids),
+        ran.result.execution.pacing.min_interval_s,
+        f"{load} -> {_load()}",
+    )
     plain_ok = [a["t"] for a in arrivals if a["status"] == 200 and not str(a["item"]).startswith("throttle")]
     cell.plain_ok_rate = _span_rate(plain_ok)[0]
     cell.offered_busiest = stats["busiest_1s_all"]
@@ -282,7 +344,8 @@ def shortfall(ledger: Ledger, backfill: str, workers: int, period_s: float) -> d
     """
     chunks = ledger.con.execute(
         "SELECT epoch(min(started_at)), epoch(max(started_at)), epoch(max(finished_at)), count(*) FROM results "
-        "WHERE backfill = ? AND attempt = 0 AND tries > 0 GROUP BY chunk_id ORDER BY 1", [backfill]
+        "WHERE backfill = ? AND attempt = 0 AND tries > 0 GROUP BY chunk_id ORDER BY 1",
+        [backfill],
     ).fetchall()
     if not chunks or period_s <= 0:
         return {}
@@ -323,11 +386,19 @@ def _items_for(rate: float, duration: float) -> int:
 # --------------------------------------------------------------------------
 
 
-def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WINDOW_S,
-             overrides: Overrides = Overrides(), burst: bool = False, count: int | None = None) -> Cell:
+def llm_cell(
+    factor: float,
+    duration: float,
+    root: str,
+    window_s: float = LLM_WINDOW_S,
+    overrides: Overrides = Overrides(),
+    burst: bool = False,
+    count: int | None = None,
+) -> Cell:
     """Tokens/min declared, enforced per ``window_s`` with the budget scaled; estimate ``factor`` x the truth."""
     key = ("llm_burst_1s_window" if burst else f"llm_tokens_{factor:g}x") + (
-        "" if overrides.chunk_size is None else "_pinned")
+        "" if overrides.chunk_size is None else "_pinned"
+    )
     limit = ServiceLimit("llm", tokens_per_minute=LLM_TOKENS_PER_S * 60, safety=SAFETY)
     target = LLM_TOKENS_PER_S * SAFETY
     per_window = LLM_TOKENS_PER_S * window_s
@@ -338,8 +409,9 @@ def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WI
         for n in range(count):
             out.write(json.dumps({"id": n, "prompt": PROMPT}) + "\n")
     load = _load()
-    with start_llm(tpm=per_window, window_s=window_s, completion_tokens=LLM_MAX_TOKENS,
-                   latency_ms=LLM_LATENCY_MS) as llm:
+    with start_llm(
+        tpm=per_window, window_s=window_s, completion_tokens=LLM_MAX_TOKENS, latency_ms=LLM_LATENCY_MS
+    ) as llm:
         work = misestimated(LlmWork(base_url=f"{llm.url}/v1", model="local", max_tokens=LLM_MAX_TOKENS), factor)
         ran = _run(key, JsonlPrompts(prompts), work, limit, estimates, overrides, root)
         stats, arrivals = llm.stats(), llm.arrivals()
@@ -351,11 +423,29 @@ def llm_cell(factor: float, duration: float, root: str, window_s: float = LLM_WI
     achieved = float(tokens[:-1].sum()) / seconds  # tokens spent before the last call started
     pacing = ran.result.execution.pacing
     period = max(pacing.min_interval_s, TOKENS_PER_PROMPT / pacing.tokens_per_second)
-    condition = (f"LLM {LLM_LATENCY_MS} ms, {per_window:,.0f} tokens per {window_s:g} s window, "
-                 f"tokens_per_item {factor:g}x ({TOKENS_PER_PROMPT * factor:g})")
-    cell = _cell_from(key, condition, overrides, ran, "tokens/s", target, achieved, seconds, per_window,
-                      stats["busiest_window_tokens"], f"{window_s:g} s", stats["by_status"].get("429", 0), count,
-                      period, f"{load} -> {_load()}", window_s, TOKENS_PER_PROMPT)
+    condition = (
+        f"LLM {LLM_LATENCY_MS} ms, {per_window:,.0f} tokens per {window_s:g} s window, "
+        f"tokens_per_item {factor:g}x ({TOKENS_PER_PROMPT * factor:g})"
+    )
+    cell = _cell_from(
+        key,
+        condition,
+        overrides,
+        ran,
+        "tokens/s",
+        target,
+        achieved,
+        seconds,
+        per_window,
+        stats["busiest_window_tokens"],
+        f"{window_s:g} s",
+        stats["by_status"].get("429", 0),
+        count,
+        period,
+        f"{load} -> {_load()}",
+        window_s,
+        TOKENS_PER_PROMPT,
+    )
     cell.limit_429_times = [t - accepted[0][0] for t in refused]
     if burst:
         cell.startup_busiest, cell.later_busiest = startup_and_later(times, tokens, 1.0, STARTUP_S)
@@ -394,12 +484,12 @@ def startup_and_later(times: np.ndarray, weights: np.ndarray, width: float, star
 class Throttled:
     """Runs without and with always-throttled ids, in alternating order; the rates are per run."""
 
-    plain_rates: list[float]       # plain items/s over the server span, without throttled ids
-    throttled_rates: list[float]   # the same, with them (the span includes their last tries)
+    plain_rates: list[float]  # plain items/s over the server span, without throttled ids
+    throttled_rates: list[float]  # the same, with them (the span includes their last tries)
     plain_span_rates: list[float]  # with them, between the first and the last plain 200 only
     throttled_items: int
     items: int
-    failed_retryable: int          # throttled items whose latest row is failed-retryable (every run)
+    failed_retryable: int  # throttled items whose latest row is failed-retryable (every run)
     lost: int
     tries: list[int]
     loads: list[str]
@@ -480,31 +570,45 @@ def failover(duration: float, root: str) -> Failover:
         dsn = pg.create_role("loader", connection_limit=PG_CONNECTIONS)
         with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute("CREATE TABLE orders (id integer PRIMARY KEY, amount integer NOT NULL)")
-            connection.execute("INSERT INTO orders SELECT i, i %% 97 FROM generate_series(0, %s) AS i",
-                               [count * PG_KEY_STEP - 1])
+            connection.execute(
+                "INSERT INTO orders SELECT i, i %% 97 FROM generate_series(0, %s) AS i", [count * PG_KEY_STEP - 1]
+            )
             connection.execute("CREATE TABLE loaded (id integer PRIMARY KEY, amount integer NOT NULL)")
             connection.execute("ANALYZE orders")
-        work = KeyRangeWork(dsn=dsn, application_name="bench-failover",
-                            query=f"INSERT INTO loaded SELECT id, amount FROM orders CROSS JOIN pg_sleep({PG_QUERY_S}) "
-                                  "WHERE id >= %(lo)s AND id < %(hi)s ON CONFLICT (id) DO NOTHING")
+        work = KeyRangeWork(
+            dsn=dsn,
+            application_name="bench-failover",
+            query=f"INSERT INTO loaded SELECT id, amount FROM orders CROSS JOIN pg_sleep({PG_QUERY_S}) "
+            "WHERE id >= %(lo)s AND id < %(hi)s ON CONFLICT (id) DO NOTHING",
+        )
         dba = _Dba(pg.url, "loader", after_rows=count * PG_KEY_STEP // 2)
         with dba:
-            ran = _run("failover", KeyRanges(0, count * PG_KEY_STEP, PG_KEY_STEP), work, limit, estimates,
-                       Overrides(), root)
+            ran = _run(
+                "failover", KeyRanges(0, count * PG_KEY_STEP, PG_KEY_STEP), work, limit, estimates, Overrides(), root
+            )
         with Ledger(ran.store, ran.backfill.max_attempts, "failover") as ledger:
             failed0 = ledger.con.execute(
-                "SELECT count(*) FROM results WHERE backfill = 'failover' AND attempt = 0 AND NOT ok").fetchall()[0][0]
+                "SELECT count(*) FROM results WHERE backfill = 'failover' AND attempt = 0 AND NOT ok"
+            ).fetchall()[0][0]
             statuses = ledger.con.execute(
-                "SELECT status, count(*) FROM results WHERE attempt = 0 AND NOT ok GROUP BY status").fetchall()
+                "SELECT status, count(*) FROM results WHERE attempt = 0 AND NOT ok GROUP BY status"
+            ).fetchall()
         retry = plan_retry(ran.backfill, ran.store, 1)
         after = run_attempt(ran.backfill, ran.store, LocalExecutor(), attempt=1)
         with psycopg.connect(pg.url, autocommit=True) as connection:
             rows, distinct = connection.execute("SELECT count(*), count(DISTINCT id) FROM loaded").fetchone()
     return Failover(
-        items=count, failed_attempt0=int(failed0), terminated=dba.terminated, active_at_termination=dba.active,
-        reconnect_note=", ".join(f"{s}: {n}" for s, n in statuses) or "none", retried=retry.plan.num_rows,
-        rows_expected=count * PG_KEY_STEP, rows=int(rows), distinct=int(distinct),
-        ok_after_retry=int(after.counts["ok"]), load=f"{load} -> {_load()}",
+        items=count,
+        failed_attempt0=int(failed0),
+        terminated=dba.terminated,
+        active_at_termination=dba.active,
+        reconnect_note=", ".join(f"{s}: {n}" for s, n in statuses) or "none",
+        retried=retry.plan.num_rows,
+        rows_expected=count * PG_KEY_STEP,
+        rows=int(rows),
+        distinct=int(distinct),
+        ok_after_retry=int(after.counts["ok"]),
+        load=f"{load} -> {_load()}",
     )
 
 
@@ -582,72 +686,117 @@ def run(quick: bool) -> Outcome:
     return _outcome(cells, steady, throttle, fail, duration, time.perf_counter() - started)
 
 
-def _outcome(cells: list[Cell], steady: list[Cell], throttle: Throttled | None, fail: Failover,
-             duration: float, seconds: float) -> Outcome:
+def _outcome(
+    cells: list[Cell], steady: list[Cell], throttle: Throttled | None, fail: Failover, duration: float, seconds: float
+) -> Outcome:
     met = [c for c in cells if not c.missed()]
     worst = min(cells, key=lambda c: c.utilisation)
-    outcome = Outcome(NAME, f"{len(met)}/{len(cells)} cells met; lowest {worst.utilisation:.3f} of target "
-                            f"({worst.key}); busiest window / limit at most "
-                            f"{max(c.busiest / c.limit for c in cells):.3f}")
-    outcome.row("run length", f"{duration:g} s of work at target per cell, safety {SAFETY}; whole benchmark "
-                              f"{seconds:.0f} s")
+    outcome = Outcome(
+        NAME,
+        f"{len(met)}/{len(cells)} cells met; lowest {worst.utilisation:.3f} of target "
+        f"({worst.key}); busiest window / limit at most "
+        f"{max(c.busiest / c.limit for c in cells):.3f}",
+    )
+    outcome.row(
+        "run length", f"{duration:g} s of work at target per cell, safety {SAFETY}; whole benchmark {seconds:.0f} s"
+    )
     for cell in sorted(cells, key=lambda c: (not c.missed(), c.utilisation)) + steady:
         _cell_rows(outcome, cell)
     if throttle is not None:
-        outcome.row("throttled items", f"{throttle.throttled_items} of {throttle.items} ids always 429 "
-                                       f"(Retry-After 1 s), API {THROTTLE_LATENCY_MS} ms, {len(throttle.plain_rates)} "
-                                       "pairs in alternating order")
+        outcome.row(
+            "throttled items",
+            f"{throttle.throttled_items} of {throttle.items} ids always 429 "
+            f"(Retry-After 1 s), API {THROTTLE_LATENCY_MS} ms, {len(throttle.plain_rates)} "
+            "pairs in alternating order",
+        )
         outcome.row("  plain items/s without them (per run)", ", ".join(f"{r:.2f}" for r in throttle.plain_rates))
-        outcome.row("  with them, over the whole run (per run)",
-                    ", ".join(f"{r:.2f}" for r in throttle.throttled_rates))
-        outcome.row("  with them, first to last plain 200 (per run)",
-                    ", ".join(f"{r:.2f}" for r in throttle.plain_span_rates))
-        outcome.row("  cost, median of pairs", f"{throttle.cost:.1%} over the whole run; {throttle.cost_inside:.1%} "
-                                                "before the run's end waits for the last throttled tries")
+        outcome.row(
+            "  with them, over the whole run (per run)", ", ".join(f"{r:.2f}" for r in throttle.throttled_rates)
+        )
+        outcome.row(
+            "  with them, first to last plain 200 (per run)", ", ".join(f"{r:.2f}" for r in throttle.plain_span_rates)
+        )
+        outcome.row(
+            "  cost, median of pairs",
+            f"{throttle.cost:.1%} over the whole run; {throttle.cost_inside:.1%} "
+            "before the run's end waits for the last throttled tries",
+        )
         outcome.row("  loads", "; ".join(throttle.loads))
-        outcome.row("  throttled items ended failed-retryable",
-                    f"{throttle.failed_retryable} of {throttle.throttled_items} per run, tries {throttle.tries}")
-        outcome.metrics.update(throttle_cost=throttle.cost, throttle_cost_inside=throttle.cost_inside,
-                               throttle_lost=throttle.lost)
-        outcome.goal("throttled items cost <= 5 % of the run's rate", throttle.cost <= GOAL_THROTTLE_COST,
-                     f"{throttle.cost:.1%} (median of {len(throttle.plain_rates)} pairs; {throttle.cost_inside:.1%} "
-                     "without the run's end)")
-        outcome.goal("throttled items end failed-retryable, none lost",
-                     throttle.failed_retryable == throttle.throttled_items and throttle.lost == 0,
-                     f"{throttle.failed_retryable}/{throttle.throttled_items} failed-retryable, {throttle.lost} lost")
-    outcome.row("failover", f"{fail.items} key ranges INSERT ... ON CONFLICT DO NOTHING, {PG_CONNECTIONS} "
-                            f"connections x safety {SAFETY}; every backend of the role terminated at half-way "
-                            f"(load {fail.load})")
+        outcome.row(
+            "  throttled items ended failed-retryable",
+            f"{throttle.failed_retryable} of {throttle.throttled_items} per run, tries {throttle.tries}",
+        )
+        outcome.metrics.update(
+            throttle_cost=throttle.cost, throttle_cost_inside=throttle.cost_inside, throttle_lost=throttle.lost
+        )
+        outcome.goal(
+            "throttled items cost <= 5 % of the run's rate",
+            throttle.cost <= GOAL_THROTTLE_COST,
+            f"{throttle.cost:.1%} (median of {len(throttle.plain_rates)} pairs; {throttle.cost_inside:.1%} "
+            "without the run's end)",
+        )
+        outcome.goal(
+            "throttled items end failed-retryable, none lost",
+            throttle.failed_retryable == throttle.throttled_items and throttle.lost == 0,
+            f"{throttle.failed_retryable}/{throttle.throttled_items} failed-retryable, {throttle.lost} lost",
+        )
+    outcome.row(
+        "failover",
+        f"{fail.items} key ranges INSERT ... ON CONFLICT DO NOTHING, {PG_CONNECTIONS} "
+        f"connections x safety {SAFETY}; every backend of the role terminated at half-way "
+        f"(load {fail.load})",
+    )
     outcome.row("  backends terminated (active)", f"{fail.terminated} ({fail.active_at_termination})")
-    outcome.row("  items failed in attempt 0",
-                f"{fail.failed_attempt0} ({fail.reconnect_note}); retried {fail.retried}")
-    outcome.row("  table after the retry round", f"{fail.rows:,} rows, {fail.distinct:,} distinct keys, expected "
-                                                  f"{fail.rows_expected:,}; {fail.ok_after_retry} / {fail.items} ok")
-    outcome.metrics.update(failover_failed=fail.failed_attempt0, failover_terminated=fail.terminated,
-                           failover_rows_right=fail.rows == fail.distinct == fail.rows_expected)
-    outcome.goal("failover: items failed <= connections in flight", fail.failed_attempt0 <= fail.terminated,
-                 f"{fail.failed_attempt0} <= {fail.terminated}")
-    outcome.goal("failover: table exactly right after one retry round",
-                 fail.rows == fail.distinct == fail.rows_expected and fail.ok_after_retry == fail.items,
-                 f"{fail.rows:,} rows, {fail.distinct:,} distinct, expected {fail.rows_expected:,}")
+    outcome.row(
+        "  items failed in attempt 0", f"{fail.failed_attempt0} ({fail.reconnect_note}); retried {fail.retried}"
+    )
+    outcome.row(
+        "  table after the retry round",
+        f"{fail.rows:,} rows, {fail.distinct:,} distinct keys, expected "
+        f"{fail.rows_expected:,}; {fail.ok_after_retry} / {fail.items} ok",
+    )
+    outcome.metrics.update(
+        failover_failed=fail.failed_attempt0,
+        failover_terminated=fail.terminated,
+        failover_rows_right=fail.rows == fail.distinct == fail.rows_expected,
+    )
+    outcome.goal(
+        "failover: items failed <= connections in flight",
+        fail.failed_attempt0 <= fail.terminated,
+        f"{fail.failed_attempt0} <= {fail.terminated}",
+    )
+    outcome.goal(
+        "failover: table exactly right after one retry round",
+        fail.rows == fail.distinct == fail.rows_expected and fail.ok_after_retry == fail.items,
+        f"{fail.rows:,} rows, {fail.distinct:,} distinct, expected {fail.rows_expected:,}",
+    )
     return outcome
 
 
 def _cell_rows(outcome: Outcome, cell: Cell) -> None:
     label = f"{cell.key} [{cell.plan}]"
     outcome.row(label, cell.condition)
-    outcome.row("  achieved / target (server)", f"{cell.achieved:,.2f} / {cell.target:,.2f} {cell.unit} = "
-                                                f"{cell.utilisation:.3f} over {cell.seconds:.1f} s")
-    outcome.row(f"  busiest ({cell.window}) / limit",
-                f"{cell.busiest:,.0f} / {cell.limit:,.0f}; 429s from the limit {cell.limit_429s}; rows {cell.rows} "
-                f"for {cell.items} items")
-    outcome.row("  plan / measured", f"{cell.workers} workers, period {cell.period_s * 1000:.1f} ms, {cell.chunks} "
-                                     f"chunks of {cell.chunk_size}; latency p50 {cell.latency_ms:.0f} ms, in flight "
-                                     f"per worker {cell.in_flight:.1f}; chunk drains predict "
-                                     f"{cell.drain_share:.1%} lost; load {cell.load}")
-    outcome.row("  offered busiest / per-worker spacing bound",
-                f"{'-' if cell.offered_busiest is None else f'{cell.offered_busiest:,.0f}'} (all arrivals, 429s "
-                f"included) / {cell.construction_bound:,.0f} (workers x calls one worker may put in {cell.window})")
+    outcome.row(
+        "  achieved / target (server)",
+        f"{cell.achieved:,.2f} / {cell.target:,.2f} {cell.unit} = {cell.utilisation:.3f} over {cell.seconds:.1f} s",
+    )
+    outcome.row(
+        f"  busiest ({cell.window}) / limit",
+        f"{cell.busiest:,.0f} / {cell.limit:,.0f}; 429s from the limit {cell.limit_429s}; rows {cell.rows} "
+        f"for {cell.items} items",
+    )
+    outcome.row(
+        "  plan / measured",
+        f"{cell.workers} workers, period {cell.period_s * 1000:.1f} ms, {cell.chunks} "
+        f"chunks of {cell.chunk_size}; latency p50 {cell.latency_ms:.0f} ms, in flight "
+        f"per worker {cell.in_flight:.1f}; chunk drains predict "
+        f"{cell.drain_share:.1%} lost; load {cell.load}",
+    )
+    outcome.row(
+        "  offered busiest / per-worker spacing bound",
+        f"{'-' if cell.offered_busiest is None else f'{cell.offered_busiest:,.0f}'} (all arrivals, 429s "
+        f"included) / {cell.construction_bound:,.0f} (workers x calls one worker may put in {cell.window})",
+    )
     if cell.limit_429_times:
         times = cell.limit_429_times
         outcome.row("  limit 429s at", f"+{min(times):.1f} .. +{max(times):.1f} s after the first arrival")
@@ -655,17 +804,27 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
     if cell.startup_busiest is not None:
         outcome.row("  busiest 1 s at start-up / later", f"{cell.startup_busiest:,.0f} / {cell.later_busiest:,.0f}")
     suffix = "" if cell.plan == "default" else "_pinned_plan"
-    for name, value in (("utilisation", cell.utilisation), ("busiest_over_limit", cell.busiest / cell.limit),
-                        ("limit_429s", cell.limit_429s), ("lost", cell.lost), ("not_ok", cell.items - cell.ok),
-                        ("drain_share", cell.drain_share), ("construction_bound_over_limit",
-                                                            cell.construction_bound / cell.limit)):
+    for name, value in (
+        ("utilisation", cell.utilisation),
+        ("busiest_over_limit", cell.busiest / cell.limit),
+        ("limit_429s", cell.limit_429s),
+        ("lost", cell.lost),
+        ("not_ok", cell.items - cell.ok),
+        ("drain_share", cell.drain_share),
+        ("construction_bound_over_limit", cell.construction_bound / cell.limit),
+    ):
         outcome.metrics[f"{cell.key}{suffix}_{name}"] = value
     if cell.startup_busiest is not None:
         outcome.metrics[f"{cell.key}_startup_over_later"] = cell.startup_busiest / max(cell.later_busiest or 0, 1e-9)
     missed = cell.missed()
-    outcome.goal(f"{cell.key} [{cell.plan}]", not missed,
-                 "; ".join(missed) if missed else f"{cell.utilisation:.3f} of target, busiest {cell.busiest:,.0f} <= "
-                                                   f"{cell.limit:,.0f}, 0 limit 429s, nothing lost")
+    outcome.goal(
+        f"{cell.key} [{cell.plan}]",
+        not missed,
+        "; ".join(missed)
+        if missed
+        else f"{cell.utilisation:.3f} of target, busiest {cell.busiest:,.0f} <= "
+        f"{cell.limit:,.0f}, 0 limit 429s, nothing lost",
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,11 @@ BACKFILL = "bench"
 ITEMS = {False: 10_000_000, True: 50_000}
 FILES = {False: (1_000, 20_000, 200_000), True: (100, 1_000)}
 S3_ITEMS, S3_FILES = {False: 1_000_000, True: 10_000}, {False: 20_000, True: 200}
-TRIAL_ITEMS, TRIAL_FILES, TRIAL_BLOCK_ROWS = {False: 200_000, True: 10_000}, {False: 4_000, True: 200}, {
-    False: 20_000, True: 1_000}  # ten blocks in attempt 0, so kills land between blocks as well as inside one
+TRIAL_ITEMS, TRIAL_FILES, TRIAL_BLOCK_ROWS = (
+    {False: 200_000, True: 10_000},
+    {False: 4_000, True: 200},
+    {False: 20_000, True: 1_000},
+)  # ten blocks in attempt 0, so kills land between blocks as well as inside one
 TRIALS = {False: 12, True: 2}
 RUNS_AFTER = {False: 3, True: 2}
 GOAL_QUESTIONS_S, GOAL_COMPACTION_S = 3.0, 60.0
@@ -64,13 +67,20 @@ def generate(store: ManifestStore, items: int, chunk_files: int) -> dict[str, in
     retried = numbers[failed & ~permanent]
     failed_again = rng.random(len(retried)) < FAIL_RETRY
     files += _write_attempt(store, 1, retried, failed_again, np.zeros(len(retried), bool), chunk_rows)
-    return {"items": items, "ok": items - int(failed.sum()) + len(retried) - int(failed_again.sum()),
-            "failed": int(failed_again.sum()), "dead": int(permanent.sum()), "last_attempt": 1,
-            "rows": items + len(retried), "files": files}
+    return {
+        "items": items,
+        "ok": items - int(failed.sum()) + len(retried) - int(failed_again.sum()),
+        "failed": int(failed_again.sum()),
+        "dead": int(permanent.sum()),
+        "last_attempt": 1,
+        "rows": items + len(retried),
+        "files": files,
+    }
 
 
-def _write_attempt(store: ManifestStore, attempt: int, numbers: np.ndarray, failed: np.ndarray,
-                   permanent: np.ndarray, chunk_rows: int) -> int:
+def _write_attempt(
+    store: ManifestStore, attempt: int, numbers: np.ndarray, failed: np.ndarray, permanent: np.ndarray, chunk_rows: int
+) -> int:
     """One attempt's plan (make_plan, as the engine writes it) and one manifest file per chunk."""
     rows = manifest_table(attempt, 0, numbers, failed, permanent)
     plan = make_plan(pa.table({"item_id": rows["item_id"], "payload": pa.nulls(len(rows), pa.string())}), chunk_rows)
@@ -92,16 +102,22 @@ def _write_attempt(store: ManifestStore, attempt: int, numbers: np.ndarray, fail
 def ask(store: ManifestStore) -> dict[str, float | int | dict]:
     """What one Dagster round asks: open the ledger, failed_items, counts (each timed)."""
     found = measure(store)
-    return {"open_s": found["ledger"], "failed_s": found["failed_items"], "counts_s": found["counts"],
-            "total_s": found["ledger"] + found["failed_items"] + found["counts"],
-            "failed_rows": found["failed_rows"], "counts": found["counted"]}
+    return {
+        "open_s": found["ledger"],
+        "failed_s": found["failed_items"],
+        "counts_s": found["counts"],
+        "total_s": found["ledger"] + found["failed_items"] + found["counts"],
+        "failed_rows": found["failed_rows"],
+        "counts": found["counted"],
+    }
 
 
 def _check(asked: dict, expected: dict, where: str) -> None:
     want = {k: expected[k] for k in ("items", "ok", "failed", "dead", "last_attempt")}
     if asked["counts"] != want or asked["failed_rows"] != expected["failed"]:
-        raise RuntimeError(f"{where}: the ledger found {asked['counts']} and {asked['failed_rows']} failed items, "
-                           f"expected {want}")
+        raise RuntimeError(
+            f"{where}: the ledger found {asked['counts']} and {asked['failed_rows']} failed items, expected {want}"
+        )
 
 
 def _compact_in_child(root: str) -> dict:
@@ -117,8 +133,16 @@ def _child(root: str, block_rows: str = "0") -> None:
             results = [compact_attempt(store, BACKFILL, a, block_rows=int(block_rows)) for a in (0, 1)]
         else:
             results = compact(store)
-    print(json.dumps({"seconds": elapsed(), "peak_rss_bytes": peak_rss_bytes(),
-                      "files_after": sum(r.files_after for r in results)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "seconds": elapsed(),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "files_after": sum(r.files_after for r in results),
+            }
+        ),
+        flush=True,
+    )
 
 
 def at_scale(outcome: Outcome, quick: bool) -> None:
@@ -136,21 +160,34 @@ def at_scale(outcome: Outcome, quick: bool) -> None:
                 _check(asked, expected, f"{files:,} files compacted")
         totals = [a["total_s"] for a in after]
         opened, failed, counts = (median([a[k] for a in after]) for k in ("open_s", "failed_s", "counts_s"))
-        _row(outcome, f"{files:,} chunk files ({expected['rows']:,} rows)",
-                    f"before {before['total_s']:.2f} s (open {before['open_s']:.2f} + failed {before['failed_s']:.2f}"
-                    f" + counts {before['counts_s']:.2f}); compaction {compaction['seconds']:.1f} s, peak "
-                    f"{compaction['peak_rss_bytes'] / 1e6:,.0f} MB, {compaction['files_after']} files; after "
-                    f"{median(totals):.2f} s (open {opened:.2f} + failed {failed:.2f} + counts {counts:.2f}); "
-                    f"{before['total_s'] / median(totals):.0f}x faster (generated in {generating():.0f} s)")
-        outcome.metrics.update({f"before_s_{files}": before["total_s"], f"after_s_{files}": median(totals),
-                                f"compaction_s_{files}": compaction["seconds"],
-                                f"compaction_peak_bytes_{files}": compaction["peak_rss_bytes"]})
+        _row(
+            outcome,
+            f"{files:,} chunk files ({expected['rows']:,} rows)",
+            f"before {before['total_s']:.2f} s (open {before['open_s']:.2f} + failed {before['failed_s']:.2f}"
+            f" + counts {before['counts_s']:.2f}); compaction {compaction['seconds']:.1f} s, peak "
+            f"{compaction['peak_rss_bytes'] / 1e6:,.0f} MB, {compaction['files_after']} files; after "
+            f"{median(totals):.2f} s (open {opened:.2f} + failed {failed:.2f} + counts {counts:.2f}); "
+            f"{before['total_s'] / median(totals):.0f}x faster (generated in {generating():.0f} s)",
+        )
+        outcome.metrics.update(
+            {
+                f"before_s_{files}": before["total_s"],
+                f"after_s_{files}": median(totals),
+                f"compaction_s_{files}": compaction["seconds"],
+                f"compaction_peak_bytes_{files}": compaction["peak_rss_bytes"],
+            }
+        )
     largest = max(FILES[quick])
-    outcome.goal(f"failed items + counts under {GOAL_QUESTIONS_S:g} s after compaction, {largest:,} files",
-                 outcome.metrics[f"after_s_{largest}"] < GOAL_QUESTIONS_S, f"{outcome.metrics[f'after_s_{largest}']:.2f} s")
-    outcome.goal(f"compaction of {largest:,} chunk files under {GOAL_COMPACTION_S:g} s",
-                 outcome.metrics[f"compaction_s_{largest}"] < GOAL_COMPACTION_S,
-                 f"{outcome.metrics[f'compaction_s_{largest}']:.1f} s")
+    outcome.goal(
+        f"failed items + counts under {GOAL_QUESTIONS_S:g} s after compaction, {largest:,} files",
+        outcome.metrics[f"after_s_{largest}"] < GOAL_QUESTIONS_S,
+        f"{outcome.metrics[f'after_s_{largest}']:.2f} s",
+    )
+    outcome.goal(
+        f"compaction of {largest:,} chunk files under {GOAL_COMPACTION_S:g} s",
+        outcome.metrics[f"compaction_s_{largest}"] < GOAL_COMPACTION_S,
+        f"{outcome.metrics[f'compaction_s_{largest}']:.1f} s",
+    )
 
 
 def on_s3(outcome: Outcome, quick: bool) -> None:
@@ -168,9 +205,12 @@ def on_s3(outcome: Outcome, quick: bool) -> None:
         for asked in after:
             _check(asked, expected, "S3 after")
     total = median([a["total_s"] for a in after])
-    _row(outcome, f"moto S3, {S3_FILES[quick]:,} chunk files ({expected['rows']:,} rows)",
-                f"before {before['total_s']:.2f} s (open {before['open_s']:.2f}); compaction {compacting():.1f} s; "
-                f"after {total:.2f} s; {before['total_s'] / total:.0f}x faster (uploaded in {generating():.0f} s)")
+    _row(
+        outcome,
+        f"moto S3, {S3_FILES[quick]:,} chunk files ({expected['rows']:,} rows)",
+        f"before {before['total_s']:.2f} s (open {before['open_s']:.2f}); compaction {compacting():.1f} s; "
+        f"after {total:.2f} s; {before['total_s'] / total:.0f}x faster (uploaded in {generating():.0f} s)",
+    )
     outcome.metrics.update(s3_before_s=before["total_s"], s3_after_s=total, s3_compaction_s=compacting())
 
 
@@ -200,8 +240,12 @@ def kills(outcome: Outcome, quick: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="paceline-bench-kills-") as tmp:
         pristine = os.path.join(tmp, "pristine")
         expected = generate(ManifestStore(pristine), TRIAL_ITEMS[quick], TRIAL_FILES[quick])
-        chunks = {a: len(pq.read_table(ManifestStore(pristine).plan_path(BACKFILL, a), columns=["chunk_id"])
-                         ["chunk_id"].unique()) for a in (0, 1)}
+        chunks = {
+            a: len(
+                pq.read_table(ManifestStore(pristine).plan_path(BACKFILL, a), columns=["chunk_id"])["chunk_id"].unique()
+            )
+            for a in (0, 1)
+        }
         root = os.path.join(tmp, "trial")
         shutil.copytree(pristine, root)
         block_rows = TRIAL_BLOCK_ROWS[quick]
@@ -217,18 +261,29 @@ def kills(outcome: Outcome, quick: bool) -> None:
             for attempt in chunks:
                 compact_attempt(store, BACKFILL, attempt, block_rows=block_rows)
             held += whole and _whole(store, expected, chunks) and not store.attempt_files(BACKFILL, 0).chunks
-    _row(outcome, "kill -9 during compaction", f"{held}/{TRIALS[quick]} trials whole before and after a second "
-                f"compaction; attempt 0 at the kill (compacted files / chunk files they hold / chunk files "
-                f"alone): {', '.join(states)}")
+    _row(
+        outcome,
+        "kill -9 during compaction",
+        f"{held}/{TRIALS[quick]} trials whole before and after a second "
+        f"compaction; attempt 0 at the kill (compacted files / chunk files they hold / chunk files "
+        f"alone): {', '.join(states)}",
+    )
     outcome.metrics.update(trials=TRIALS[quick], held=held)
-    outcome.goal("every kill -9 leaves the ledger equal to the truth and every chunk finished",
-                 held == TRIALS[quick], f"{held}/{TRIALS[quick]}")
+    outcome.goal(
+        "every kill -9 leaves the ledger equal to the truth and every chunk finished",
+        held == TRIALS[quick],
+        f"{held}/{TRIALS[quick]}",
+    )
 
 
 def _run_child_until(root: str, block_rows: int, kill_after: float | None) -> float:
     """Compact ``root`` in a child (small blocks); SIGKILL it ``kill_after`` s after it is ready."""
-    child = subprocess.Popen([PYTHON, "-m", "benchmarks.compaction", "--child", root, str(block_rows)],
-                             stdout=subprocess.PIPE, text=True, env=child_env())
+    child = subprocess.Popen(
+        [PYTHON, "-m", "benchmarks.compaction", "--child", root, str(block_rows)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     child.stdout.readline()  # "ready": imports done
     started = time.perf_counter()
     if kill_after is None:
@@ -259,10 +314,12 @@ def run(quick: bool) -> Outcome:
     on_s3(outcome, quick)
     kills(outcome, quick)
     largest = max(FILES[quick])
-    outcome.headline = (f"{ITEMS[quick]:,} items in {largest:,} chunk files: failed items + counts "
-                        f"{outcome.metrics[f'before_s_{largest}']:.1f} s -> {outcome.metrics[f'after_s_{largest}']:.2f} s "
-                        f"after a {outcome.metrics[f'compaction_s_{largest}']:.0f} s compaction; "
-                        f"{outcome.metrics['held']}/{outcome.metrics['trials']} kills whole")
+    outcome.headline = (
+        f"{ITEMS[quick]:,} items in {largest:,} chunk files: failed items + counts "
+        f"{outcome.metrics[f'before_s_{largest}']:.1f} s -> {outcome.metrics[f'after_s_{largest}']:.2f} s "
+        f"after a {outcome.metrics[f'compaction_s_{largest}']:.0f} s compaction; "
+        f"{outcome.metrics['held']}/{outcome.metrics['trials']} kills whole"
+    )
     return outcome
 
 

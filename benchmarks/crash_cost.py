@@ -102,7 +102,9 @@ class Trial:
 def _spawn(url: str, root: str, items: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [PYTHON, "-m", "benchmarks.crash_cost", "--child", url, root, str(items)],
-        stdout=subprocess.PIPE, text=True, env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
     )
 
 
@@ -119,7 +121,9 @@ def trial(api: ServiceHandle, root: str, items: int, rng: random.Random) -> Tria
     time.sleep(IN_FLIGHT_GRACE_S)
     store = ManifestStore(root)
     finished = store.scan_chunks(NAME, 0).finished
-    chunk_of = dict(zip(*store.read_table(store.plan_path(NAME, 0)).select(["item_id", "chunk_id"]).to_pydict().values()))
+    chunk_of = dict(
+        zip(*store.read_table(store.plan_path(NAME, 0)).select(["item_id", "chunk_id"]).to_pydict().values())
+    )
     before = collections.Counter(a["item"] for a in api.arrivals())
     second = _spawn(api.url, root, items)
     second.communicate(timeout=120)
@@ -158,26 +162,40 @@ def run(quick: bool) -> Outcome:
     held = sum(t.held for t in trials)
     outcome = Outcome(NAME, f"{held}/{len(trials)} trials repeated no more than was in flight")
     outcome.row("trials, items per run, chunk size", f"{len(trials)}, {items}, {CHUNK}")
-    outcome.row("limit", f"{SERVER_RPS} req/s x safety {LIMIT.safety:g}, latency estimate {ESTIMATES.seconds_per_call} s")
+    outcome.row(
+        "limit", f"{SERVER_RPS} req/s x safety {LIMIT.safety:g}, latency estimate {ESTIMATES.seconds_per_call} s"
+    )
     outcome.row("trial: killed after / items hit / chunks done / chunks in flight", "items in flight / repeated / lost")
     for n, t in enumerate(trials):
-        outcome.row(f"  {n}: {t.kill_after_s:.2f} s / {t.hit_before_kill} / {t.chunks_done_at_kill} / {t.chunks_in_flight}",
-                    f"{t.in_flight} / {t.repeated} / {t.lost}")
+        outcome.row(
+            f"  {n}: {t.kill_after_s:.2f} s / {t.hit_before_kill} / {t.chunks_done_at_kill} / {t.chunks_in_flight}",
+            f"{t.in_flight} / {t.repeated} / {t.lost}",
+        )
     ratios = [t.repeated / t.in_flight for t in trials if t.in_flight]
     if ratios:
         outcome.row("median repeated / in flight (trials with something in flight)", f"{median(ratios):.2f}")
     outcome.metrics.update(
-        trials=len(trials), held=held, max_repeated_minus_in_flight=max(t.repeated - t.in_flight for t in trials),
+        trials=len(trials),
+        held=held,
+        max_repeated_minus_in_flight=max(t.repeated - t.in_flight for t in trials),
         repeated_outside_in_flight=sum(t.repeated_outside_in_flight for t in trials),
-        lost=sum(t.lost for t in trials), unreadable=sum(t.unreadable for t in trials),
-        in_flight_total=sum(t.in_flight for t in trials), repeated_total=sum(t.repeated for t in trials),
+        lost=sum(t.lost for t in trials),
+        unreadable=sum(t.unreadable for t in trials),
+        in_flight_total=sum(t.in_flight for t in trials),
+        repeated_total=sum(t.repeated for t in trials),
         mid_run_trials=sum(1 for t in trials if t.in_flight),
     )
-    outcome.goal("repeated <= in flight, every trial", held == len(trials),
-                 f"{held}/{len(trials)}; repeated total {outcome.metrics['repeated_total']}, "
-                 f"in flight total {outcome.metrics['in_flight_total']}")
-    outcome.goal("nothing lost, no unreadable manifest", not outcome.metrics["lost"] and not outcome.metrics["unreadable"],
-                 f"lost {outcome.metrics['lost']}, unreadable {outcome.metrics['unreadable']}")
+    outcome.goal(
+        "repeated <= in flight, every trial",
+        held == len(trials),
+        f"{held}/{len(trials)}; repeated total {outcome.metrics['repeated_total']}, "
+        f"in flight total {outcome.metrics['in_flight_total']}",
+    )
+    outcome.goal(
+        "nothing lost, no unreadable manifest",
+        not outcome.metrics["lost"] and not outcome.metrics["unreadable"],
+        f"lost {outcome.metrics['lost']}, unreadable {outcome.metrics['unreadable']}",
+    )
     return outcome
 
 

@@ -35,16 +35,18 @@ BACKFILL = "bench"
 EPOCH = 1_767_225_600.0  # 2026-01-01 UTC: any fixed start keeps the files identical run to run
 
 
-def manifest_table(attempt: int, chunk_id: int, numbers: np.ndarray, failed: np.ndarray,
-                   permanent: np.ndarray) -> pa.Table:
+def manifest_table(
+    attempt: int, chunk_id: int, numbers: np.ndarray, failed: np.ndarray, permanent: np.ndarray
+) -> pa.Table:
     """One chunk's rows in MANIFEST_SCHEMA: ok rows carry a small JSON payload, failures an error."""
     n = len(numbers)
     ids = pc.binary_join_element_wise("user-", pc.utf8_lpad(pa.array(numbers.astype(str)), 9, "0"), "")
     ok = ~failed
     status = np.where(ok, "ok", np.where(permanent, "http_404", "http_503"))
     http_status = pa.array(np.where(permanent, 404, 503).astype(np.int32), mask=ok)
-    error = pa.array(np.where(permanent, "HTTPStatusError: 404 Not Found", "HTTPStatusError: 503 Service Unavailable"),
-                     mask=ok)
+    error = pa.array(
+        np.where(permanent, "HTTPStatusError: 404 Not Found", "HTTPStatusError: 503 Service Unavailable"), mask=ok
+    )
     payload = pc.binary_join_element_wise('{"id": "', ids, '", "value": 7}', "")
     started = EPOCH + attempt * 86_400 + numbers * 0.01
     latency = np.full(n, 12.5)
@@ -85,12 +87,18 @@ def generate(store: ManifestStore, total_rows: int, file_rows: int) -> dict[str,
     retried = numbers[failed & ~permanent]
     failed_again = rng.random(len(retried)) < FAIL_RETRY
     files += _write_attempt(store, 1, retried, failed_again, np.zeros(len(retried), bool), file_rows)
-    return {"rows": first_items + len(retried), "files": files, "items": first_items,
-            "failed": int(failed_again.sum()), "in_two_attempts": len(retried)}
+    return {
+        "rows": first_items + len(retried),
+        "files": files,
+        "items": first_items,
+        "failed": int(failed_again.sum()),
+        "in_two_attempts": len(retried),
+    }
 
 
-def _write_attempt(store: ManifestStore, attempt: int, numbers: np.ndarray, failed: np.ndarray,
-                   permanent: np.ndarray, file_rows: int) -> int:
+def _write_attempt(
+    store: ManifestStore, attempt: int, numbers: np.ndarray, failed: np.ndarray, permanent: np.ndarray, file_rows: int
+) -> int:
     chunks = range(0, len(numbers), file_rows)
     for chunk_id, start in enumerate(chunks):
         part = slice(start, start + file_rows)
@@ -110,8 +118,15 @@ def measure(store: ManifestStore) -> dict[str, float | int | dict]:
             count = ledger.query("SELECT count(*) AS n FROM failed")["n"][0].as_py()
         with stopwatch() as counting:
             counts = ledger.counts(BACKFILL)
-    return {"ledger": construct(), "failed_items": failed_items(), "count": count_query(), "counts": counting(),
-            "failed_rows": rows, "failed_count": count, "counted": counts}
+    return {
+        "ledger": construct(),
+        "failed_items": failed_items(),
+        "count": count_query(),
+        "counts": counting(),
+        "failed_rows": rows,
+        "failed_count": count,
+        "counted": counts,
+    }
 
 
 def run(quick: bool) -> Outcome:
@@ -126,22 +141,38 @@ def run(quick: bool) -> Outcome:
         raise RuntimeError(f"the ledger found {results[0]['failed_rows']} failed items, expected {expected['failed']}")
     ledger, failed, count = ([r[k] for r in results] for k in ("ledger", "failed_items", "count"))
     total = [r["ledger"] + r["failed_items"] for r in results]
-    outcome = Outcome(NAME, f"failed_items over {expected['rows']:,} rows in {expected['files']:,} files: "
-                            f"{median(failed):.2f} s (+ {median(ledger):.2f} s to open the ledger)")
-    outcome.row("manifest rows, files", f"{expected['rows']:,}, {expected['files']:,} (generated in {generating():.0f} s)")
-    outcome.row("items, in two attempts, failed", f"{expected['items']:,}, {expected['in_two_attempts']:,}, "
-                                                  f"{expected['failed']:,}")
+    outcome = Outcome(
+        NAME,
+        f"failed_items over {expected['rows']:,} rows in {expected['files']:,} files: "
+        f"{median(failed):.2f} s (+ {median(ledger):.2f} s to open the ledger)",
+    )
+    outcome.row(
+        "manifest rows, files", f"{expected['rows']:,}, {expected['files']:,} (generated in {generating():.0f} s)"
+    )
+    outcome.row(
+        "items, in two attempts, failed",
+        f"{expected['items']:,}, {expected['in_two_attempts']:,}, {expected['failed']:,}",
+    )
     outcome.row("runs", f"{runs} (median; min..max in brackets)")
     outcome.row("Ledger(store) construction", f"{median(ledger):.3f} s ({spread(ledger)})")
     outcome.row("ledger.failed_items(name)", f"{median(failed):.3f} s ({spread(failed)})")
     outcome.row("SELECT count(*) FROM failed", f"{median(count):.3f} s ({spread(count)})")
     outcome.row("construction + failed_items", f"{median(total):.3f} s ({spread(total)})")
-    outcome.metrics.update(rows=expected["rows"], files=expected["files"], failed=expected["failed"],
-                           ledger_s=median(ledger), failed_items_s=median(failed), count_s=median(count),
-                           total_s=median(total))
+    outcome.metrics.update(
+        rows=expected["rows"],
+        files=expected["files"],
+        failed=expected["failed"],
+        ledger_s=median(ledger),
+        failed_items_s=median(failed),
+        count_s=median(count),
+        total_s=median(total),
+    )
     outcome.goal(f"failed_items under {GOAL_SECONDS:g} s", median(failed) < GOAL_SECONDS, f"{median(failed):.2f} s")
-    outcome.goal(f"ledger construction + failed_items under {GOAL_SECONDS:g} s", median(total) < GOAL_SECONDS,
-                 f"{median(total):.2f} s")
+    outcome.goal(
+        f"ledger construction + failed_items under {GOAL_SECONDS:g} s",
+        median(total) < GOAL_SECONDS,
+        f"{median(total):.2f} s",
+    )
     return outcome
 
 

@@ -118,10 +118,12 @@ def cpu_per_item(chunk_size: int, root: str) -> dict[str, float]:
     store = ManifestStore(root)
     pieces: dict[str, Callable[[], object]] = {
         "runner (run_chunk)": lambda: run_chunk(work, chunk),
-        "pickle round trip (chunk + result)": lambda: cloudpickle.loads(cloudpickle.dumps(chunk))
-        and cloudpickle.loads(cloudpickle.dumps(result)),
+        "pickle round trip (chunk + result)": lambda: (
+            cloudpickle.loads(cloudpickle.dumps(chunk)) and cloudpickle.loads(cloudpickle.dumps(result))
+        ),
         "manifest (result_table + Parquet write)": lambda: store.write_table(
-            store.chunk_path(NAME, 0, 0), result_table(result)),
+            store.chunk_path(NAME, 0, 0), result_table(result)
+        ),
         "baseline chunk function": lambda: _baseline_chunk(ids),
         "baseline JSON lines": lambda: [json.dumps(row) for row in rows],
     }
@@ -169,14 +171,16 @@ def _total(stages: dict[str, float]) -> float:
     return stages["plan"] + stages["execute"] + stages["failed"]
 
 
-def _outcome(count: int, runs: int, workers: int, chunk_size: int,
-             pace: list[dict[str, float]], base: list[dict[str, float]]) -> Outcome:
+def _outcome(
+    count: int, runs: int, workers: int, chunk_size: int, pace: list[dict[str, float]], base: list[dict[str, float]]
+) -> Outcome:
     pace_rates = [count / _total(p) for p in pace]
     base_rates = [count / _total(b) for b in base]
     ratios = [p / b for p, b in zip(pace_rates, base_rates)]
     ratio = median(ratios)
-    outcome = Outcome(NAME, f"Paceline {median(pace_rates):,.0f} items/s vs raw {median(base_rates):,.0f} items/s "
-                            f"(ratio {ratio:.2f})")
+    outcome = Outcome(
+        NAME, f"Paceline {median(pace_rates):,.0f} items/s vs raw {median(base_rates):,.0f} items/s (ratio {ratio:.2f})"
+    )
     outcome.row("items, workers, chunk size", f"{count:,}, {workers}, {chunk_size:,}")
     outcome.row("runs", f"{runs} (median; min..max in brackets)")
     outcome.row("Paceline items/s", f"{median(pace_rates):,.0f} ({spread(pace_rates)})")
@@ -188,8 +192,12 @@ def _outcome(count: int, runs: int, workers: int, chunk_size: int,
             " / ".join(f"{median([r[stage] for r in runs_]):.2f}" for stage in ("plan", "execute", "failed")),
         )
     outcome.metrics.update(
-        items=count, workers=workers, chunk_size=chunk_size, paceline_items_per_s=median(pace_rates),
-        baseline_items_per_s=median(base_rates), ratio=ratio,
+        items=count,
+        workers=workers,
+        chunk_size=chunk_size,
+        paceline_items_per_s=median(pace_rates),
+        baseline_items_per_s=median(base_rates),
+        ratio=ratio,
         **{f"paceline_{s}_s": median([p[s] for p in pace]) for s in ("plan", "execute", "failed")},
         **{f"baseline_{s}_s": median([b[s] for b in base]) for s in ("plan", "execute")},
     )

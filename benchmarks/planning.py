@@ -109,8 +109,12 @@ def run(quick: bool) -> Outcome:
     outcome.row("  peak RSS after each stage (MB)", " / ".join(f"{stages[s + '_peak'] / 1e6:,.0f}" for s in STAGES))
     outcome.row("child wall time incl. start-up", f"{median([p['wall_seconds'] for p, _ in plans]):.2f} s")
     outcome.metrics.update(
-        ids=count, seconds=median(seconds), peak_rss_bytes=median(peaks), import_rss_bytes=import_rss,
-        chunks=plans[0][0]["chunks"], **{f"stage_{s}_s": stages[s] for s in STAGES},
+        ids=count,
+        seconds=median(seconds),
+        peak_rss_bytes=median(peaks),
+        import_rss_bytes=import_rss,
+        chunks=plans[0][0]["chunks"],
+        **{f"stage_{s}_s": stages[s] for s in STAGES},
     )
     outcome.goal(f"under {GOAL_SECONDS:g} s", median(seconds) < GOAL_SECONDS, f"{median(seconds):.2f} s")
     outcome.goal(f"under {GOAL_BYTES / 1e9:g} GB", max(peaks) < GOAL_BYTES, f"max {max(peaks) / 1e9:.2f} GB")

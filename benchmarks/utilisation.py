@@ -55,13 +55,13 @@ DURATION = {False: 20.0, True: 4.0}
 SAFETY = 0.9
 GOAL_UTILISATION = 0.95
 
-RPS = 200                      # requests/s case: the server's limit
+RPS = 200  # requests/s case: the server's limit
 POLITE_RPS, POLITE_WORKERS = 10, 4
 CONNECTIONS, KEY_STEP = 10, 100
-QUERY_SECONDS = 0.04           # each range query really takes this long, so the run lasts as planned
+QUERY_SECONDS = 0.04  # each range query really takes this long, so the run lasts as planned
 LLM_WINDOW_S, LLM_TOKENS_PER_S = 10.0, 1_500  # the window shrinks to half the run in --quick mode
-PROMPT = "word " * 40          # 200 characters: 54 prompt tokens by the server's rule
-LLM_MAX_TOKENS = 16            # the local server's default completion length, so the estimate is exact
+PROMPT = "word " * 40  # 200 characters: 54 prompt tokens by the server's rule
+LLM_MAX_TOKENS = 16  # the local server's default completion length, so the estimate is exact
 TOKENS_PER_PROMPT = math.ceil(len(PROMPT) / 4) + 4 + LLM_MAX_TOKENS
 
 
@@ -88,8 +88,9 @@ class Measured:
         return self.busiest / self.limit
 
 
-def _run_backfill(name: str, source: ItemSource, work: Work, limit: ServiceLimit, estimates: Estimates,
-                  root: str) -> tuple[RunResult, Ledger]:
+def _run_backfill(
+    name: str, source: ItemSource, work: Work, limit: ServiceLimit, estimates: Estimates, root: str
+) -> tuple[RunResult, Ledger]:
     """Plan and run attempt 0; return the run result and an open ledger over its manifests."""
     backfill = Backfill(name, source, work, limit, estimates)
     store = ManifestStore(os.path.join(root, name))
@@ -116,12 +117,21 @@ def requests_per_second(duration: float, root: str) -> Measured:
     target = RPS * SAFETY
     with start_http_api(rps=RPS) as api:
         work = tagged(HttpWork(url_template="{base}/items/{id}", base=api.url))
-        result, ledger = _run_backfill("rps", Values.of(range(_items_for(target, duration))), work, limit,
-                                       Estimates(), root)
+        result, ledger = _run_backfill(
+            "rps", Values.of(range(_items_for(target, duration))), work, limit, Estimates(), root
+        )
         stats, arrivals = api.stats(), api.arrivals()
     achieved = _arrival_rate([a["t"] for a in arrivals if a["status"] == 200])
-    measured = Measured("requests/s", f"requests_per_second={RPS}, safety {SAFETY}", "req/s", target, achieved,
-                        RPS, stats["busiest_1s"], "1 s")
+    measured = Measured(
+        "requests/s",
+        f"requests_per_second={RPS}, safety {SAFETY}",
+        "req/s",
+        target,
+        achieved,
+        RPS,
+        stats["busiest_1s"],
+        "1 s",
+    )
     _add_plan_details(measured, result)
     with ledger:
         _loss_rows(measured, worker_timelines(ledger), result.execution.pacing.min_interval_s)
@@ -135,8 +145,9 @@ def politeness(duration: float, root: str) -> Measured:
     target = POLITE_RPS * POLITE_WORKERS
     with start_http_api() as api:
         work = tagged(HttpWork(url_template="{base}/items/{id}", base=api.url))
-        result, ledger = _run_backfill("polite", Values.of(range(_items_for(target, duration))), work, limit,
-                                       Estimates(), root)
+        result, ledger = _run_backfill(
+            "polite", Values.of(range(_items_for(target, duration))), work, limit, Estimates(), root
+        )
         stats, arrivals = api.stats(), api.arrivals()
     with ledger:
         timelines = worker_timelines(ledger)
@@ -146,15 +157,24 @@ def politeness(duration: float, root: str) -> Measured:
         server_times.setdefault(worker_of[arrival["item"]], []).append(arrival["t"])
     busiest_worker = max(busiest_window(np.sort(times), 1.0) for times in server_times.values())
     achieved = _arrival_rate([a["t"] for a in arrivals])
-    measured = Measured("per-worker politeness", f"per_worker_requests_per_second={POLITE_RPS}, "
-                        f"max_workers={POLITE_WORKERS}", "req/s", target, achieved, POLITE_RPS, busiest_worker,
-                        "1 s, one worker")
+    measured = Measured(
+        "per-worker politeness",
+        f"per_worker_requests_per_second={POLITE_RPS}, max_workers={POLITE_WORKERS}",
+        "req/s",
+        target,
+        achieved,
+        POLITE_RPS,
+        busiest_worker,
+        "1 s, one worker",
+    )
     _add_plan_details(measured, result)
     interval = result.execution.pacing.min_interval_s
     _loss_rows(measured, timelines, interval)
     measured.details += [
-        ("engine's own pace (2 % below P, see limits.JITTER_HEADROOM)",
-         f"{POLITE_WORKERS / interval:.2f} req/s = {POLITE_WORKERS / interval / target:.3f} of P x workers"),
+        (
+            "engine's own pace (2 % below P, see limits.JITTER_HEADROOM)",
+            f"{POLITE_WORKERS / interval:.2f} req/s = {POLITE_WORKERS / interval / target:.3f} of P x workers",
+        ),
         ("workers seen by the server", str(len(server_times))),
         ("busiest 1 s of one connection (server stat)", f"{stats['max_peer_rps_1s']} (limit {POLITE_RPS})"),
         ("busiest 1 s, all workers", f"{stats['busiest_1s']} (P x workers = {target})"),
@@ -214,11 +234,15 @@ def _loss_rows(measured: Measured, timelines: dict[int, list[tuple[float, int, s
     """How far the run fell short of its pacing, and why (client-side start times from the manifests)."""
     losses = pacing_losses(timelines, interval)
     gaps = [t1 - t0 for calls in timelines.values() for (t0, c0, _), (t1, c1, _) in zip(calls, calls[1:]) if c0 == c1]
-    measured.details.append(("one worker's gap within a chunk, median / p99",
-                             f"{np.median(gaps) * 1000:.1f} / {np.percentile(gaps, 99) * 1000:.1f} ms "
-                             f"(paced {interval * 1000:.1f} ms)"))
-    measured.details.append(("budget lost to: " + ", ".join(losses),
-                             ", ".join(f"{share:.1%}" for share in losses.values())))
+    measured.details.append(
+        (
+            "one worker's gap within a chunk, median / p99",
+            f"{np.median(gaps) * 1000:.1f} / {np.percentile(gaps, 99) * 1000:.1f} ms (paced {interval * 1000:.1f} ms)",
+        )
+    )
+    measured.details.append(
+        ("budget lost to: " + ", ".join(losses), ", ".join(f"{share:.1%}" for share in losses.values()))
+    )
 
 
 def connections(duration: float, root: str) -> Measured:
@@ -230,16 +254,30 @@ def connections(duration: float, root: str) -> Measured:
     with start_postgres() as pg:
         dsn = pg.create_role("loader", connection_limit=CONNECTIONS)
         _create_orders(dsn, items * KEY_STEP)
-        work = tagged(KeyRangeWork(dsn=dsn, application_name="bench-utilisation",
-                                   query=f"SELECT count(*) AS n, sum(amount) AS total FROM orders "
-                                         f"CROSS JOIN pg_sleep({QUERY_SECONDS}) "
-                                         "WHERE id >= %(lo)s AND id < %(hi)s"))
+        work = tagged(
+            KeyRangeWork(
+                dsn=dsn,
+                application_name="bench-utilisation",
+                query=f"SELECT count(*) AS n, sum(amount) AS total FROM orders "
+                f"CROSS JOIN pg_sleep({QUERY_SECONDS}) "
+                "WHERE id >= %(lo)s AND id < %(hi)s",
+            )
+        )
         with ConnectionSampler(pg.url, "loader", by="usename", every_s=0.01) as sampler:
-            result, ledger = _run_backfill("keyranges", KeyRanges(0, items * KEY_STEP, KEY_STEP), work, limit,
-                                           estimates, root)
+            result, ledger = _run_backfill(
+                "keyranges", KeyRanges(0, items * KEY_STEP, KEY_STEP), work, limit, estimates, root
+            )
     connections = held(sampler)
-    measured = Measured("safe connections", f"safe_connections={CONNECTIONS}, safety {SAFETY}", "connections",
-                        CONNECTIONS * SAFETY, connections.mean, CONNECTIONS, connections.peak, "10 ms samples")
+    measured = Measured(
+        "safe connections",
+        f"safe_connections={CONNECTIONS}, safety {SAFETY}",
+        "connections",
+        CONNECTIONS * SAFETY,
+        connections.mean,
+        CONNECTIONS,
+        connections.peak,
+        "10 ms samples",
+    )
     _add_plan_details(measured, result)
     with ledger:
         _loss_rows(measured, worker_timelines(ledger), result.execution.pacing.min_interval_s)
@@ -305,25 +343,40 @@ def tokens_per_minute(duration: float, root: str) -> Measured:
     accepted = sorted((a["t"], a["tokens"]) for a in arrivals if a["status"] == 200)
     spent = sum(tokens for _, tokens in accepted[:-1])  # tokens spent before the last call started
     achieved = spent / (accepted[-1][0] - accepted[0][0])
-    measured = Measured("tokens/min", f"tokens_per_minute={limit.tokens_per_minute:,.0f} (server: {per_window:,.0f} "
-                        f"per {window_s:g} s window), safety {SAFETY}", "tokens/s", target, achieved,
-                        per_window, stats["busiest_window_tokens"], f"{window_s:g} s")
+    measured = Measured(
+        "tokens/min",
+        f"tokens_per_minute={limit.tokens_per_minute:,.0f} (server: {per_window:,.0f} "
+        f"per {window_s:g} s window), safety {SAFETY}",
+        "tokens/s",
+        target,
+        achieved,
+        per_window,
+        stats["busiest_window_tokens"],
+        f"{window_s:g} s",
+    )
     _add_plan_details(measured, result)
     pacing = result.execution.pacing
     with ledger:
-        _loss_rows(measured, worker_timelines(ledger),
-                   max(pacing.min_interval_s, TOKENS_PER_PROMPT / pacing.tokens_per_second))
+        _loss_rows(
+            measured, worker_timelines(ledger), max(pacing.min_interval_s, TOKENS_PER_PROMPT / pacing.tokens_per_second)
+        )
     measured.details.append(("429s from the server", str(stats["by_status"].get("429", 0))))
     return measured
 
 
 def _add_plan_details(measured: Measured, result: RunResult) -> None:
     execution = result.execution
-    measured.details.insert(0, ("derived", f"{execution.max_parallelism} workers, one call every "
-                                           f"{execution.pacing.min_interval_s * 1000:.1f} ms each, chunks of "
-                                           f"{execution.chunk_size}; {result.report.rows} items in "
-                                           f"{result.report.seconds:.1f} s; call latency p50 "
-                                           f"{result.report.latency_p50_ms:.1f} ms"))
+    measured.details.insert(
+        0,
+        (
+            "derived",
+            f"{execution.max_parallelism} workers, one call every "
+            f"{execution.pacing.min_interval_s * 1000:.1f} ms each, chunks of "
+            f"{execution.chunk_size}; {result.report.rows} items in "
+            f"{result.report.seconds:.1f} s; call latency p50 "
+            f"{result.report.latency_p50_ms:.1f} ms",
+        ),
+    )
 
 
 CASES: dict[str, Callable[[float, str], Measured]] = {
@@ -340,8 +393,11 @@ def run(quick: bool) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="paceline-bench-utilisation-") as root:
         measured = {key: case(duration, root) for key, case in CASES.items()}
     worst = min(m.utilisation for m in measured.values())
-    outcome = Outcome(NAME, f"lowest utilisation {worst:.3f} of target; busiest window / limit at most "
-                            f"{max(m.headroom_used for m in measured.values()):.3f}")
+    outcome = Outcome(
+        NAME,
+        f"lowest utilisation {worst:.3f} of target; busiest window / limit at most "
+        f"{max(m.headroom_used for m in measured.values()):.3f}",
+    )
     outcome.row("run length", f"about {duration:g} s per case, safety {SAFETY}")
     for key, m in measured.items():
         outcome.row(f"{m.kind}", m.declared)
@@ -351,9 +407,14 @@ def run(quick: bool) -> Outcome:
             outcome.row(f"  {label}", value)
         outcome.metrics[f"{key}_utilisation"] = m.utilisation
         outcome.metrics[f"{key}_busiest_over_limit"] = m.headroom_used
-        outcome.goal(f"{m.kind}: at least {GOAL_UTILISATION} of target", m.utilisation >= GOAL_UTILISATION,
-                     f"{m.utilisation:.3f}")
-        outcome.goal(f"{m.kind}: never over the limit", m.busiest <= m.limit, f"busiest {m.busiest:,.0f} <= {m.limit:,.0f}")
+        outcome.goal(
+            f"{m.kind}: at least {GOAL_UTILISATION} of target",
+            m.utilisation >= GOAL_UTILISATION,
+            f"{m.utilisation:.3f}",
+        )
+        outcome.goal(
+            f"{m.kind}: never over the limit", m.busiest <= m.limit, f"busiest {m.busiest:,.0f} <= {m.limit:,.0f}"
+        )
     return outcome
 
 

@@ -278,11 +278,21 @@ class KeyRangeItems(Model):
 class Items(Model, Resolvable):
     """Where the items come from: exactly one of lines, column, jsonl, s3_prefix, key_ranges, values."""
 
-    lines: str | SkipJsonSchema[None] = Field(default=None, description="A text file, one item per line, relative to this defs.yaml's folder.")
-    column: FileColumnItems | SkipJsonSchema[None] = Field(default=None, description="One column of a Parquet or CSV file.")
-    jsonl: JsonlItems | SkipJsonSchema[None] = Field(default=None, description="Prompt records from a JSON-lines file (the llm workload).")
-    s3_prefix: S3PrefixItems | SkipJsonSchema[None] = Field(default=None, description="Object keys under an S3 prefix (s3_to_postgres).")
-    key_ranges: KeyRangeItems | SkipJsonSchema[None] = Field(default=None, description="Integer key ranges [lo, hi) in steps (the sql workload).")
+    lines: str | SkipJsonSchema[None] = Field(
+        default=None, description="A text file, one item per line, relative to this defs.yaml's folder."
+    )
+    column: FileColumnItems | SkipJsonSchema[None] = Field(
+        default=None, description="One column of a Parquet or CSV file."
+    )
+    jsonl: JsonlItems | SkipJsonSchema[None] = Field(
+        default=None, description="Prompt records from a JSON-lines file (the llm workload)."
+    )
+    s3_prefix: S3PrefixItems | SkipJsonSchema[None] = Field(
+        default=None, description="Object keys under an S3 prefix (s3_to_postgres)."
+    )
+    key_ranges: KeyRangeItems | SkipJsonSchema[None] = Field(
+        default=None, description="Integer key ranges [lo, hi) in steps (the sql workload)."
+    )
     values: list[str] | SkipJsonSchema[None] = Field(default=None, description="Items written here: a short list.")
     by_domain: bool = Field(
         default=False, description="Scraping: plan URLs domain by domain, for the service's max_workers_per_domain."
@@ -333,25 +343,35 @@ class HttpOptions(Model):
     )
     method: str = Field(default=HttpWork.method, description="GET, POST, PUT, PATCH or DELETE.")
     json_body_template: Any = Field(default=None, description="JSON body per item, filled like the URL (POST...).")
-    timeout_s: float = Field(default=HttpClientConfig.timeout_s, description="Seconds before a call times out (retryable).")
+    timeout_s: float = Field(
+        default=HttpClientConfig.timeout_s, description="Seconds before a call times out (retryable)."
+    )
 
 
 class HttpBatchOptions(Model):
-    path: str = Field(default=_default(http_batch_work, "path"), description="The batch endpoint, under the service url.")
-    timeout_s: float = Field(default=HttpClientConfig.timeout_s, description="Seconds before a call times out (retryable).")
+    path: str = Field(
+        default=_default(http_batch_work, "path"), description="The batch endpoint, under the service url."
+    )
+    timeout_s: float = Field(
+        default=HttpClientConfig.timeout_s, description="Seconds before a call times out (retryable)."
+    )
 
 
 class ScrapeOptions(Model):
     selectors: dict[str, str] = Field(description="Payload field -> CSS selector; the first match's text is stored.")
     user_agent: str = Field(default=ScrapeWork.user_agent, description="Your crawler's name and a contact URL.")
     http2: bool = Field(default=ScrapeWork.http2, description="HTTP/2 where the site offers it over TLS.")
-    timeout_s: float = Field(default=HttpClientConfig.timeout_s, description="Seconds before a fetch times out (retryable).")
+    timeout_s: float = Field(
+        default=HttpClientConfig.timeout_s, description="Seconds before a fetch times out (retryable)."
+    )
 
 
 class LlmOptions(Model):
     model: str = Field(description="The model name, e.g. gpt-4o-mini.")
     max_tokens: int = Field(default=LlmWork.max_tokens, description="Caps each answer; also sizes the token estimate.")
-    prompt_field: str = Field(default=LlmWork.prompt_field, description="The field of each record that holds the prompt.")
+    prompt_field: str = Field(
+        default=LlmWork.prompt_field, description="The field of each record that holds the prompt."
+    )
     system_prompt: str = Field(default=LlmWork.system_prompt, description="Sent before every prompt; empty for none.")
     temperature: float | None = Field(default=None, description="0 to 2; unset for the model's default.")
     timeout_s: float = Field(default=LlmWork.timeout_s, description="Seconds before a call times out (retryable).")
@@ -370,19 +390,29 @@ class S3ToPostgresOptions(Model):
     table: str = Field(description="The target table (schema.table); it needs a primary key or unique constraint.")
     columns: list[str] = Field(description="The columns to load, read from each record by name.")
     endpoint_url: str = Field(default="", description="S3-compatible endpoint (MinIO...); empty for AWS.")
-    batch_rows: int = Field(default=S3ToPostgresWork.batch_rows, description="Rows copied per batch inside a file's transaction.")
+    batch_rows: int = Field(
+        default=S3ToPostgresWork.batch_rows, description="Rows copied per batch inside a file's transaction."
+    )
 
 
 class WorkOptions(Model, Resolvable):
     """The built-in workload and its options: exactly one of http, http_batch, scrape, llm, sql, s3_to_postgres."""
 
-    http: HttpOptions | SkipJsonSchema[None] = Field(default=None, description="One HTTP request per item (paced by requests/s or /min).")
+    http: HttpOptions | SkipJsonSchema[None] = Field(
+        default=None, description="One HTTP request per item (paced by requests/s or /min)."
+    )
     http_batch: HttpBatchOptions | SkipJsonSchema[None] = Field(
         default=None, description="One POST per batch of records (paced by concurrent_batches)."
     )
-    scrape: ScrapeOptions | SkipJsonSchema[None] = Field(default=None, description="Polite scraping of static pages (robots.txt honoured).")
-    llm: LlmOptions | SkipJsonSchema[None] = Field(default=None, description="One chat completion per prompt (paced by tokens_per_minute).")
-    sql: SqlOptions | SkipJsonSchema[None] = Field(default=None, description="One bounded query per key range (paced by safe_connections).")
+    scrape: ScrapeOptions | SkipJsonSchema[None] = Field(
+        default=None, description="Polite scraping of static pages (robots.txt honoured)."
+    )
+    llm: LlmOptions | SkipJsonSchema[None] = Field(
+        default=None, description="One chat completion per prompt (paced by tokens_per_minute)."
+    )
+    sql: SqlOptions | SkipJsonSchema[None] = Field(
+        default=None, description="One bounded query per key range (paced by safe_connections)."
+    )
     s3_to_postgres: S3ToPostgresOptions | SkipJsonSchema[None] = Field(
         default=None, description="Load S3 files into Postgres, each row once (paced by safe_connections)."
     )
@@ -435,15 +465,20 @@ class EstimatesOptions(Model):
 
 
 class OverridesOptions(Model):
-    max_parallelism: int | None = Field(default=None, description="Pin live workers (still admitted against the limit).")
+    max_parallelism: int | None = Field(
+        default=None, description="Pin live workers (still admitted against the limit)."
+    )
     per_worker_requests_per_second: float | None = Field(
         default=None, description="Pin one worker's rate (still admitted against the limit)."
     )
     chunk_size: int | None = Field(default=None, description="Pin items per chunk.")
     max_throttle_retries: int = Field(
-        default=Overrides.max_throttle_retries, description="429/503 retries inside a chunk before the item is left for a round."
+        default=Overrides.max_throttle_retries,
+        description="429/503 retries inside a chunk before the item is left for a round.",
     )
-    max_retry_after_s: float = Field(default=Overrides.max_retry_after_s, description="Longest Retry-After honoured in a chunk.")
+    max_retry_after_s: float = Field(
+        default=Overrides.max_retry_after_s, description="Longest Retry-After honoured in a chunk."
+    )
 
 
 class Backfill(_Located, Component, Resolvable):
@@ -458,7 +493,9 @@ class Backfill(_Located, Component, Resolvable):
     items: Items = Field(description="Where the items come from.")
     work: WorkOptions = Field(description="The built-in workload that handles one item, and its options.")
     estimates: EstimatesOptions = Field(default_factory=EstimatesOptions, description="What you know about the work.")
-    overrides: OverridesOptions = Field(default_factory=OverridesOptions, description="Values pinned instead of derived.")
+    overrides: OverridesOptions = Field(
+        default_factory=OverridesOptions, description="Values pinned instead of derived."
+    )
     max_attempts: int = Field(default=BackfillSpec.max_attempts, description="Attempt 0 plus retry rounds, at most.")
     description: str = Field(default="", description="Shown in the UI.")
 
@@ -514,11 +551,17 @@ class Backfill(_Located, Component, Resolvable):
 
 class ExecutorOptions(Model):
     kind: Literal[EXECUTOR_KINDS] = Field(default="local", description="'local' (threads in the step) or 'burla'.")  # type: ignore[valid-type]
-    func_cpu: int = Field(default=ExecutorResource.model_fields["func_cpu"].default, description="Burla: CPUs per worker.")
-    func_ram: int = Field(default=ExecutorResource.model_fields["func_ram"].default, description="Burla: GB of RAM per worker.")
+    func_cpu: int = Field(
+        default=ExecutorResource.model_fields["func_cpu"].default, description="Burla: CPUs per worker."
+    )
+    func_ram: int = Field(
+        default=ExecutorResource.model_fields["func_ram"].default, description="Burla: GB of RAM per worker."
+    )
     grow: bool = Field(default=False, description="Burla: let the cluster add nodes.")
     image: str = Field(default="", description="Burla: container image; empty for the cluster default.")
-    max_parallelism: int | None = Field(default=None, description="Pin live workers for every backfill (still admitted).")
+    max_parallelism: int | None = Field(
+        default=None, description="Pin live workers for every backfill (still admitted)."
+    )
 
 
 class Runtime(_Located, Component, Resolvable):
@@ -528,7 +571,9 @@ class Runtime(_Located, Component, Resolvable):
         default=ManifestStoreResource.model_fields["root"].default,
         description="Folder (relative to the working directory) or s3://bucket/prefix for plans and manifests.",
     )
-    s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint for an s3:// manifest_root; empty for AWS.")
+    s3_endpoint_url: str = Field(
+        default="", description="S3-compatible endpoint for an s3:// manifest_root; empty for AWS."
+    )
     executor: ExecutorOptions = Field(default_factory=ExecutorOptions, description="Local threads or Burla.")
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:

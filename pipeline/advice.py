@@ -52,7 +52,9 @@ class Advice:
         return f"{self.field}={_number(self.value):<10} {self.evidence}"
 
 
-def advise(report: AttemptReport, limit: ServiceLimit | None = None, estimates: Estimates | None = None) -> list[Advice]:
+def advise(
+    report: AttemptReport, limit: ServiceLimit | None = None, estimates: Estimates | None = None
+) -> list[Advice]:
     """Advice from one attempt's run (empty when the declaration and estimates held up).
 
     Without the declaration (``paceline advise`` reads only manifests), every

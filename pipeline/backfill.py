@@ -113,8 +113,9 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     return PlanResult(plan, normalized, execution, store.uri(path), 0)
 
 
-def _refuse_a_different_plan_over_manifests(backfill: Backfill, store: ManifestStore, path: str,
-                                            plan: pa.Table) -> None:
+def _refuse_a_different_plan_over_manifests(
+    backfill: Backfill, store: ManifestStore, path: str, plan: pa.Table
+) -> None:
     """Resume trusts chunk ids; a new item list under old manifests would skip the wrong items."""
     if not store.exists(path) or not store.manifest_files(backfill.name):
         return
@@ -176,8 +177,11 @@ def run_attempt(
         backfill = paced_from_round_before(backfill, store, attempt)
     execution = backfill.execution_plan(max(plan.num_rows, 1))
     if backfill.limit != declared.limit:
-        execution.explanation.insert(0, f"paced from the advice of attempt {attempt - 1}, which was throttled "
-                                        f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}")
+        execution.explanation.insert(
+            0,
+            f"paced from the advice of attempt {attempt - 1}, which was throttled "
+            f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}",
+        )
     scan = store.scan_chunks(backfill.name, attempt)
     chunks = iter_chunks(
         plan,

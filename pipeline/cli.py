@@ -54,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paceline: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\npaceline: interrupted. Finished chunks are saved; run the same command again to resume.",
-              file=sys.stderr)
+        print(
+            "\npaceline: interrupted. Finished chunks are saved; run the same command again to resume.", file=sys.stderr
+        )
         return 130
 
 
@@ -69,8 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit-rps", type=float, default=200, help="the demo service's limit (default 200/s)")
     demo.add_argument("--safety", type=float, default=0.5, help="fraction of the limit to aim at (default 0.5)")
     demo.add_argument("--root", default=str(Path(DEFAULT_ROOT) / "demo"), help="where manifests go")
-    demo.add_argument("--real-limit", type=float, help="make the service enforce less than --limit-rps declares, "
-                      "to watch the workers back off and the advice find the real limit")
+    demo.add_argument(
+        "--real-limit",
+        type=float,
+        help="make the service enforce less than --limit-rps declares, "
+        "to watch the workers back off and the advice find the real limit",
+    )
 
     plan = _command(commands, "plan", cmd_plan, "print how a limit becomes workers, pacing and chunks")
     plan.add_argument("--rps", type=float, help="requests per second the service allows")
@@ -101,15 +106,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--backfill", help="only this backfill")
     status.add_argument("--max-attempts", type=int, default=3)
 
-    compaction = _command(commands, "compact", cmd_compact,
-                          "merge each attempt's chunk manifests into a few large files (safe to rerun)")
+    compaction = _command(
+        commands, "compact", cmd_compact, "merge each attempt's chunk manifests into a few large files (safe to rerun)"
+    )
     compaction.add_argument("--root", default=DEFAULT_ROOT)
     compaction.add_argument("--backfill", help="only this backfill")
     return parser
 
 
-def _command(commands: argparse._SubParsersAction, name: str, fn: Callable[[argparse.Namespace], int],
-             text: str) -> argparse.ArgumentParser:
+def _command(
+    commands: argparse._SubParsersAction, name: str, fn: Callable[[argparse.Namespace], int], text: str
+) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=text, description=text)
     sub.set_defaults(command=fn)
     return sub
@@ -142,8 +149,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     with Ledger(ManifestStore(args.root), args.max_attempts) as ledger:
         if not ledger.files:
-            print(f"paceline: no manifests under {args.root}: the views are empty. Check --root, or run a "
-                  "backfill first (for example `paceline demo`).", file=sys.stderr)
+            print(
+                f"paceline: no manifests under {args.root}: the views are empty. Check --root, or run a "
+                "backfill first (for example `paceline demo`).",
+                file=sys.stderr,
+            )
         print(format_table(ledger.query(args.sql)))
     return 0
 
@@ -151,8 +161,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     results = compact(ManifestStore(args.root), args.backfill)
     if not results:
-        print(f"No chunk plans under {args.root}{f' for {args.backfill}' if args.backfill else ''}: "
-              "nothing to compact. Check --root and --backfill.")
+        print(
+            f"No chunk plans under {args.root}{f' for {args.backfill}' if args.backfill else ''}: "
+            "nothing to compact. Check --root and --backfill."
+        )
     for result in results:
         print(result.describe())
     return 0
@@ -181,14 +193,18 @@ def cmd_advise(args: argparse.Namespace) -> int:
     with Ledger(ManifestStore(args.root), backfill=args.backfill) as ledger:
         attempts = ledger.query("SELECT DISTINCT backfill, attempt FROM results ORDER BY ALL").to_pylist()
         if not attempts:
-            print(f"No manifests under {args.root}{' for ' + args.backfill if args.backfill else ''}. "
-                  "Run a backfill first (for example `paceline demo`).")
+            print(
+                f"No manifests under {args.root}{' for ' + args.backfill if args.backfill else ''}. "
+                "Run a backfill first (for example `paceline demo`)."
+            )
             return 0
         for row in attempts:
             report = attempt_report(ledger, row["backfill"], row["attempt"], None)
             calls = report.rows + report.throttled_calls
-            print(f"{row['backfill']}, attempt {row['attempt']}: {report.rows:,} items called, "
-                  f"{report.throttled_calls:,} throttled calls ({report.throttled_calls / max(calls, 1):.1%})")
+            print(
+                f"{row['backfill']}, attempt {row['attempt']}: {report.rows:,} items called, "
+                f"{report.throttled_calls:,} throttled calls ({report.throttled_calls / max(calls, 1):.1%})"
+            )
             for advice in advise(report):
                 print(f"  {advice.line()}")
     return 0
@@ -205,7 +221,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     real = args.real_limit or args.limit_rps
     if not real > 0:
         raise ValueError(f"--real-limit must be a positive rate, got {args.real_limit}.")
-    told = f"declared {args.limit_rps:g} req/s, but it enforces {real:g}" if real != args.limit_rps else f"limit {real:g} req/s"
+    told = (
+        f"declared {args.limit_rps:g} req/s, but it enforces {real:g}"
+        if real != args.limit_rps
+        else f"limit {real:g} req/s"
+    )
     print(f"Starting the bundled demo service ({told}; it answers 429 above it)...")
     with start_http_api(rps=real, demo_faults=0.03, latency_ms=40) as service:
         backfill = Backfill(
@@ -241,13 +261,19 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
     limit = backfill.limit.requests_per_second or 0
     target = limit * backfill.limit.safety
     print(f"  items: {counts['ok']:,} ok, {counts['failed']:,} failed (will retry), {counts['dead']:,} dead")
-    print(f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
-          f"({report.achieved_rate / target:.0%} of target)")
-    print(f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
-          f"(declared limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}")
+    print(
+        f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
+        f"({report.achieved_rate / target:.0%} of target)"
+    )
+    print(
+        f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
+        f"(declared limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}"
+    )
     if report.latency_p50_ms is not None:
-        print(f"  measured: latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms; "
-              f"{report.in_flight_per_worker:.1f} calls in flight per worker")
+        print(
+            f"  measured: latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms; "
+            f"{report.in_flight_per_worker:.1f} calls in flight per worker"
+        )
     for advice in result.advice:
         print(f"  next time: {advice.line()}")
     for status, count, example in report.errors:
@@ -264,8 +290,10 @@ def _print_next_steps(store: ManifestStore) -> None:
     print("Try:")
     print(f"  {paceline} status --root {store.root}")
     print(f'  {paceline} query --root {store.root} "SELECT status, count(*) FROM latest GROUP BY status"')
-    print(f"  {python} -c \"import duckdb; print(duckdb.sql(\\\"SELECT * FROM read_parquet("
-          f"'{store.root}/manifests/**/*.parquet', hive_partitioning=true) LIMIT 5\\\"))\"")
+    print(
+        f'  {python} -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM read_parquet('
+        f"'{store.root}/manifests/**/*.parquet', hive_partitioning=true) LIMIT 5\\\"))\""
+    )
 
 
 def _runnable(name: str, path: str) -> str:

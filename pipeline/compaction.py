@@ -182,19 +182,23 @@ def compact_attempt(
     return result
 
 
-def compact(store: ManifestStore, backfill: str | None = None, crash_hook: CrashHook | None = None
-            ) -> list[CompactionResult]:
+def compact(
+    store: ManifestStore, backfill: str | None = None, crash_hook: CrashHook | None = None
+) -> list[CompactionResult]:
     """Compact every planned attempt of one backfill, or of every backfill in the store."""
-    return [compact_attempt(store, name, attempt, crash_hook=crash_hook)
-            for name, attempt in store.planned_attempts(backfill)]
+    return [
+        compact_attempt(store, name, attempt, crash_hook=crash_hook)
+        for name, attempt in store.planned_attempts(backfill)
+    ]
 
 
 def _no_crash(point: str) -> None:
     """The default hook: compaction runs through every point."""
 
 
-def _advance_block(store: ManifestStore, files: AttemptFiles, block: Block, result: CompactionResult,
-                   crash: CrashHook) -> None:
+def _advance_block(
+    store: ManifestStore, files: AttemptFiles, block: Block, result: CompactionResult, crash: CrashHook
+) -> None:
     """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN."""
     if block.path not in files.compacted or not store.readable(block.path):  # one that does not read is rewritten
         if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in files.compacted.values()):
@@ -268,7 +272,7 @@ def _read_chunks(store: ManifestStore, paths: list[str]) -> Iterator[pa.Table]:
     """
     with ThreadPoolExecutor(1 if store.is_local else READ_THREADS) as pool:
         for start in range(0, len(paths), READ_WINDOW):
-            yield from pool.map(lambda path: _read_chunk(store, path), paths[start:start + READ_WINDOW])
+            yield from pool.map(lambda path: _read_chunk(store, path), paths[start : start + READ_WINDOW])
 
 
 def _read_chunk(store: ManifestStore, path: str) -> pa.Table:
@@ -289,8 +293,10 @@ def _read_chunk(store: ManifestStore, path: str) -> pa.Table:
         raise _UnreadableChunk(path) from None
     if table.schema.equals(MANIFEST_SCHEMA):
         return table
-    columns = {f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in MANIFEST_SCHEMA}
+    columns = {
+        f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in MANIFEST_SCHEMA
+    }
     return pa.table(columns).cast(MANIFEST_SCHEMA)
 
 
@@ -301,6 +307,8 @@ def explain_files(execution: ExecutionPlan, chunks: int) -> ExecutionPlan:
     file count down: compaction takes care of the count.
     """
     blocks = math.ceil(chunks / max(1, BLOCK_ROWS // execution.chunk_size))
-    line = (f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction then "
-            f"merges them into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows")
+    line = (
+        f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction then "
+        f"merges them into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows"
+    )
     return dataclasses.replace(execution, explanation=[*execution.explanation, line])

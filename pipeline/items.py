@@ -127,9 +127,7 @@ class FileColumn:
 
     def _check_column(self, names: list[str]) -> None:
         if self.column not in names:
-            raise ItemsError(
-                f"{self.path} has no column {self.column!r}. Its columns are: {', '.join(names)}."
-            )
+            raise ItemsError(f"{self.path} has no column {self.column!r}. Its columns are: {', '.join(names)}.")
 
     def describe(self) -> str:
         return f"column {self.column!r} of {self.path}"

@@ -196,8 +196,11 @@ def derive_plan(
             f"token pacing: each worker spends at most {tokens_per_second:,.1f} tokens/s "
             f"({limit.tokens_per_minute:,.0f} tokens/min x safety {limit.safety:g} / {workers} workers), "
             "charged what each response reports it used"
-            + ("" if estimates.tokens_per_item is None else
-               f"; ~{estimates.tokens_per_item:,.0f} tokens per item is only the first guess")
+            + (
+                ""
+                if estimates.tokens_per_item is None
+                else f"; ~{estimates.tokens_per_item:,.0f} tokens per item is only the first guess"
+            )
         )
     window_calls, window_s = _politeness_window(limit, overrides)
     pacing = Pacing(
@@ -229,9 +232,7 @@ def _target_rate(limit: ServiceLimit, estimates: Estimates, why: list[str]) -> f
     declared = limit.global_rate()
     if declared is not None:
         rates.append(declared * limit.safety)
-        why.append(
-            f"{_fmt(declared)} req/s x safety {limit.safety:g} = {_fmt(declared * limit.safety)} req/s target"
-        )
+        why.append(f"{_fmt(declared)} req/s x safety {limit.safety:g} = {_fmt(declared * limit.safety)} req/s target")
     if limit.tokens_per_minute is not None and estimates.tokens_per_item:
         by_tokens = limit.tokens_per_minute * limit.safety / 60 / estimates.tokens_per_item
         rates.append(by_tokens)
@@ -278,9 +279,7 @@ def _worker_cap(limit: ServiceLimit, why: list[str]) -> int | None:
     return min(caps) if caps else None
 
 
-def _per_worker_ceiling(
-    limit: ServiceLimit, estimates: Estimates, overrides: Overrides, why: list[str]
-) -> float:
+def _per_worker_ceiling(limit: ServiceLimit, estimates: Estimates, overrides: Overrides, why: list[str]) -> float:
     """The fastest one worker may (politeness) or can (latency) call."""
     natural = 1 / estimates.seconds_per_call
     ceiling = _politeness(limit, overrides)
@@ -410,9 +409,7 @@ def _choose_interval(
     return interval
 
 
-def _admit(
-    limit: ServiceLimit, workers: int, interval: float, estimates: Estimates, overrides: Overrides
-) -> None:
+def _admit(limit: ServiceLimit, workers: int, interval: float, estimates: Estimates, overrides: Overrides) -> None:
     """Refuse pinned numbers whose product breaks the declared (not the target) limit."""
     cap = limit.concurrency_cap()
     if cap is not None and workers > cap:

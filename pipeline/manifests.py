@@ -269,7 +269,7 @@ class ManifestStore:
             base = f"{base}/backfill={check_name(backfill)}"
         found = []
         for info in self._list(base, recursive=True):
-            match = _PLAN_FILE.match(info.path[len(self._base):])
+            match = _PLAN_FILE.match(info.path[len(self._base) :])
             if match:
                 found.append((match.group(1), int(match.group(2))))
         return sorted(found)
@@ -390,7 +390,11 @@ def _filesystem(root: str, s3_endpoint_url: str | None) -> tuple[pafs.FileSystem
             raise ManifestError(f"{root!r} names no bucket. Write it as s3://bucket/prefix.")
         endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region) if endpoint else pafs.S3FileSystem(region=region)
+        fs = (
+            pafs.S3FileSystem(endpoint_override=endpoint, region=region)
+            if endpoint
+            else pafs.S3FileSystem(region=region)
+        )
         return fs, f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
     if parsed.scheme not in ("", "file"):
         raise ManifestError(f"manifest root {root!r}: only local folders and s3:// URIs are supported.")

@@ -106,12 +106,20 @@ class ChunkResult:
             return {name: [] for name in ROW_FIELDS}
         return dict(zip(ROW_FIELDS, map(list, zip(*self.rows))))
 
-    def add_ok(self, item_id: str, started: float, finished: float, tries: int, payload: str | None,
-               tokens: float | None) -> None:
+    def add_ok(
+        self, item_id: str, started: float, finished: float, tries: int, payload: str | None, tokens: float | None
+    ) -> None:
         self.rows.append((item_id, True, False, "ok", None, None, tries, started, finished, payload, tokens, None))
 
-    def add_failure(self, item_id: str, started: float, finished: float, tries: int, failure: Failure,
-                    retry_after: float | None = None) -> None:
+    def add_failure(
+        self,
+        item_id: str,
+        started: float,
+        finished: float,
+        tries: int,
+        failure: Failure,
+        retry_after: float | None = None,
+    ) -> None:
         self.rows.append((
             item_id, False, failure.retryable, failure.status, failure.http_status, failure.error, tries,
             started, finished, None, None, retry_after,
@@ -139,7 +147,6 @@ def make_chunk_function(work: Work) -> Callable[[Chunk], ChunkResult]:
         return run_chunk(work, chunk)
 
     return run_paceline_chunk
-
 
 
 def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
@@ -215,9 +222,16 @@ class _ChunkLoop:
     calls run inline, with no thread hop at all.
     """
 
-    def __init__(self, work: Work, chunk: Chunk, connection: ChunkClient, result: ChunkResult,
-                 secrets: tuple[str, ...], clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        work: Work,
+        chunk: Chunk,
+        connection: ChunkClient,
+        result: ChunkResult,
+        secrets: tuple[str, ...],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         pacing = chunk.pacing
         self._work, self._chunk, self._pacing = work, chunk, pacing
         self._connection, self._result, self._secrets = connection, result, secrets
@@ -229,7 +243,9 @@ class _ChunkLoop:
         self.pacer = Pacer(pacing, clock, sleep)
         latency = learned.latency_s if learned else pacing.seconds_per_call
         self.slots = InFlightLimit(_slot_cap(work, pacing, connection.client), latency)
-        self.cost = TokenCost(learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call)
+        self.cost = TokenCost(
+            learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call
+        )
         self._counts_returns = bool(pacing.window_calls)  # politeness windows count from returns
         self._charges_tokens = bool(pacing.tokens_per_second or self._cost_fn or self._usage_fn)
         self.aimd = Aimd(learned.pace_factor if learned else 1.0)
@@ -412,8 +428,9 @@ class _ChunkLoop:
         else:
             self._fail(attempt, error, started, finished)
 
-    def _succeed(self, item: Item, tries: int, charge: float, estimate: float | None, value: Any, started: float,
-                 finished: float) -> None:
+    def _succeed(
+        self, item: Item, tries: int, charge: float, estimate: float | None, value: Any, started: float, finished: float
+    ) -> None:
         self._connection.on_success()
         self._last_throttled = False
         self._successes += 1

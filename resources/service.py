@@ -43,6 +43,7 @@ def _demo_services() -> DemoServices:
         atexit.register(_DEMO_SERVICES[0].stop)
     return _DEMO_SERVICES[0]
 
+
 EMBEDDED_SERVICES = ("http_api", "llm", "demo")
 _EMBEDDED_BASE_PATH = {"http_api": "", "llm": "/v1"}  # the LLM is OpenAI-compatible: clients expect .../v1
 LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceLimit))
@@ -52,8 +53,12 @@ class ServiceResource(ConfigurableResource):
     """A service limit (the ``ServiceLimit`` fields), where the service is, and its secret."""
 
     name: str = Field(description="The service's name: resource key, concurrency pool and folder-safe label.")
-    requests_per_second: float | None = Field(default=None, description="Requests per second the service allows in total.")
-    requests_per_minute: float | None = Field(default=None, description="Requests per minute the service allows in total.")
+    requests_per_second: float | None = Field(
+        default=None, description="Requests per second the service allows in total."
+    )
+    requests_per_minute: float | None = Field(
+        default=None, description="Requests per minute the service allows in total."
+    )
     tokens_per_minute: float | None = Field(
         default=None, description="LLM token budget per minute (the llm workload needs it)."
     )

@@ -19,6 +19,8 @@ from benchmarks.common import child_env
 MIN_OVERHEAD_RATIO = 0.15
 MIN_UTILISATION = 0.8
 MIN_CLOSED_LOOP_UTILISATION = 0.7  # 4 s cells: start-up and chunk drains weigh more than in 20 s runs
+
+
 def test_overhead_quick_runs_and_paceline_is_not_pathologically_slower():
     outcome = overhead.run(quick=True)
     assert outcome.metrics["items"] == overhead.SIZES[True]
@@ -94,7 +96,10 @@ def test_run_entry_point_prints_a_summary_and_writes_json(tmp_path):
     report = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "planning", "--json", str(report)],
-        capture_output=True, text=True, timeout=120, env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
     )
     assert completed.returncode == 0, completed.stderr
     assert "planning" in completed.stdout and "goals" in completed.stdout

@@ -36,7 +36,6 @@ from pipeline.work import FunctionWork
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def _connect_to(url):
     return lambda: httpx.Client(base_url=url, timeout=5)
 
@@ -102,7 +101,7 @@ print(result.chunk_id, sum(result.ok), len(result.item_id), "shipped" if pipelin
 
 
 def _load_like_a_worker(payload: bytes):
-    _names, _sources, function_bytes = pickle.loads(payload[len(rpm._FUNCTION_PAYLOAD_MAGIC):])
+    _names, _sources, function_bytes = pickle.loads(payload[len(rpm._FUNCTION_PAYLOAD_MAGIC) :])
     return cloudpickle.loads(function_bytes)
 
 
@@ -114,8 +113,9 @@ class FakeNodes:
         self.calls: list[dict] = []
 
     async def __call__(self, job_id, return_queue, function_, inputs, by_value_module_names, raise_errors, **kw):
-        self.calls.append({"max_parallelism": kw["max_parallelism"], "raise_errors": raise_errors,
-                           "n_inputs": len(inputs)})
+        self.calls.append(
+            {"max_parallelism": kw["max_parallelism"], "raise_errors": raise_errors, "n_inputs": len(inputs)}
+        )
         remote = _load_like_a_worker(rpm._pickle_function(function_, by_value_module_names))
         order = list(range(len(inputs)))
         random.Random(7).shuffle(order)
@@ -168,8 +168,11 @@ def test_unordered_results_and_worker_exceptions_map_back_to_their_chunks(api, f
 def test_lost_node_keeps_returned_chunks_and_records_the_rest(api, fake_cluster):
     fake_cluster(FakeNodes(disconnect_after=2))
     chunks = _chunks(6)
-    results = list(BurlaExecutor().map(make_chunk_function(FunctionWork(_connect_to(api.url), _get_item)),
-                                       chunks, max_parallelism=2))
+    results = list(
+        BurlaExecutor().map(
+            make_chunk_function(FunctionWork(_connect_to(api.url), _get_item)), chunks, max_parallelism=2
+        )
+    )
     ok_chunks = [r for r in results if all(r.ok)]
     lost = [r for r in results if not any(r.ok)]
     assert len(ok_chunks) == 2 and len(lost) == 4
@@ -203,4 +206,3 @@ def test_without_a_cluster_burla_fails_fast_with_a_clear_error(monkeypatch, tmp_
     monkeypatch.setenv("HOME", str(tmp_path))  # no Burla credentials
     with pytest.raises(ExecutorError, match="burla login"):
         list(BurlaExecutor().map(make_chunk_function(FunctionWork(lambda: None, _get_item)), _chunks(2), 2))
-

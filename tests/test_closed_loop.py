@@ -52,8 +52,9 @@ def test_a_slow_service_still_gets_its_target_rate_without_a_latency_estimate(tm
     target = 40.0
     with start_http_api(rps=target * 2, latency_ms=300) as api:
         limit = ServiceLimit("api", requests_per_second=target * 2, safety=0.5)
-        result, rows = _run(tmp_path, [str(i) for i in range(240)], _api_work(api.url), limit,
-                            overrides=Overrides(chunk_size=120))
+        result, rows = _run(
+            tmp_path, [str(i) for i in range(240)], _api_work(api.url), limit, overrides=Overrides(chunk_size=120)
+        )
         arrivals, stats = api.arrivals(), api.stats()
     assert len(rows) == 240 and all(r["ok"] for r in rows.values())
     # One call in flight per worker would reach 0.15 of the target; the benchmarks measure the exact number.
@@ -70,8 +71,14 @@ def test_always_throttled_items_cost_only_their_own_calls(tmp_path):
         items.insert(position, f"throttle-{n}")
     with start_http_api(rps=target * 2) as api:
         limit = ServiceLimit("api", requests_per_second=target * 2, safety=0.5)
-        result, rows = _run(tmp_path, items, _api_work(api.url), limit, estimates=Estimates(seconds_per_call=0.01),
-                            overrides=Overrides(chunk_size=100, max_throttle_retries=2, max_retry_after_s=0.25))
+        result, rows = _run(
+            tmp_path,
+            items,
+            _api_work(api.url),
+            limit,
+            estimates=Estimates(seconds_per_call=0.01),
+            overrides=Overrides(chunk_size=100, max_throttle_retries=2, max_retry_after_s=0.25),
+        )
         arrivals = api.arrivals()
     throttled = [rows[f"throttle-{i}"] for i in range(4)]
     assert all((r["ok"], r["retryable"], r["tries"]) == (False, True, 3) for r in throttled), "failed-retryable"
@@ -85,8 +92,7 @@ def test_a_closed_client_is_replaced_and_only_the_call_at_the_break_fails(tmp_pa
     with start_http_api(rps=400) as api:
         limit = ServiceLimit("api", requests_per_second=400, safety=0.5)
         items = [str(i) for i in range(60)]
-        _, rows = _run(tmp_path, items, _api_work(api.url, close_on="20"), limit,
-                       overrides=Overrides(chunk_size=60))
+        _, rows = _run(tmp_path, items, _api_work(api.url, close_on="20"), limit, overrides=Overrides(chunk_size=60))
     failed = sorted(item for item, row in rows.items() if not row["ok"])
     assert failed == ["20"], "one call was on the dead client; the 39 after it ran on a new one"
     assert rows["20"]["retryable"]
@@ -101,8 +107,13 @@ def test_a_wrong_token_estimate_still_spends_the_budget(tmp_path, estimate_ratio
     limit = ServiceLimit("llm", tokens_per_minute=tokens_per_s * 60, safety=0.5)
     with start_llm(tpm=tokens_per_s * window_s, window_s=window_s, completion_tokens=16) as llm:
         work = LlmWork(base_url=f"{llm.url}/v1", model="local", max_tokens=16)
-        backfill = Backfill("tokens", JsonlPrompts(str(prompts)), work, limit,
-                            Estimates(seconds_per_call=0.02, tokens_per_item=120 * estimate_ratio))
+        backfill = Backfill(
+            "tokens",
+            JsonlPrompts(str(prompts)),
+            work,
+            limit,
+            Estimates(seconds_per_call=0.02, tokens_per_item=120 * estimate_ratio),
+        )
         store = ManifestStore(str(tmp_path / "m"))
         plan_backfill(backfill, store)
         run_attempt(backfill, store, LocalExecutor())

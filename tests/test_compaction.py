@@ -35,8 +35,13 @@ ROWS = "SELECT attempt, chunk_id, item_id, ok, retryable, status FROM results OR
 BLOCK_ROWS = 25  # five chunks of five items per compacted file: several blocks, so crashes land between them
 
 
-BACKFILL = Backfill(NAME, Values.of(range(200)), FunctionWork(lambda: None, sevens_retry_nines_fail),
-                    ServiceLimit("svc", requests_per_second=50_000), overrides=Overrides(chunk_size=5))
+BACKFILL = Backfill(
+    NAME,
+    Values.of(range(200)),
+    FunctionWork(lambda: None, sevens_retry_nines_fail),
+    ServiceLimit("svc", requests_per_second=50_000),
+    overrides=Overrides(chunk_size=5),
+)
 
 
 def _uncompacted(store: ManifestStore) -> dict:
@@ -53,8 +58,11 @@ def _uncompacted(store: ManifestStore) -> dict:
 
 def _truth(store: ManifestStore) -> dict:
     with Ledger(store) as ledger:
-        return {"rows": ledger.query(ROWS).to_pylist(), "counts": ledger.counts(NAME),
-                "failed": ledger.failed_items(NAME).to_pylist()}
+        return {
+            "rows": ledger.query(ROWS).to_pylist(),
+            "counts": ledger.counts(NAME),
+            "failed": ledger.failed_items(NAME).to_pylist(),
+        }
 
 
 def _assert_whole(store: ManifestStore, truth: dict) -> None:
@@ -68,13 +76,18 @@ def test_compaction_keeps_every_row_in_fewer_files_with_failed_rows_apart(tmp_pa
     store = ManifestStore(str(tmp_path))
     truth = _uncompacted(store)
     results = compact(store)
-    assert [(r.attempt, r.files_before, r.files_after, r.blocks_written) for r in results] == [(0, 40, 1, 1), (1, 4, 1, 1)]
+    assert [(r.attempt, r.files_before, r.files_after, r.blocks_written) for r in results] == [
+        (0, 40, 1, 1),
+        (1, 4, 1, 1),
+    ]
     assert not list(tmp_path.rglob("chunk-*.parquet"))
     _assert_whole(store, truth)
     [first, _] = store.manifest_files()
     groups = pq.ParquetFile(first).metadata
-    kinds = [(groups.row_group(g).column(5).statistics.min, groups.row_group(g).column(5).statistics.max)
-             for g in range(groups.num_row_groups)]
+    kinds = [
+        (groups.row_group(g).column(5).statistics.min, groups.row_group(g).column(5).statistics.max)
+        for g in range(groups.num_row_groups)
+    ]
     assert kinds[0] == (True, True) and (False, False) in kinds, "ok and failed rows sit in separate row groups"
     assert [r.blocks_written for r in compact(store)] == [0, 0], "compacting again changes nothing"
     _assert_whole(store, truth)
@@ -190,8 +203,9 @@ def test_the_readme_duckdb_glob_reads_compacted_manifests(tmp_path):
     truth = _uncompacted(store)
     compact(store)
     glob = f"read_parquet('{tmp_path}/manifests/**/*.parquet', hive_partitioning=true)"
-    rows = duckdb.sql(f"SELECT attempt, chunk_id, item_id, ok, retryable, status FROM {glob} "
-                      "ORDER BY attempt, item_id").fetchall()
+    rows = duckdb.sql(
+        f"SELECT attempt, chunk_id, item_id, ok, retryable, status FROM {glob} ORDER BY attempt, item_id"
+    ).fetchall()
     assert [tuple(r.values()) for r in truth["rows"]] == rows
     backfills = duckdb.sql(f"SELECT DISTINCT backfill FROM {glob}").fetchall()
     assert backfills == [(NAME,)]
@@ -223,7 +237,9 @@ def test_compaction_needs_the_plan(tmp_path):
 def test_a_name_too_long_for_a_file_is_refused_up_front(tmp_path):
     assert check_name("b" * 238) == "b" * 238
     with pytest.raises(ManifestError, match="backfill name is 300 characters.*at most 238 characters"):
-        Backfill("b" * 300, Values.of([1]), FunctionWork(lambda: None, sevens_retry_nines_fail), ServiceLimit("svc", 10))
+        Backfill(
+            "b" * 300, Values.of([1]), FunctionWork(lambda: None, sevens_retry_nines_fail), ServiceLimit("svc", 10)
+        )
 
 
 def test_compact_and_query_commands(tmp_path, capsys):

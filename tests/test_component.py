@@ -91,8 +91,13 @@ def test_the_readme_yaml_runs_as_written_and_keeps_its_secret(readme_project, mo
     assert (root / "data" / "manifests" / "backfill=users").is_dir()
     parquet = "\n".join(str(pq.read_table(f).to_pylist()) for f in (root / "data").rglob("*.parquet"))
     printed = capfd.readouterr()
-    for where, text in {"parquet": parquet, "events": events, "run and job snapshot": run_record,
-                        "stdout": printed.out, "stderr": printed.err}.items():
+    for where, text in {
+        "parquet": parquet,
+        "events": events,
+        "run and job snapshot": run_record,
+        "stdout": printed.out,
+        "stderr": printed.err,
+    }.items():
         assert TOKEN not in text, f"the secret leaked into {where}"
     assert "USERS_API_TOKEN" in run_record  # Dagster keeps the variable's name
 
@@ -125,11 +130,16 @@ def _shape(defs: Definitions) -> dict:
         key.to_user_string(): (graph.get(key).group_name, graph.get(key).pools, graph.get(key).description)
         for key in graph.get_all_asset_keys()
     }
-    jobs = {job.name: sorted(key.to_user_string() for key in job.asset_layer.selected_asset_keys)
-            for job in defs.resolve_all_job_defs() if not job.name.startswith("__")}
+    jobs = {
+        job.name: sorted(key.to_user_string() for key in job.asset_layer.selected_asset_keys)
+        for job in defs.resolve_all_job_defs()
+        if not job.name.startswith("__")
+    }
     sensors = {s.name: (s.job_name, s.minimum_interval_seconds, s.default_status) for s in defs.sensors}
-    resources = {key: resource.get_resource_definition().config_schema.as_field().default_value
-                 for key, resource in defs.resources.items()}
+    resources = {
+        key: resource.get_resource_definition().config_schema.as_field().default_value
+        for key, resource in defs.resources.items()
+    }
     return {
         "assets": assets,
         "checks": sorted(key.to_user_string() for key in graph.asset_check_keys),
@@ -176,23 +186,36 @@ BAD_YAML = {
     ),
     "admission_refused": (
         "check defs",
-        README_YAML.replace("  max_attempts: 3\n", "  overrides:\n    max_parallelism: 800\n"
-                            "    per_worker_requests_per_second: 2\n"),
-        ["defs.yaml:21 (attributes.overrides)", "over the declared limit of 200 req/s", "Lower max_parallelism to 100",
-         "paceline.Service 'users_api' is declared at"],
+        README_YAML.replace(
+            "  max_attempts: 3\n", "  overrides:\n    max_parallelism: 800\n    per_worker_requests_per_second: 2\n"
+        ),
+        [
+            "defs.yaml:21 (attributes.overrides)",
+            "over the declared limit of 200 req/s",
+            "Lower max_parallelism to 100",
+            "paceline.Service 'users_api' is declared at",
+        ],
     ),
     "workload_needs_an_undeclared_limit": (
         "check defs",
-        README_YAML.replace("    http:\n      url_template: \"{base}/items/{id}\"\n      timeout_s: 10\n",
-                            "    http_batch:\n      path: /upsert\n").replace("lines: user_ids.txt",
-                                                                             "lines: user_ids.txt\n    batch_size: 10"),
-        ["(attributes.work.http_batch)", "needs concurrent_batches declared", "paceline.Service 'users_api' is declared at"],
+        README_YAML.replace(
+            '    http:\n      url_template: "{base}/items/{id}"\n      timeout_s: 10\n',
+            "    http_batch:\n      path: /upsert\n",
+        ).replace("lines: user_ids.txt", "lines: user_ids.txt\n    batch_size: 10"),
+        [
+            "(attributes.work.http_batch)",
+            "needs concurrent_batches declared",
+            "paceline.Service 'users_api' is declared at",
+        ],
     ),
     "secret_written_inline": (
         "check defs",
         README_YAML.replace('"{{ env.USERS_API_TOKEN }}"', '"sk-live-000111"'),
-        ["defs.yaml:7", "secret must name the environment variable that holds it",
-         "write secret: '{{ env.API_TOKEN }}'"],
+        [
+            "defs.yaml:7",
+            "secret must name the environment variable that holds it",
+            "write secret: '{{ env.API_TOKEN }}'",
+        ],
     ),
 }
 

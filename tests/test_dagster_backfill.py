@@ -72,8 +72,14 @@ def spec(name: str, items: list[str], max_attempts: int = 3, **overrides) -> Bac
     )
 
 
-def location(api: ServiceHandle, root: str, *specs: BackfillSpec, cooldown_s: float = 0.0,
-             clock: Callable[[], float] = time.time, **limit) -> Definitions:
+def location(
+    api: ServiceHandle,
+    root: str,
+    *specs: BackfillSpec,
+    cooldown_s: float = 0.0,
+    clock: Callable[[], float] = time.time,
+    **limit,
+) -> Definitions:
     service = ServiceResource(name="test_api", url=api.url, **(limit or {"requests_per_second": SERVER_RPS}))
     return paceline_definitions(
         backfills=specs,
@@ -103,8 +109,14 @@ def launch(defs: Definitions, instance: DagsterInstance, name: str, tick) -> Non
     for request in tick.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
     for request in tick.run_requests:
-        run(defs, instance, f"{name}_retry", partition_key=request.partition_key,
-            run_config=request.run_config, tags=request.tags)
+        run(
+            defs,
+            instance,
+            f"{name}_retry",
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+            tags=request.tags,
+        )
 
 
 def checks(result) -> dict[str, bool]:
@@ -196,8 +208,9 @@ def test_sensor_never_requests_a_round_that_is_still_running(fresh_api, instance
     defs = location(fresh_api, str(tmp_path / "data"), spec("queued", PLAIN[:10] + HEALING))
     run(defs, instance, "queued_backfill")
     instance.add_dynamic_partitions("queued_retry_rounds", ["attempt-1"])
-    instance.add_run(DagsterRun(job_name="queued_retry", status=DagsterRunStatus.STARTED,
-                                tags={"dagster/partition": "attempt-1"}))
+    instance.add_run(
+        DagsterRun(job_name="queued_retry", status=DagsterRunStatus.STARTED, tags={"dagster/partition": "attempt-1"})
+    )
     run(defs, instance, "queued_backfill", asset_selection=[BackfillKeys.of("queued").failed])
 
     tick = evaluate(defs, instance, "queued")

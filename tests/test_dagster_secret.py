@@ -45,8 +45,12 @@ def test_envvar_secret_appears_in_no_manifest_log_or_metadata(tmp_path, monkeypa
     monkeypatch.setenv(VARIABLE, TOKEN)
     items = [str(n) for n in range(1, 21)] + ["refuse-1", "e500-1"]
     backfill = BackfillSpec(
-        name="secure", service="secure_api", items=Values.of(items), work=careless_work,
-        estimates=Estimates(seconds_per_call=0.005), overrides=Overrides(chunk_size=8),
+        name="secure",
+        service="secure_api",
+        items=Values.of(items),
+        work=careless_work,
+        estimates=Estimates(seconds_per_call=0.005),
+        overrides=Overrides(chunk_size=8),
     )
     with start_http_api(rps=100, token=TOKEN) as api, instance_for_test() as instance:
         service = ServiceResource(name="secure_api", url=api.url, requests_per_second=100, secret=EnvVar(VARIABLE))
@@ -82,4 +86,3 @@ def _parquet_text(root: Path) -> str:
 
 def _files_text(root: Path) -> str:
     return "\n".join(f.read_bytes().decode("utf-8", "replace") for f in root.rglob("*") if f.is_file())
-

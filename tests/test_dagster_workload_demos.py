@@ -21,8 +21,7 @@ def test_workload_demo_job_succeeds_and_loses_no_item(spec, instance, tmp_path):
         instance=instance, run_config={"resources": {STORE_KEY: {"config": {"root": str(tmp_path)}}}}
     )
     assert result.success
-    checks = {e.check_name: e.passed
-              for e in result.get_asset_check_evaluations()}
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["no_item_lost"] and checks["limit_held"], checks
     (failed_items,) = result.asset_materializations_for_node(f"{spec.name}__failed_items")
     failed_count = failed_items.metadata["failed_count"].value
@@ -30,4 +29,6 @@ def test_workload_demo_job_succeeds_and_loses_no_item(spec, instance, tmp_path):
         assert failed_count > 0  # its deliberate "fails once" ids wait for the sensor's retry round
     else:
         assert failed_count == 0
-    assert list(tmp_path.rglob("compacted-*.parquet")), "manifests were written (and compacted) under the configured root"
+    assert list(tmp_path.rglob("compacted-*.parquet")), (
+        "manifests were written (and compacted) under the configured root"
+    )

@@ -83,8 +83,13 @@ def test_planning_a_million_ids_stays_columnar(tmp_path):
 
 
 def test_grouped_chunk_ids_are_contiguous_and_capped_per_group():
-    items = pa.table({"item_id": [f"a{i}" for i in range(6)] + ["b0", "b1"],
-                      "payload": pa.nulls(8, pa.string()), "group": ["a"] * 6 + ["b"] * 2})
+    items = pa.table(
+        {
+            "item_id": [f"a{i}" for i in range(6)] + ["b0", "b1"],
+            "payload": pa.nulls(8, pa.string()),
+            "group": ["a"] * 6 + ["b"] * 2,
+        }
+    )
     plan = make_plan(items, chunk_size=1, max_chunks_per_group=4)
     ids = plan["chunk_id"].to_pylist()
     assert sorted(set(ids)) == list(range(chunk_count(plan)))  # no gaps: the count is the real count

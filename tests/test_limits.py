@@ -129,7 +129,9 @@ def test_a_pinned_worker_rate_means_fewer_workers_not_a_higher_rate():
     limit = ServiceLimit("api", requests_per_second=100, safety=1)
     plan = derive_plan(limit, Estimates(seconds_per_call=0.1), Overrides(per_worker_requests_per_second=20))
     assert plan.max_parallelism == 5 and plan.pacing.min_interval_s == pytest.approx(0.05)
-    half = derive_plan(ServiceLimit("api", requests_per_second=100), overrides=Overrides(per_worker_requests_per_second=20))
+    half = derive_plan(
+        ServiceLimit("api", requests_per_second=100), overrides=Overrides(per_worker_requests_per_second=20)
+    )
     assert half.max_parallelism / half.pacing.min_interval_s <= 50 + 1e-9  # the target, not the limit
 
 

@@ -27,7 +27,9 @@ def test_option_flags_turn_true_into_a_bare_switch() -> None:
     assert flags == ["--rps", "5", "--ratelimit-headers"]
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(360, "6m0s"), (0.02, "20ms"), (3723.5, "1h2m3.5s"), (1, "1s"), (0, "0s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(360, "6m0s"), (0.02, "20ms"), (3723.5, "1h2m3.5s"), (1, "1s"), (0, "0s")]
+)
 def test_go_duration_reads_back(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
     assert read_signal({"x-ratelimit-reset-requests": text}).requests.reset_s == pytest.approx(seconds)

@@ -79,8 +79,13 @@ def _logging_backfill(log, items: int = 40) -> Backfill:
             handle.write(item.id + "\n")
         return item.id
 
-    return Backfill("resume", Values.of(range(items)), FunctionWork(lambda: None, call),
-                    ServiceLimit("svc", requests_per_second=5000), overrides=Overrides(chunk_size=10))
+    return Backfill(
+        "resume",
+        Values.of(range(items)),
+        FunctionWork(lambda: None, call),
+        ServiceLimit("svc", requests_per_second=5000),
+        overrides=Overrides(chunk_size=10),
+    )
 
 
 def _break_then_rerun(backfill: Backfill, store: ManifestStore, manifest: str, log) -> RunResult:
@@ -144,8 +149,13 @@ def test_two_concurrent_runs_of_one_attempt_replace_rather_than_duplicate(tmp_pa
         time.sleep(0.002)
         return item.id
 
-    backfill = Backfill("twice", Values.of(range(400)), FunctionWork(lambda: None, slow_call),
-                        ServiceLimit("svc", requests_per_second=5000), overrides=Overrides(chunk_size=20))
+    backfill = Backfill(
+        "twice",
+        Values.of(range(400)),
+        FunctionWork(lambda: None, slow_call),
+        ServiceLimit("svc", requests_per_second=5000),
+        overrides=Overrides(chunk_size=20),
+    )
     plan_backfill(backfill, store)
     with ThreadPoolExecutor(2) as pool:
         runs = [pool.submit(run_attempt, backfill, store, LocalExecutor(), 0, run_id) for run_id in ("a", "b")]

@@ -13,8 +13,12 @@ from pipeline.manifests import ManifestError, ManifestStore
 from pipeline.work import FunctionWork
 from tests.conftest import Killed, StopsAfter, sevens_retry_nines_fail
 
-BACKFILL = Backfill("parity", Values.of(range(60)), FunctionWork(lambda: None, sevens_retry_nines_fail),
-                    ServiceLimit("svc", requests_per_second=5000))
+BACKFILL = Backfill(
+    "parity",
+    Values.of(range(60)),
+    FunctionWork(lambda: None, sevens_retry_nines_fail),
+    ServiceLimit("svc", requests_per_second=5000),
+)
 COMPARED = "SELECT item_id, attempt, ok, retryable, status, payload FROM latest ORDER BY item_id"
 
 

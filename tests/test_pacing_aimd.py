@@ -78,7 +78,6 @@ def test_a_limit_above_the_ceiling_is_never_probed_past_the_ceiling():
     assert refused == 0 and goodput == pytest.approx(0.9, abs=0.02)
 
 
-
 def test_quota_headers_spread_what_remains_over_the_time_to_reset():
     clock = FakeClock()
     pacer = Pacer(Pacing(min_interval_s=0.01, workers=2), clock, clock.sleep)

@@ -67,8 +67,13 @@ def test_token_pace_follows_the_charge_not_the_declaration():
 
 
 def test_first_wave_of_chunks_is_spread_over_one_period():
-    plan = pa.table({"chunk_id": pa.array(range(8), pa.int32()), "item_id": [str(i) for i in range(8)],
-                     "payload": pa.array([None] * 8, pa.string())})
+    plan = pa.table(
+        {
+            "chunk_id": pa.array(range(8), pa.int32()),
+            "item_id": [str(i) for i in range(8)],
+            "payload": pa.array([None] * 8, pa.string()),
+        }
+    )
     pacing = Pacing(min_interval_s=0.4)
     chunks = list(iter_chunks(plan, backfill="b", attempt=0, run_id="r", pacing=pacing, first_wave=4))
     assert [c.start_delay_s for c in chunks] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0, 0, 0, 0])

@@ -114,7 +114,11 @@ def test_openai_resets_are_go_durations(reset: str, seconds: float | None) -> No
 
 def test_openai_exhausted_tokens_say_how_long_to_wait() -> None:
     signal = read_signal(
-        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "20ms", "x-ratelimit-remaining-requests": "5"},
+        {
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "20ms",
+            "x-ratelimit-remaining-requests": "5",
+        },
         NOW,
     )
     assert signal.tokens.exhausted and not signal.requests.exhausted
@@ -151,8 +155,12 @@ ANTHROPIC = {
 
 def test_anthropic_resets_are_timestamps() -> None:
     signal = read_signal(
-        {**ANTHROPIC, "anthropic-ratelimit-tokens-limit": "96000", "anthropic-ratelimit-tokens-remaining": "20000",
-         "anthropic-ratelimit-tokens-reset": "2025-08-21T12:40:20.500+00:00"},
+        {
+            **ANTHROPIC,
+            "anthropic-ratelimit-tokens-limit": "96000",
+            "anthropic-ratelimit-tokens-remaining": "20000",
+            "anthropic-ratelimit-tokens-reset": "2025-08-21T12:40:20.500+00:00",
+        },
         NOW,
     )
     assert signal.requests == Quota(limit=1000, remaining=999, reset_s=6.0)
@@ -165,11 +173,14 @@ def test_anthropic_without_combined_tokens_takes_the_tighter_part() -> None:
 
 
 def test_anthropic_reset_in_the_past_or_malformed() -> None:
-    past = read_signal({"anthropic-ratelimit-requests-remaining": "0",
-                        "anthropic-ratelimit-requests-reset": "2025-08-21T12:00:00Z"}, NOW)
+    past = read_signal(
+        {"anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": "2025-08-21T12:00:00Z"},
+        NOW,
+    )
     assert past.requests == Quota(remaining=0, reset_s=0.0) and past.wait_s == 0.0
-    bad = read_signal({"anthropic-ratelimit-requests-remaining": "x",
-                       "anthropic-ratelimit-requests-reset": "tomorrow"}, NOW)
+    bad = read_signal(
+        {"anthropic-ratelimit-requests-remaining": "x", "anthropic-ratelimit-requests-reset": "tomorrow"}, NOW
+    )
     assert bad.requests == Quota() and bad == NO_SIGNAL
 
 
@@ -180,8 +191,12 @@ def test_anthropic_reset_in_the_past_or_malformed() -> None:
 
 def test_ietf_three_fields_up_to_draft_06() -> None:
     signal = read_signal(
-        {"RateLimit-Limit": "100", "RateLimit-Remaining": "50", "RateLimit-Reset": "25",
-         "RateLimit-Policy": "10;w=1, 100;w=60"},
+        {
+            "RateLimit-Limit": "100",
+            "RateLimit-Remaining": "50",
+            "RateLimit-Reset": "25",
+            "RateLimit-Policy": "10;w=1, 100;w=60",
+        },
         NOW,
     )
     assert signal.requests == Quota(limit=100, remaining=50, reset_s=25.0, window_s=60.0)
@@ -243,9 +258,7 @@ def test_ietf_malformed_reads_as_unknown(headers: dict[str, str]) -> None:
 
 
 def test_one_vendor_gives_a_whole_quota() -> None:
-    signal = read_signal(
-        {"x-ratelimit-remaining-requests": "5", "RateLimit-Limit": "100", "RateLimit-Reset": "9"}, NOW
-    )
+    signal = read_signal({"x-ratelimit-remaining-requests": "5", "RateLimit-Limit": "100", "RateLimit-Reset": "9"}, NOW)
     assert signal.requests == Quota(remaining=5), "the IETF reset must not be paired with OpenAI's remaining"
 
 

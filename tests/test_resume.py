@@ -87,7 +87,9 @@ def test_kill_minus_nine_then_resume_repeats_only_in_flight_chunks(api, tmp_path
     in_flight = {item for item in hits_before if int(item) // CHUNK not in finished_at_kill}
     assert repeated == in_flight
     with Ledger(store) as ledger:
-        latest = ledger.query("SELECT count(*) AS n, count(DISTINCT item_id) AS d, count(*) FILTER (WHERE ok) AS ok FROM latest")
+        latest = ledger.query(
+            "SELECT count(*) AS n, count(DISTINCT item_id) AS d, count(*) FILTER (WHERE ok) AS ok FROM latest"
+        )
         assert latest.to_pylist() == [{"n": ITEMS, "d": ITEMS, "ok": ITEMS}]
         assert ledger.query("SELECT count(*) AS n FROM results")["n"][0].as_py() == ITEMS
 

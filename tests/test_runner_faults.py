@@ -222,7 +222,8 @@ def test_a_failing_estimate_or_usage_stays_with_its_item(tmp_path):
 
 
 def test_retry_after_ms_is_preferred_when_a_service_sends_it():
-    response = httpx.Response(429, headers={"retry-after-ms": "250", "retry-after": "1"},
-                              request=httpx.Request("GET", "http://x/"))
+    response = httpx.Response(
+        429, headers={"retry-after-ms": "250", "retry-after": "1"}, request=httpx.Request("GET", "http://x/")
+    )
     failure = classify(httpx.HTTPStatusError("429", request=response.request, response=response))
     assert (failure.status, failure.retryable, failure.retry_after) == ("http_429", True, 0.25)

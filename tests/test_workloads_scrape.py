@@ -159,8 +159,10 @@ def test_per_domain_cap_holds_on_each_site_while_domains_run_in_parallel(runner)
         urls = [f"{site.url}/site/{n}" for n in range(1, 26) for site in (first, second)]
         backfill = spec("two_domains", ByDomain(Values.of(urls))).build(Service(limit, ""))
         result = runner.run(backfill)
-        pages = {name: [a["t"] for a in site.arrivals() if a["path"].startswith("/site/")]
-                 for name, site in (("first", first), ("second", second))}
+        pages = {
+            name: [a["t"] for a in site.arrivals() if a["path"].startswith("/site/")]
+            for name, site in (("first", first), ("second", second))
+        }
     assert result.counts["ok"] == 50
     for times in pages.values():
         assert len(times) == 25

@@ -61,9 +61,7 @@ def expired(old_t: float, now: float, window_s: float) -> bool:
     return old_t + window_s <= now
 
 
-def busiest_window(
-    times: Iterable[float], window_s: float, weights: Iterable[float] | None = None
-) -> float:
+def busiest_window(times: Iterable[float], window_s: float, weights: Iterable[float] | None = None) -> float:
     """Largest total weight of arrivals inside any half-open window ``[s, s + window_s)``.
 
     Two pointers over the sorted arrivals: for each arrival taken as the last
@@ -166,10 +164,7 @@ class SlidingWindowLimiter:
         """
         if any(costs.get(name, 0.0) > limit for name, limit in self.limits.items()):
             return float("inf")
-        excess = {
-            name: self._totals[name] + costs.get(name, 0.0) - limit
-            for name, limit in self.limits.items()
-        }
+        excess = {name: self._totals[name] + costs.get(name, 0.0) - limit for name, limit in self.limits.items()}
         freed_at = now
         for t, old in self._entries:
             if all(value <= 0 for value in excess.values()):
@@ -657,9 +652,7 @@ class ServiceHandle:
         return f"ServiceHandle({self.url!r}, pid={self.process.pid})"
 
     def _call(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(
-            self.url + path, method=method, data=b"" if method == "POST" else None
-        )
+        request = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
         with self._opener.open(request, timeout=10) as response:
             return json.load(response)
 

@@ -118,10 +118,7 @@ from pipeline.localservices._common import (
 
 DEFAULT_BATCH_S = 0.05
 ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
-JS_SHELL = (
-    '<html><head><title></title><script src="/app.js"></script></head>'
-    '<body><div id="root"></div></body></html>'
-)
+JS_SHELL = '<html><head><title></title><script src="/app.js"></script></head><body><div id="root"></div></body></html>'
 
 
 def item_value(item_id: str) -> int:
@@ -335,23 +332,39 @@ class HttpApi(Service):
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and serve forever."""
     parser = service_parser("Rate-limited JSON API, batch endpoint and website with deterministic faults.")
-    parser.add_argument("--rps", type=float, default=None, help="requests per second, counted over --window-s "
-                        "(default unlimited)")
-    parser.add_argument("--window-s", type=float, default=1.0, help="the sliding window --rps is counted over: "
-                        "rps x W requests per W seconds (default 1)")
-    parser.add_argument("--quota", type=int, default=None, help="requests per fixed --quota-window-s window, "
-                        "refused only once spent (instead of --rps)")
+    parser.add_argument(
+        "--rps", type=float, default=None, help="requests per second, counted over --window-s (default unlimited)"
+    )
+    parser.add_argument(
+        "--window-s",
+        type=float,
+        default=1.0,
+        help="the sliding window --rps is counted over: rps x W requests per W seconds (default 1)",
+    )
+    parser.add_argument(
+        "--quota",
+        type=int,
+        default=None,
+        help="requests per fixed --quota-window-s window, refused only once spent (instead of --rps)",
+    )
     parser.add_argument("--quota-window-s", type=float, default=60.0)
-    parser.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* and RateLimit-* "
-                        "headers (always on with --quota)")
+    parser.add_argument(
+        "--ratelimit-headers",
+        action="store_true",
+        help="send x-ratelimit-* and RateLimit-* headers (always on with --quota)",
+    )
     parser.add_argument("--retry-after-date", action="store_true", help="send Retry-After as an HTTP-date")
     parser.add_argument("--max-concurrent-batches", type=int, default=None)
     parser.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN")
     parser.add_argument("--demo-faults", type=float, default=0.0, help="fraction of plain ids that fail once")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--latency-jitter-ms", type=float, default=0.0, help="latency varies uniformly by +- this")
-    parser.add_argument("--crawl-delay", type=int, default=None, help="robots.txt asks Crawl-delay: S (whole "
-                        "seconds, as Python's robotparser reads it)")
+    parser.add_argument(
+        "--crawl-delay",
+        type=int,
+        default=None,
+        help="robots.txt asks Crawl-delay: S (whole seconds, as Python's robotparser reads it)",
+    )
     args = parser.parse_args(argv)
     service = HttpApi(
         _limiter(parser, args),

@@ -79,7 +79,9 @@ from pipeline.tokens import content_text, prompt_tokens
 CHAT_PATH = "/v1/chat/completions"
 
 
-def _error(status: int, message: str, kind: str, code: str | None = None, headers: dict[str, str] | None = None) -> Reply:
+def _error(
+    status: int, message: str, kind: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> Reply:
     """An OpenAI-shaped error body, so real OpenAI clients parse it as they would in production."""
     return json_reply(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
 

@@ -77,8 +77,20 @@ class Pacing:
 class Pacer:
     """One worker's schedule on an injectable clock (tests run it on simulated time)."""
 
-    __slots__ = ("_pacing", "_clock", "_sleep", "_random", "_ready_at", "_spaced_until", "_unpaced", "_returns",
-                 "_factor", "_floor_s", "_floor_until", "_last_start")
+    __slots__ = (
+        "_pacing",
+        "_clock",
+        "_sleep",
+        "_random",
+        "_ready_at",
+        "_spaced_until",
+        "_unpaced",
+        "_returns",
+        "_factor",
+        "_floor_s",
+        "_floor_until",
+        "_last_start",
+    )
 
     def __init__(
         self,
@@ -200,5 +212,7 @@ class Pacer:
 
     def __repr__(self) -> str:
         ahead = self._ready_at - self._clock()
-        return (f"<Pacer every {self._pacing.period() / self._factor:.4g} s (factor {self._factor:.3f}), "
-                f"next call in {max(0.0, ahead):.3g} s>")
+        return (
+            f"<Pacer every {self._pacing.period() / self._factor:.4g} s (factor {self._factor:.3f}), "
+            f"next call in {max(0.0, ahead):.3g} s>"
+        )

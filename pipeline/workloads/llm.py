@@ -153,7 +153,6 @@ def _tokenizer(encoding: str) -> Callable[[str], int] | None:
     return lambda text: len(encoder.encode(text, disallowed_special=()))
 
 
-
 def _answer(response: Any) -> dict[str, Any]:
     """The first choice's text, its finish reason, the model and the usage: a small payload."""
     try:

@@ -235,8 +235,14 @@ class _Session:
     fetching them again.
     """
 
-    def __init__(self, http: Any, user_agent: str, workers_per_domain: int | None, sites: dict[str, _Site],
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        http: Any,
+        user_agent: str,
+        workers_per_domain: int | None,
+        sites: dict[str, _Site],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.http = http
         self.user_agent = user_agent
         self._workers = workers_per_domain

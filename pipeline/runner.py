@@ -187,10 +187,14 @@ class _Try:
         self.charge = 0.0
         self.tries = 0
         self.retry_after: float | None = None
-        self.throttled_at: tuple[int, int] | None = None  # (successes, fresh throttles) when its first try was
+        self.throttled_at: tuple[int, int] | None = None  # (fresh successes, fresh throttles) at its first try
         self.hot = False  # throttled again on its retry while other calls went through: about the item
         self.failure: Failure | None = None  # its last throttle, recorded if it never goes through
 
+
+HOT_ITEM_EVIDENCE = 5
+"""Fresh calls that must go through, unthrottled, between an item's throttles before the item is judged
+hot (the throttle was about it, not about the pace): fewer is what an overloaded service looks like too."""
 
 _Outcome = tuple[_Try, Any, "Exception | None", float, float, "ServiceSignal | None"]
 """What a call hands back: try, value, error, started, finished, what the service said in its headers."""
@@ -259,7 +263,7 @@ class _ChunkLoop:
         self._gate = _SendGate()
         self._in_flight = 0
         self._auth_failures = 0
-        self._successes = 0
+        self._fresh_successes = 0  # calls that went through on their first try: evidence the pace is fine
         self._fresh_throttles = 0
         self._last_throttled = False
         self._reconnect = False
@@ -433,7 +437,7 @@ class _ChunkLoop:
     ) -> None:
         self._connection.on_success()
         self._last_throttled = False
-        self._successes += 1
+        self._fresh_successes += tries == 1
         self._proven = True
         if self.aimd.factor < 1.0:  # probing back up; at the ceiling there is nothing to do
             self.aimd.on_success()
@@ -496,14 +500,16 @@ class _ChunkLoop:
         return True
 
     def _adjust_pace(self, attempt: _Try) -> None:
-        """A fresh item throttled: slow down. Throttled again on its retry while nothing else was: hot item."""
+        """A fresh item throttled: slow down. Throttled again on its retry while fresh items went through and
+        none was throttled: a hot item (at the end of a chunk, retries alone prove nothing)."""
         if attempt.tries == 1:
             self._fresh_throttles += 1
-            attempt.throttled_at = (self._successes, self._fresh_throttles)
+            attempt.throttled_at = (self._fresh_successes, self._fresh_throttles)
             self.aimd.on_throttle()
         elif attempt.throttled_at is not None:
-            successes, fresh_throttles = attempt.throttled_at
-            if self._successes > successes and self._fresh_throttles == fresh_throttles:
+            fresh_successes, fresh_throttles = attempt.throttled_at
+            passed = self._fresh_successes - fresh_successes
+            if passed >= HOT_ITEM_EVIDENCE and self._fresh_throttles == fresh_throttles:
                 self.aimd.on_hot_item()
                 attempt.hot = True
             attempt.throttled_at = None  # an item gives back its decrease once at most

@@ -93,19 +93,23 @@ def test_throttling_and_bad_answers(runner, tmp_path: Path) -> None:
     """A prompt bigger than the whole budget is refused for good; 429s are waited out per Retry-After."""
     prompts = tmp_path / "p.jsonl"
     records = [{"id": "huge", "prompt": "x" * 1700}, {"id": "no-prompt", "text": "?"}]
-    records += [{"id": f"q{n}", "prompt": "hi"} for n in range(4)]
+    records += [{"id": f"q{n}", "prompt": "hi"} for n in range(8)]  # more than the 2 per second it admits
     prompts.write_text("\n".join(json.dumps(r) for r in records))
     with start_llm(tpm=400, rpm=2, window_s=1, completion_tokens=8) as server:
         limit = ServiceLimit(name="llm", tokens_per_minute=10**6, requests_per_minute=10**4)  # declared too high
         backfill = BackfillSpec(
-            name="llm_faults", service="llm", items=JsonlPrompts(str(prompts)), work=llm_work("m", max_tokens=8)
+            name="llm_faults",
+            service="llm",
+            items=JsonlPrompts(str(prompts)),
+            work=llm_work("m", max_tokens=8),
+            overrides=Overrides(max_throttle_retries=8),  # every worker retries at once: leave room to get in
         ).build(Service(limit, f"{server.url}/v1"))
         runner.run(backfill)
         statuses = server.stats()["by_status"]
     rows = runner.latest(backfill)
     assert (rows["huge"]["status"], rows["huge"]["retryable"]) == ("http_400", False)
     assert (rows["no-prompt"]["status"], rows["no-prompt"]["retryable"]) == ("bad_item", False)
-    assert all(rows[f"q{n}"]["ok"] for n in range(4)), "429 Retry-After honoured until admitted"
+    assert all(rows[f"q{n}"]["ok"] for n in range(8)), "429 Retry-After honoured until admitted"
     assert int(statuses.get("429", 0)) >= 1, "the server did throttle the over-declared run"
 
 

@@ -48,7 +48,9 @@ def test_pages_scraped_politely_robots_honoured_javascript_shell_refused(runner)
     assert not any(p.startswith("/private/") for p in paths), "a disallowed page is never requested"
     chunks = runner.chunks(backfill)
     assert paths.count("/robots.txt") <= 2 < chunks, "robots.txt fetched once per worker, not once per chunk"
-    assert stats["peers"] == chunks, "one client and connection per chunk"
+    # at most one client and connection per chunk (a chunk of only disallowed pages, whose rules its
+    # worker already has, makes no request at all)
+    assert 0 < stats["peers"] <= chunks
     assert stats["by_status"] == {"200": len(arrivals)}
     assert stats["busiest_1s"] <= 20
     assert stats["max_peer_rps_1s"] <= 4, "per-worker politeness, robots.txt included"

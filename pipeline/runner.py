@@ -260,6 +260,7 @@ class _ChunkLoop:
         self._deferred: list[tuple[float, int, _Try]] = []  # (ready at, tie-breaker, try): a heap
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
+        self._sent: dict[int, float] = {}  # calls on the call threads: id(try) -> when they were handed over
         self._gate = _SendGate()
         self._in_flight = 0
         self._auth_failures = 0
@@ -337,14 +338,19 @@ class _ChunkLoop:
             succeed(item, 1, 0.0, None, value, started, time.time())
 
     def _slots(self) -> int:
-        """Calls that may be in flight now: one until the service has accepted a call of this worker.
+        """Calls that may be in flight now, by Little's law on the latency measured so far.
 
-        Until then every call may be refused for bad credentials, and the fail-fast
-        check stops after exactly ``auth_fail_fast`` refusals, not that many plus the calls in flight.
+        Until the service has accepted a call of this worker, every call may be
+        refused for bad credentials, and the fail-fast check must stop after
+        exactly ``auth_fail_fast`` refusals, not that many plus the calls in flight.
         """
-        if not self._proven or self.slots.cap == 1 or self.pacer.unpaced:
+        if self.slots.cap == 1 or self.pacer.unpaced:
             return 1
-        return self.slots.limit(self.pacer.calls_per_second(self.cost.per_call))
+        waiting = self._clock() - min(self._sent.values()) if self._sent else 0.0
+        slots = self.slots.limit(self.pacer.calls_per_second(self.cost.per_call), waiting)
+        if not self._proven:  # never more calls out than refusals the fail-fast check still allows
+            return max(1, min(slots, self._pacing.auth_fail_fast - self._auth_failures))
+        return slots
 
     def close(self) -> None:
         """Let go of the call threads (a dead chunk does not wait for calls nobody will read)."""
@@ -397,6 +403,7 @@ class _ChunkLoop:
     def _submit(self, attempt: _Try) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix=f"paceline-chunk-{self._chunk.chunk_id}")
+        self._sent[id(attempt)] = self._clock()
         client, done, gate, spacing = self._connection.client, self._done, self._gate, self.pacer.spacing()
         timed_call = self._call_fn
 
@@ -419,6 +426,7 @@ class _ChunkLoop:
     def _settle(self, outcome: _Outcome) -> None:
         attempt, value, error, started, finished, heard = outcome
         self._in_flight -= 1
+        self._sent.pop(id(attempt), None)
         if self._counts_returns:
             self.pacer.after_call()
         if self.slots.cap > 1 and not self.pacer.unpaced:  # latency only matters to a paced worker

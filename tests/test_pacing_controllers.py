@@ -235,3 +235,9 @@ def test_at_the_end_of_a_chunk_a_proven_hot_item_is_left_to_the_retry_round():
     assert sorted(rows) == sorted(items)
     assert rows["hot"][1:4] == (False, True, "http_429") and rows["hot"][6] == 2, "proven hot on its second try"
     assert clock.now < 32 * 0.1 + 0.5, "the chunk did not idle through two more Retry-Afters for it"
+
+
+def test_slots_open_while_the_first_answers_are_still_out():
+    limit = InFlightLimit(cap=64, latency_s=0.05)
+    assert limit.limit(pace=20.0) == 2, "from the 50 ms estimate"
+    assert limit.limit(pace=20.0, waiting_s=1.0) == 30, "a call out for 1 s means the latency is at least 1 s"

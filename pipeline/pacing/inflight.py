@@ -49,11 +49,16 @@ class InFlightLimit:
         weight = RISE if latency_s > self.latency_s else FALL
         self.latency_s += weight * (latency_s - self.latency_s)
 
-    def limit(self, pace: float | None) -> int:
-        """Slots needed at ``pace`` calls/s (1 when nothing paces the worker)."""
+    def limit(self, pace: float | None, waiting_s: float = 0.0) -> int:
+        """Slots needed at ``pace`` calls/s (1 when nothing paces the worker).
+
+        ``waiting_s`` is how long the oldest call in flight has been out: the
+        latency is at least that, which lets a worker open slots while its
+        first answers from a slow service are still on their way.
+        """
         if pace is None or self.cap == 1:
             return 1
-        needed = math.ceil(pace * self.latency_s * HEADROOM)
+        needed = math.ceil(pace * max(self.latency_s, waiting_s) * HEADROOM)
         slots = min(self.cap, max(1, needed))  # never more than the cap: the client's pool is finite
         self.peak = max(self.peak, slots)
         return slots

@@ -310,6 +310,11 @@ class _Session:
         spacing = None if delay and self._workers is None else delay * (self._workers or 1)
         return _Site(rules, fetched_at=now, last_request_at=now, spacing_s=spacing)
 
+    @property
+    def is_closed(self) -> bool:
+        """True once the httpx client is closed: the runner then opens a new session (``pipeline.connection``)."""
+        return bool(self.http.is_closed)
+
     def close(self) -> None:
         self.http.close()
 

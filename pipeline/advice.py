@@ -108,13 +108,17 @@ def _latency(report: AttemptReport, estimates: Estimates | None) -> Advice | Non
     measured = report.latency_p50_ms / 1000
     if estimates is not None and 1 / LATENCY_OFF <= measured / estimates.seconds_per_call <= LATENCY_OFF:
         return None
-    assumed = f"the plan assumed {estimates.seconds_per_call * 1000:,.0f} ms" if estimates else "as measured"
+    in_flight = f"{report.in_flight_per_worker:.1f} calls in flight per worker"
+    compared = (
+        f"the plan assumed {estimates.seconds_per_call * 1000:,.0f} ms ({in_flight} made up for it)"
+        if estimates
+        else in_flight
+    )
     return Advice(
         "seconds_per_call",
         round(measured, 3),
         f"measured p50 {report.latency_p50_ms:,.0f} ms, p95 {report.latency_p95_ms or 0:,.0f} ms over "
-        f"{report.rows:,} calls; {assumed} "
-        f"(workers kept {report.in_flight_per_worker:.1f} calls in flight each to make up for it)",
+        f"{report.rows:,} calls; {compared}",
     )
 
 

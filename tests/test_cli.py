@@ -54,7 +54,13 @@ def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys)
     final = [line for line in out.splitlines() if line.strip().startswith("items:")][-1]
     assert "0 failed" in final
     assert main(["status", "--root", str(tmp_path)]) == 0
-    assert "demo_api" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert "demo_api" in status and "in_flight_per_worker" in status, "status says what the service did"
+    assert main(["advise", "--root", str(tmp_path), "--backfill", "demo_api"]) == 0
+    advice = capsys.readouterr().out
+    assert "demo_api, attempt 0:" in advice and "seconds_per_call=0.0" in advice, "the measured ~40 ms latency"
+    assert main(["advise", "--root", str(tmp_path), "--backfill", "other"]) == 0
+    assert "No manifests" in capsys.readouterr().out
 
 
 def test_plan_names_the_flag_not_the_python_field(capsys):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal
+from pipeline.outcomes import service_signal
+from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal
 
 _heard: dict[int, ServiceSignal] = {}
 """The latest signal per calling thread. A plain dict, not a ``threading.local``: this module travels
@@ -36,6 +37,6 @@ def take_heard() -> ServiceSignal | None:
 
 
 def _hear(response: Any) -> None:
-    signal = read_signal(response.headers)
+    signal = service_signal(response)  # the one reading of a response's limits, as for a refused call
     if signal != NO_SIGNAL:
         _heard[threading.get_ident()] = signal

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +22,6 @@ from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
 from pipeline.manifests import ManifestError, ManifestStore, check_name
-from pipeline.outcomes import AUTH_STATUSES
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport, attempt_report
 from pipeline.runner import ChunkResult, make_chunk_function
@@ -30,6 +30,10 @@ from pipeline.work import Work
 
 class AuthenticationFailed(RuntimeError):
     """The service refused our credentials: stop before recording a million failures."""
+
+
+class OutOfCredit(RuntimeError):
+    """The service's account cannot pay for more calls: stop, and leave the items for a rerun after a top-up."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,10 @@ def run_attempt(
     progress = Progress(len(scan.finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
     credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
-    for result in executor.map(function, chunks, execution.max_parallelism):
+    results = executor.map(function, chunks, execution.max_parallelism)
+    for result in results:
+        if result.out_of_credit is not None:
+            _stop_out_of_credit(backfill, results, result.out_of_credit)
         for ready in credentials.admit(result):
             store.write_chunk(ready)
             progress = Progress(
@@ -218,6 +225,23 @@ def run_attempt(
         counts = ledger.counts(backfill.name)
     advice = advise(report, declared.limit, declared.estimates)
     return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, compaction, advice)
+
+
+def _stop_out_of_credit(backfill: Backfill, results: Iterator[ChunkResult], said: str) -> NoReturn:
+    """Start no more chunks and say why. The chunks that were running end at their next refused call.
+
+    Chunks that ran out of credit are not written, so none of their items is
+    recorded failed (let alone dead): a rerun of this attempt after a top-up
+    does them, and skips every chunk written before.
+    """
+    close = getattr(results, "close", None)
+    if callable(close):
+        close()  # the executor cancels the chunks not started and waits for the running ones
+    raise OutOfCredit(
+        f"{backfill.name}: {backfill.service} says the account is out of credit or quota: {said} "
+        "Paceline stopped the run instead of retrying into an empty account. Top up the account (or raise "
+        "its spending limit), then run this attempt again: finished chunks are kept, the rest are done then."
+    )
 
 
 def advice_for(backfill: Backfill, store: ManifestStore, attempt: int) -> list[Advice]:
@@ -253,7 +277,7 @@ class _CredentialCheck:
         """The chunks that can be written now (held-back ones first)."""
         if result.auth_aborted:
             self._refuse(result)
-        if not self._proven and len(result) and all(status in AUTH_STATUSES for status in result.http_status):
+        if not self._proven and len(result) and result.credential_refusals == len(result):
             self.held_back.append(result)
             if sum(len(r) for r in self.held_back) >= self._threshold:
                 self._refuse(result)

@@ -1,26 +1,31 @@
 """What happened to one call, in the few classes a retry policy needs.
 
-A call either returns a payload or raises. The exception decides the row:
-throttled (429/503: wait Retry-After, try again in the chunk), retryable
-(5xx, timeout, connection trouble: a later retry round may heal it) or
-permanent (other 4xx, a payload we cannot decode, a bug in ``call``).
-Work functions may raise ``Throttled``, ``Retryable`` or ``Permanent``
-themselves; common httpx and psycopg errors are classified without them.
+A call either returns a payload or raises. When the service answered (an HTTP
+status, a SQLSTATE, an AWS error code), ``pipeline.refusals`` reads what it
+meant from its table of conventions, and the row's status follows from that
+one verdict: throttled (wait, try again in the chunk), quota spent, out of
+credit, bad credentials, no room for a connection, retryable or permanent.
+Failures the service never answered are classified by their type: timeouts
+and connection trouble are retryable, a payload we cannot decode or a bug in
+``call`` is permanent. Work functions may raise ``Throttled``, ``Retryable``
+or ``Permanent`` themselves.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
+from typing import Any
 
-from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal, retry_after_s
+from pipeline.refusals import Answer, Convention, Meaning, Verdict, read
 
-AUTH_STATUSES = frozenset({401, 403})
-THROTTLE_STATUSES = frozenset({429, 503})
-_RETRYABLE_HTTP = frozenset({408, 425, 500, 502, 504})
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
 _MAX_ERROR_CHARS = 500
+_MAX_BODY_CHARS = 4000
+_STATUS_OF_MEANING = {Meaning.OUT_OF_CREDIT: "out_of_credit", Meaning.CAPACITY: "capacity"}
+"""Row statuses of the meanings whose HTTP status alone would mislead a reader of the manifest."""
 
 
 class Throttled(Exception):
@@ -65,35 +70,58 @@ class CallAgain(Exception):
 
 @dataclass(frozen=True)
 class Failure:
-    """A failed call, classified. ``status`` is a short machine-friendly word."""
+    """A failed call, classified. ``status`` is a short machine-friendly word, the row's status.
+
+    ``meaning`` is what the service meant (``pipeline.refusals``); without a
+    verdict it follows ``retryable``. ``scope`` says whether a throttle is
+    about the item or the whole service, where the service said so.
+    """
 
     status: str
     retryable: bool
     error: str
     http_status: int | None = None
     retry_after: float | None = None
+    meaning: Meaning | None = None
+    scope: str | None = None
+    convention: str = ""
+
+    def __post_init__(self) -> None:
+        if self.meaning is None:
+            object.__setattr__(self, "meaning", Meaning.RETRYABLE if self.retryable else Meaning.PERMANENT)
 
     @property
     def throttled(self) -> bool:
-        return self.http_status in THROTTLE_STATUSES
+        return self.meaning in (Meaning.THROTTLED, Meaning.QUOTA_SPENT)
 
     @property
     def auth(self) -> bool:
-        return self.http_status in AUTH_STATUSES
+        return self.meaning is Meaning.BAD_CREDENTIALS
+
+    @property
+    def out_of_credit(self) -> bool:
+        return self.meaning is Meaning.OUT_OF_CREDIT
+
+    @property
+    def capacity(self) -> bool:
+        return self.meaning is Meaning.CAPACITY
 
 
-def classify(error: BaseException) -> Failure:
-    """Map any exception raised by ``connect`` or ``call`` to a ``Failure``."""
+def classify(error: BaseException, conventions: tuple[Convention, ...] = (), now: float | None = None) -> Failure:
+    """Map any exception raised by ``connect`` or ``call`` to a ``Failure``.
+
+    ``conventions`` are the work's own rows, asked before the built-in table.
+    """
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, Throttled):  # same words as an HTTP 429/503 classified below
-        return Failure(f"http_{error.http_status}", True, text, error.http_status, error.retry_after)
+        return Failure(f"http_{error.http_status}", True, text, error.http_status, error.retry_after, Meaning.THROTTLED)
     if isinstance(error, Retryable):
         return Failure(error.status, True, text)
     if isinstance(error, Permanent):
         return Failure(error.status, False, text)
-    response = getattr(error, "response", None)
-    if response is not None and hasattr(response, "status_code"):
-        return _classify_http(response, text)
+    answer = answer_of(error, time.time() if now is None else now)
+    if answer is not None:
+        return _from_verdict(read(answer, conventions), answer, text, _status_word(error, answer))
     if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
         return Failure("bad_payload", False, text)
     names = {cls.__name__ for cls in type(error).__mro__}
@@ -106,32 +134,65 @@ def classify(error: BaseException) -> Failure:
     return Failure("exception", False, text)
 
 
-def _classify_http(response: object, text: str) -> Failure:
-    code = int(response.status_code)  # type: ignore[attr-defined]
-    status = f"http_{code}"
-    if code in THROTTLE_STATUSES:
-        return Failure(status, True, text, code, retry_after_s(response.headers))  # type: ignore[attr-defined]
-    if code in _RETRYABLE_HTTP or code >= 500:
-        return Failure(status, True, text, code)
-    return Failure(status, False, text, code)
+def _status_word(error: BaseException, answer: Answer) -> str:
+    if answer.http_status is not None:
+        return f"http_{answer.http_status}"
+    return "db_unavailable" if type(error).__module__.startswith("psycopg") else "exception"
 
 
-def service_signal(outcome: object, now: float | None = None) -> ServiceSignal:
-    """What the service said about its limits, from a call's result or the exception it raised.
+def _from_verdict(verdict: Verdict, answer: Answer, text: str, status: str) -> Failure:
+    return Failure(
+        _STATUS_OF_MEANING.get(verdict.meaning, status),
+        verdict.retryable,
+        f"{text} [{verdict.convention}]" if verdict.convention != "unrecognised" else text,
+        answer.http_status,
+        verdict.wait_s,
+        verdict.meaning,
+        verdict.scope,
+        verdict.convention,
+    )
 
-    The throttle loop feeds on successes too (remaining quota shrinks before
-    any 429), so a returned ``httpx.Response`` is read like the response
-    inside an ``httpx.HTTPStatusError`` (or any error with ``.response``). A
-    ``Throttled`` raised by a work function carries only its Retry-After.
-    Anything else says nothing.
+
+def answer_of(error: BaseException, now: float) -> Answer | None:
+    """What the service answered, where ``error`` carries an answer: an HTTP response, a SQLSTATE, an AWS code.
+
+    None for failures the service never answered (a timeout, a reset, a bug).
     """
-    import httpx
+    response = getattr(error, "response", None)
+    if response is not None and hasattr(response, "status_code"):
+        return response_answer(response, now)
+    if isinstance(response, dict) and "Error" in response:  # botocore's ClientError
+        return _aws_answer(response, now)
+    sqlstate = getattr(error, "sqlstate", None)
+    if type(error).__module__.startswith("psycopg"):
+        return Answer(code=sqlstate or type(error).__name__, text=str(error), now=now)
+    return None
 
-    if isinstance(outcome, Throttled):
-        return ServiceSignal(retry_after_s=outcome.retry_after)
-    response = outcome if isinstance(outcome, httpx.Response) else getattr(outcome, "response", None)
-    headers = getattr(response, "headers", None)
-    return read_signal(headers, now) if headers is not None else NO_SIGNAL
+
+def response_answer(response: Any, now: float) -> Answer:
+    """An httpx response as an ``Answer`` (the body read as JSON when it is JSON)."""
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    try:
+        text = response.text[:_MAX_BODY_CHARS]
+    except Exception:  # noqa: BLE001 - a streamed or undecodable body says nothing we can read
+        text = ""
+    return Answer(int(response.status_code), headers, _json_or_none(text), text, None, now)
+
+
+def _aws_answer(response: dict[str, Any], now: float) -> Answer:
+    error = response.get("Error") or {}
+    meta = response.get("ResponseMetadata") or {}
+    headers = {k.lower(): str(v) for k, v in (meta.get("HTTPHeaders") or {}).items()}
+    return Answer(meta.get("HTTPStatusCode"), headers, None, str(error.get("Message", "")), error.get("Code"), now)
+
+
+def _json_or_none(text: str) -> Any:
+    if not text.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 _SECRETISH = re.compile(r"(?i)(bearer\s+|(?:api[_-]?key|token|secret|password)=)[^\s&'\"]+")

@@ -23,7 +23,6 @@ Nothing here imports Dagster; everything here pickles with cloudpickle.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import json
 import queue
 import threading
@@ -36,13 +35,14 @@ from typing import Any
 
 from pipeline.connection import ChunkClient, ConnectionLost
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
-from pipeline.pacing.aimd import Aimd
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.headers import ServiceSignal
 from pipeline.pacing.inflight import InFlightLimit
 from pipeline.pacing.listen import listen, take_heard
 from pipeline.pacing.memory import Learned, recall, remember
 from pipeline.pacing.schedule import Pacer, Pacing
+from pipeline.policies.credentials import CredentialGuard
+from pipeline.policies.throttle import ThrottlePolicy
 from pipeline.work import Item, Work, work_secrets
 
 
@@ -89,6 +89,8 @@ class ChunkResult:
     chunk_id: int
     rows: list[tuple] = field(default_factory=list)
     auth_aborted: bool = False
+    credential_refusals: int = 0  # rows refused for their credentials (``pipeline.refusals``), not just 401/403
+    out_of_credit: str | None = None  # what the service said when the account ran dry: the run must stop
 
     item_id = _column(0)
     ok = _column(1)
@@ -177,9 +179,9 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
 
 
 class _Try:
-    """One item on its way through the chunk: its estimate, its tries so far, the longest Retry-After."""
+    """One item on its way through the chunk: its estimate, its tries so far, its last throttle."""
 
-    __slots__ = ("item", "estimate", "charge", "tries", "retry_after", "throttled_at", "hot", "failure")
+    __slots__ = ("item", "estimate", "charge", "tries", "retry_after", "failure")
 
     def __init__(self, item: Item, estimate: float | None):
         self.item = item
@@ -187,14 +189,8 @@ class _Try:
         self.charge = 0.0
         self.tries = 0
         self.retry_after: float | None = None
-        self.throttled_at: tuple[int, int] | None = None  # (fresh successes, fresh throttles) at its first try
-        self.hot = False  # throttled again on its retry while other calls went through: about the item
         self.failure: Failure | None = None  # its last throttle, recorded if it never goes through
 
-
-HOT_ITEM_EVIDENCE = 5
-"""Fresh calls that must go through, unthrottled, between an item's throttles before the item is judged
-hot (the throttle was about it, not about the pace): fewer is what an overloaded service looks like too."""
 
 _Outcome = tuple[_Try, Any, "Exception | None", float, float, "ServiceSignal | None"]
 """What a call hands back: try, value, error, started, finished, what the service said in its headers."""
@@ -218,12 +214,15 @@ def _timed_call_heard(call: Callable[[Any, Item], Any], client: Any, attempt: _T
 
 
 class _ChunkLoop:
-    """One chunk's dispatcher: picks the next item, paces it, calls it, settles what came back.
+    """One chunk's dispatcher: picks the next item, paces it, calls it, hands what came back to its policies.
 
-    All bookkeeping (rows, the pacer, the controllers) happens on this one
+    All bookkeeping (rows, the pacer, the policies) happens on this one
     thread; call threads only run ``work.call`` and hand back an outcome. With
     one slot (the usual case for a fast service, and always for connections)
-    calls run inline, with no thread hop at all.
+    calls run inline, with no thread hop at all. What a failure means is read
+    once (``outcomes.classify``, through ``pipeline.refusals``), and the
+    throttle policy, the credential guard and the reconnect policy act on that
+    one reading.
     """
 
     def __init__(
@@ -243,6 +242,7 @@ class _ChunkLoop:
         self._call = work.call
         self._cost_fn = getattr(work, "cost", None)
         self._usage_fn = getattr(work, "usage", None)
+        self._conventions = tuple(getattr(work, "conventions", ()))
         learned = recall(chunk.run_id)
         self.pacer = Pacer(pacing, clock, sleep)
         latency = learned.latency_s if learned else pacing.seconds_per_call
@@ -252,21 +252,16 @@ class _ChunkLoop:
         )
         self._counts_returns = bool(pacing.window_calls)  # politeness windows count from returns
         self._charges_tokens = bool(pacing.tokens_per_second or self._cost_fn or self._usage_fn)
-        self.aimd = Aimd(learned.pace_factor if learned else 1.0)
-        self._proven = learned is not None  # a worker whose earlier chunk of this run got through
-        self.pacer.slow_to(self.aimd.factor)
+        self.throttle = ThrottlePolicy(pacing, learned.pace_factor if learned else 1.0)
+        self.credentials = CredentialGuard(pacing.auth_fail_fast, proven=learned is not None)
+        self.pacer.slow_to(self.throttle.factor)
         self._call_fn = _timed_call_heard if listen(connection.client) else _timed_call
         self._fresh = deque(chunk.items())
-        self._deferred: list[tuple[float, int, _Try]] = []  # (ready at, tie-breaker, try): a heap
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._sent: dict[int, float] = {}  # calls on the call threads: id(try) -> when they were handed over
         self._gate = _SendGate()
         self._in_flight = 0
-        self._auth_failures = 0
-        self._fresh_successes = 0  # calls that went through on their first try: evidence the pace is fine
-        self._fresh_throttles = 0
-        self._last_throttled = False
         self._reconnect = False
         self._stopped = False
 
@@ -285,7 +280,7 @@ class _ChunkLoop:
             if self._in_flight >= slots:
                 self._settle(self._done.get())
                 continue
-            if self._fresh and not self._deferred and self._cost_fn is None:  # the common case, kept cheap
+            if self._fresh and not self.throttle and self._cost_fn is None:  # the common case, kept cheap
                 attempt = _Try(self._fresh.popleft(), None)
             else:
                 attempt = self._next_ready()
@@ -304,14 +299,14 @@ class _ChunkLoop:
                 self._submit(attempt)
         if not self._stopped:
             self.pacer.finish()
-        remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call, self.aimd.factor))
+        remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call, self.throttle.factor))
 
     def _unpaced_and_plain(self) -> bool:
         """Nothing to pace, count or hear, and nothing set aside: the hot loop can take the next items."""
         return (
             bool(self._fresh)
             and self.pacer.unpaced
-            and not (self._deferred or self._in_flight or self._reconnect or self._charges_tokens)
+            and not (self.throttle or self._in_flight or self._reconnect or self._charges_tokens)
             and not self._counts_returns
             and self._call_fn is _timed_call
         )
@@ -325,7 +320,7 @@ class _ChunkLoop:
         hands the rest back to the general loop.
         """
         fresh, call, client, succeed = self._fresh, self._call, self._connection.client, self._succeed
-        while fresh and self.pacer.unpaced and not (self._deferred or self._reconnect or self._stopped):
+        while fresh and self.pacer.unpaced and not (self.throttle or self._reconnect or self._stopped):
             item = fresh.popleft()
             started = time.time()
             try:
@@ -340,17 +335,13 @@ class _ChunkLoop:
     def _slots(self) -> int:
         """Calls that may be in flight now, by Little's law on the latency measured so far.
 
-        Until the service has accepted a call of this worker, every call may be
-        refused for bad credentials, and the fail-fast check must stop after
-        exactly ``auth_fail_fast`` refusals, not that many plus the calls in flight.
+        Until the service has accepted a call of this worker, the credential
+        guard caps them (see ``policies.credentials``).
         """
         if self.slots.cap == 1 or self.pacer.unpaced:
             return 1
         waiting = self._clock() - min(self._sent.values()) if self._sent else 0.0
-        slots = self.slots.limit(self.pacer.calls_per_second(self.cost.per_call), waiting)
-        if not self._proven:  # never more calls out than refusals the fail-fast check still allows
-            return max(1, min(slots, self._pacing.auth_fail_fast - self._auth_failures))
-        return slots
+        return self.credentials.slots(self.slots.limit(self.pacer.calls_per_second(self.cost.per_call), waiting))
 
     def close(self) -> None:
         """Let go of the call threads (a dead chunk does not wait for calls nobody will read)."""
@@ -361,8 +352,9 @@ class _ChunkLoop:
 
     def _next_ready(self) -> _Try | None:
         """A throttled item whose wait is over comes first; else the next fresh item."""
-        if self._deferred and self._deferred[0][0] <= self._clock():
-            return heapq.heappop(self._deferred)[2]
+        due = self.throttle.due(self._clock())
+        if due is not None:
+            return due
         while self._fresh:
             item = self._fresh.popleft()
             try:
@@ -379,26 +371,19 @@ class _ChunkLoop:
         if self._in_flight:
             self._settle(self._done.get())
             return True
-        if self._deferred:
-            if all(attempt.hot for _, _, attempt in self._deferred):
-                self._give_up_hot_items()
-                return False
-            self._sleep(max(0.0, self._deferred[0][0] - self._clock()))
-            return True
-        return False
+        for attempt in self.throttle.leave_to_retry_round(self._clock()):
+            self._record_throttled(attempt)
+        due = self.throttle.next_due()
+        if due is None:
+            return False
+        self._sleep(max(0.0, due - self._clock()))
+        return True
 
-    def _give_up_hot_items(self) -> None:
-        """At the end of a chunk, hot items are not worth idling for: the retry round tries them later.
-
-        Waiting out their remaining Retry-Afters would idle the worker for
-        seconds per chunk, for items the service singled out; the retry round
-        gets them failed-retryable, with the tries and the Retry-After they had.
-        """
+    def _record_throttled(self, attempt: _Try, failure: Failure | None = None) -> None:
+        """The row of an item still throttled: failed-retryable, with its tries and the longest Retry-After."""
         now = time.time()
-        for _, _, attempt in self._deferred:
-            failure = self._scrubbed(attempt.failure or Failure("http_429", True, "throttled", 429))
-            self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
-        self._deferred.clear()
+        failure = self._scrubbed(failure or attempt.failure or Failure("http_429", True, "throttled", 429))
+        self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
 
     def _submit(self, attempt: _Try) -> None:
         if self._pool is None:
@@ -434,7 +419,7 @@ class _ChunkLoop:
         if heard is not None:
             self.pacer.heed(heard, self.cost.per_call)
         if self._stopped:
-            return  # the chunk was already given up (bad credentials): its rows are written
+            return  # the chunk was already given up (credentials, credit): its rows are written
         if error is None:
             self._succeed(attempt.item, attempt.tries, attempt.charge, attempt.estimate, value, started, finished)
         else:
@@ -444,12 +429,9 @@ class _ChunkLoop:
         self, item: Item, tries: int, charge: float, estimate: float | None, value: Any, started: float, finished: float
     ) -> None:
         self._connection.on_success()
-        self._last_throttled = False
-        self._fresh_successes += tries == 1
-        self._proven = True
-        if self.aimd.factor < 1.0:  # probing back up; at the ceiling there is nothing to do
-            self.aimd.on_success()
-            self.pacer.slow_to(self.aimd.factor)
+        self.credentials.on_outcome(refused=False, ok=True)
+        if self.throttle.on_success(first_try=tries == 1):
+            self.pacer.slow_to(self.throttle.factor)
         actual = None if self._usage_fn is None else _reported_usage(self._usage_fn, value)
         if actual is not None:
             self.pacer.reconcile(charge, actual)
@@ -468,60 +450,35 @@ class _ChunkLoop:
             if error.after_s > 0:
                 self.pacer.hold(error.after_s)
             return
-        failure = classify(error)
+        failure = classify(error, self._conventions)
         if failure.retry_after is not None:
             attempt.retry_after = max(attempt.retry_after or 0.0, failure.retry_after)
+        if failure.out_of_credit:
+            self._stop_out_of_credit(attempt, failure)
+            return
         if failure.throttled:
-            if self._defer_throttled(attempt, failure):
+            if self._throttled(attempt, failure):
                 return
         else:
-            self._last_throttled = False
+            self.throttle.on_other_failure()
         broken = not failure.throttled and self._connection.broken(failure)
         if broken:  # the call failed because its client died under it: a later try may well succeed
             self._reconnect = True
             failure = dataclasses.replace(failure, retryable=True)
         failure = self._scrubbed(failure)
         self._result.add_failure(attempt.item.id, started, finished, attempt.tries, failure, attempt.retry_after)
-        if failure.auth:
-            self._auth_failures += 1
-            # Fail fast only while *every* call so far was refused: bad credentials, not one odd 403.
-            if self._auth_failures == len(self._result) >= self._pacing.auth_fail_fast:
-                self._abort_for_credentials(failure)
+        self._result.credential_refusals += failure.auth
+        if self.credentials.on_outcome(refused=failure.auth):
+            self._abort_for_credentials(failure)
 
-    def _defer_throttled(self, attempt: _Try, failure: Failure) -> bool:
-        """Set a throttled item aside until its Retry-After is over. False when its tries are used up.
-
-        One throttled call among successes is about that item (a hot key, a
-        quota of its own), so the worker goes on with other items. Two in a
-        row are about this worker's pace: then the worker itself waits the
-        Retry-After, as the service asked.
-        """
-        pace_problem, self._last_throttled = self._last_throttled, True
-        self._adjust_pace(attempt)
-        if attempt.tries > self._pacing.max_throttle_retries:
-            return False
-        wait = min(failure.retry_after if failure.retry_after is not None else 1.0, self._pacing.max_retry_after_s)
-        if pace_problem:
-            self.pacer.hold(wait)
+    def _throttled(self, attempt: _Try, failure: Failure) -> bool:
+        """Hand a throttle to the throttle policy. False when the item's tries are used up: record its row."""
+        step = self.throttle.on_throttle(attempt, attempt.tries, failure, self._clock())
+        self.pacer.slow_to(self.throttle.factor)
+        if step.hold_s:
+            self.pacer.hold(step.hold_s)
         attempt.failure = failure
-        heapq.heappush(self._deferred, (self._clock() + wait, id(attempt), attempt))
-        return True
-
-    def _adjust_pace(self, attempt: _Try) -> None:
-        """A fresh item throttled: slow down. Throttled again on its retry while fresh items went through and
-        none was throttled: a hot item (at the end of a chunk, retries alone prove nothing)."""
-        if attempt.tries == 1:
-            self._fresh_throttles += 1
-            attempt.throttled_at = (self._fresh_successes, self._fresh_throttles)
-            self.aimd.on_throttle()
-        elif attempt.throttled_at is not None:
-            fresh_successes, fresh_throttles = attempt.throttled_at
-            passed = self._fresh_successes - fresh_successes
-            if passed >= HOT_ITEM_EVIDENCE and self._fresh_throttles == fresh_throttles:
-                self.aimd.on_hot_item()
-                attempt.hot = True
-            attempt.throttled_at = None  # an item gives back its decrease once at most
-        self.pacer.slow_to(self.aimd.factor)
+        return step.defer_until is not None
 
     # -- the rare paths -------------------------------------------------------------------------
 
@@ -543,14 +500,22 @@ class _ChunkLoop:
         fill_failed(self._result, self._chunk, aborted, set(self._result.item_id))
         self._stopped = True
 
+    def _stop_out_of_credit(self, attempt: _Try, failure: Failure) -> None:
+        """The account cannot pay: no more calls. The run stops, and a rerun after a top-up does this chunk again.
+
+        Its rows are not written (``backfill.run_attempt`` drops a chunk that
+        ran out of credit), so no item is recorded failed, let alone dead.
+        """
+        self._result.out_of_credit = redact(failure.error, self._secrets) or failure.status
+        self._stopped = True
+
     def _fill_rest(self, failure: Failure) -> None:
         """Every item not yet done gets ``failure`` (throttled ones keep their tries)."""
         now = time.time()
-        for _, _, attempt in self._deferred:
+        for attempt in self.throttle.take_all():
             self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
         for item in self._fresh:
             self._result.add_failure(item.id, now, now, 0, failure)
-        self._deferred.clear()
         self._fresh.clear()
         self._stopped = True
 

@@ -31,13 +31,6 @@ def test_never_above_the_ceiling_nor_below_the_floor():
     assert aimd.factor == MIN_FACTOR
 
 
-def test_a_hot_item_gives_back_its_decrease():
-    aimd = Aimd()
-    aimd.on_throttle()
-    aimd.on_hot_item()
-    assert aimd.factor == pytest.approx(1.0)
-
-
 def _shared_limit(workers: int, ceiling_total: float, real: float, seconds: float = 90.0) -> tuple[float, float]:
     """N independent workers against one sliding 1 s window of ``real`` calls: (goodput / real, refused share)."""
     rng = random.Random(7)

@@ -23,9 +23,10 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from pipeline.outcomes import Throttled, classify, service_signal
+from pipeline.outcomes import classify, response_answer
 from pipeline.pacing import headers
 from pipeline.pacing.headers import NO_SIGNAL, Quota, ServiceSignal, read_signal, retry_after_s
+from pipeline.refusals import read
 
 NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=timezone.utc).timestamp()
 
@@ -272,15 +273,12 @@ def _response(status: int, headers: dict[str, str]) -> httpx.Response:
     return httpx.Response(status, headers=headers, request=httpx.Request("GET", "http://service/"))
 
 
-def test_signal_off_a_success_an_http_error_and_throttled() -> None:
-    ok = _response(200, {"x-ratelimit-remaining-requests": "4", "x-ratelimit-reset-requests": "2s"})
-    assert service_signal(ok, NOW).requests.rate == 2.0
-    refused = _response(429, {"Retry-After": "Thu, 21 Aug 2025 12:40:05 GMT"})
-    error = httpx.HTTPStatusError("429", request=refused.request, response=refused)
-    assert service_signal(error, NOW).retry_after_s == 5.0
-    assert service_signal(Throttled(retry_after=1.5)) == ServiceSignal(retry_after_s=1.5)
-    assert service_signal({"id": 1}) == NO_SIGNAL
-    assert service_signal(ValueError("boom")) == NO_SIGNAL
+def test_a_refusal_and_a_success_read_the_same_headers_the_same_way() -> None:
+    headers = {"x-ratelimit-remaining-requests": "4", "x-ratelimit-reset-requests": "2s"}
+    assert read_signal(_response(200, headers).headers, NOW).requests.rate == 2.0
+    refused = _response(429, {**headers, "Retry-After": "Thu, 21 Aug 2025 12:40:05 GMT"})
+    verdict = read(response_answer(refused, NOW))
+    assert verdict.signal.requests.rate == 2.0 and verdict.signal.retry_after_s == 5.0 and verdict.wait_s == 5.0
 
 
 def test_classify_reads_retry_after_through_the_same_parser() -> None:
@@ -290,4 +288,4 @@ def test_classify_reads_retry_after_through_the_same_parser() -> None:
 
 
 def test_exported_names_are_pinned() -> None:
-    assert headers.__all__ == ["NO_SIGNAL", "Quota", "ServiceSignal", "read_signal", "retry_after_s"]
+    assert headers.__all__ == ["NO_SIGNAL", "Quota", "ServiceSignal", "read_signal", "reset_seconds", "retry_after_s"]

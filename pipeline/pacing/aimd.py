@@ -9,10 +9,10 @@ the real capacity used, measured before this controller existed.
 So each worker, on its own, moves a *factor* of its planned ceiling:
 
 * a throttle (429/503) on a fresh item multiplies it by ``DECREASE``;
-* each successful call adds ``INCREASE``, never above 1 (the ceiling);
-* a throttle that proves to be about one item (the same item throttled again
-  on its retry while other calls went through) returns the decrease it caused,
-  so a handful of hot keys do not slow the worker down.
+* each successful call adds ``INCREASE``, never above 1 (the ceiling).
+
+Which throttles count is the throttle policy's question
+(``pipeline.policies.throttle``): one about a single item never reaches here.
 
 Independent workers converge on a shared limit like TCP flows do: whoever
 is refused slows down, everyone creeps back up, and no worker needs to know
@@ -46,12 +46,11 @@ MIN_FACTOR = 0.02
 class Aimd:
     """A worker's pace as a fraction of its planned ceiling. Pure: no clock, no randomness."""
 
-    __slots__ = ("factor", "throttles", "returned")
+    __slots__ = ("factor", "throttles")
 
     def __init__(self, factor: float = 1.0):
         self.factor = _clamp(factor)
         self.throttles = 0
-        self.returned = 0
 
     def on_success(self) -> None:
         self.factor = _clamp(self.factor + INCREASE)
@@ -60,13 +59,8 @@ class Aimd:
         self.throttles += 1
         self.factor = _clamp(self.factor * DECREASE)
 
-    def on_hot_item(self) -> None:
-        """The throttle was about one item, not the pace: give back the decrease it caused."""
-        self.returned += 1
-        self.factor = _clamp(self.factor / DECREASE)
-
     def __repr__(self) -> str:
-        return f"<Aimd factor {self.factor:.3f} after {self.throttles} throttles ({self.returned} returned)>"
+        return f"<Aimd factor {self.factor:.3f} after {self.throttles} throttles>"
 
 
 def _clamp(factor: float) -> float:

@@ -39,16 +39,28 @@ Formats read
                                the lowest allowed rate wins, as the draft asks servers
                                to do in -07
 
+    ``X-RateLimit-{Limit,Remaining,Reset}``
+                               GitHub (reset in epoch seconds), Discord (epoch seconds
+                               with a fraction, and ``X-RateLimit-Reset-After``, a delay,
+                               which wins), and services that send a delay there; an
+                               epoch and a delay are told apart by magnitude
+                               (:func:`reset_seconds`). Twitter/X spells it
+                               ``x-rate-limit-*``
+    ``X-Shopify-Shop-Api-Call-Limit: 39/40``
+                               Shopify's leaky bucket: used/size. It drains at
+                               ``SHOPIFY_LEAK_PER_S`` (the standard plan's 2 calls/s),
+                               so the rate it allows is that drain, with the free
+                               slots as the only burst
+
 Where one response carries several dialects, the first of OpenAI, Anthropic,
-IETF that says anything about a quota gives all of that quota, so limit,
+IETF, the X-RateLimit family and Shopify that says anything about a quota gives all of that quota, so limit,
 remaining and reset never mix two vendors' windows. An absent or malformed
 header (a word, a negative number such as Azure's ``-1``, an infinite one, a
 date that does not parse) reads as ``None``: headers are hints, and a bad hint
 must never fail a call.
 
-``pipeline.outcomes.service_signal`` takes a signal off what a call returned
-or raised (it lives there, beside ``Throttled``, because ``outcomes`` reads
-Retry-After through this module).
+``pipeline.refusals`` reads the same headers when a call is refused, so the
+throttle loop and the refusal's verdict never disagree about a quota.
 
 References: RFC 9110 (HTTP Semantics) 10.2.3 and 5.6.7; RFC 3339; RFC 8941
 (Structured Field Values); draft-ietf-httpapi-ratelimit-headers-06, -07 and
@@ -65,7 +77,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
-__all__ = ["NO_SIGNAL", "Quota", "ServiceSignal", "read_signal", "retry_after_s"]
+__all__ = ["NO_SIGNAL", "Quota", "ServiceSignal", "read_signal", "reset_seconds", "retry_after_s"]
+
+EPOCH_AFTER = 1_000_000_000.0
+"""A reset above this is Unix time (after 2001-09-09), below it a delay in seconds (under 31 years):
+no service asks for a wait of 31 years, and no quota resets before 2001."""
+
+SHOPIFY_LEAK_PER_S = 2.0
+"""The REST Admin API bucket drains 2 calls/s on standard plans (4 on Plus): assume the slower."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +160,14 @@ def read_signal(headers: Mapping[str, str], now: float | None = None) -> Service
     """
     lowered = {name.lower(): value for name, value in headers.items()}
     at = time.time() if now is None else now
-    requests = _first_known(_openai(lowered, "requests"), _anthropic(lowered, "requests", at), _ietf(lowered))
+    requests = _first_known(
+        _openai(lowered, "requests"),
+        _anthropic(lowered, "requests", at),
+        _ietf(lowered),
+        _x_ratelimit(lowered, "x-ratelimit-", at),
+        _x_ratelimit(lowered, "x-rate-limit-", at),
+        _shopify(lowered),
+    )
     tokens = _first_known(_openai(lowered, "tokens"), _anthropic_tokens(lowered, at))
     return ServiceSignal(retry_after_s(lowered, at), requests, tokens)
 
@@ -192,6 +218,34 @@ def _anthropic_tokens(headers: dict[str, str], now: float) -> Quota:
         return combined
     parts = [q for q in (_anthropic(headers, u, now) for u in ("input-tokens", "output-tokens")) if q.known]
     return min(parts, key=_share_left, default=Quota())
+
+
+def _x_ratelimit(headers: dict[str, str], prefix: str, now: float) -> Quota:
+    """GitHub, Discord, Twitter/X and many others: ``limit``, ``remaining``, ``reset`` (epoch or delay)."""
+    reset = _number(headers.get(prefix + "reset-after"))  # Discord's delay, more precise than its epoch
+    return Quota(
+        limit=_number(headers.get(prefix + "limit")),
+        remaining=_number(headers.get(prefix + "remaining")),
+        reset_s=reset if reset is not None else reset_seconds(headers.get(prefix + "reset"), now),
+    )
+
+
+def _shopify(headers: dict[str, str]) -> Quota:
+    """``used/size``: the free slots are the remaining budget, refilled at the bucket's drain rate."""
+    used, _, size = (headers.get("x-shopify-shop-api-call-limit") or "").partition("/")
+    used_n, size_n = _number(used), _number(size)
+    if used_n is None or not size_n:
+        return Quota()
+    free = max(0.0, size_n - used_n)
+    return Quota(limit=size_n, remaining=free, reset_s=max(free, 1.0) / SHOPIFY_LEAK_PER_S)
+
+
+def reset_seconds(value: str | None, now: float) -> float | None:
+    """A reset written as epoch seconds or as a delay, as seconds from ``now`` (0 once it has passed)."""
+    number = _number(value)
+    if number is None:
+        return None
+    return max(0.0, number - now) if number >= EPOCH_AFTER else number
 
 
 def _share_left(quota: Quota) -> float:

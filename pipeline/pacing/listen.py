@@ -13,8 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pipeline.outcomes import service_signal
-from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal
+from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal
 
 _heard: dict[int, ServiceSignal] = {}
 """The latest signal per calling thread. A plain dict, not a ``threading.local``: this module travels
@@ -37,6 +36,6 @@ def take_heard() -> ServiceSignal | None:
 
 
 def _hear(response: Any) -> None:
-    signal = service_signal(response)  # the one reading of a response's limits, as for a refused call
+    signal = read_signal(response.headers)  # the same reading the refusal's verdict carries
     if signal != NO_SIGNAL:
         _heard[threading.get_ident()] = signal

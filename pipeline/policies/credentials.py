@@ -1,0 +1,50 @@
+"""The credential guard: stop a chunk whose every call was refused for its key.
+
+A wrong API key turns every call of a million-item backfill into a 401. The
+guard stops the chunk after ``threshold`` refusals, but only while *every*
+call so far was refused: one odd 403 among successes is about that item, not
+the key. Only refusals the classifier read as bad credentials count
+(``pipeline.refusals``), so GitHub's 403 for a spent quota never stops a run.
+
+Until the service has accepted one call of this worker, the guard also caps
+the calls in flight at the refusals it still allows, so a worker never has
+more refused calls out than the check would have stopped at.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CredentialGuard"]
+
+
+class CredentialGuard:
+    """Counts a worker's outcomes until the first success. Pure: no clock, no I/O.
+
+    >>> guard = CredentialGuard(threshold=2)
+    >>> guard.on_outcome(refused=True), guard.on_outcome(refused=True)
+    (False, True)
+    """
+
+    __slots__ = ("threshold", "proven", "_calls", "_refused")
+
+    def __init__(self, threshold: int, proven: bool = False):
+        self.threshold = threshold
+        self.proven = proven  # a worker whose earlier chunk of this run got through
+        self._calls = 0
+        self._refused = 0
+
+    def on_outcome(self, refused: bool, ok: bool = False) -> bool:
+        """Count one recorded outcome; True when the chunk must stop: the credentials are wrong."""
+        self._calls += 1
+        self._refused += refused
+        self.proven = self.proven or ok
+        return not self.proven and self._refused == self._calls >= self.threshold
+
+    def slots(self, wanted: int) -> int:
+        """Calls that may be in flight: never more than the refusals the check still allows, until proven."""
+        if self.proven:
+            return wanted
+        return max(1, min(wanted, self.threshold - self._refused))
+
+    def __repr__(self) -> str:
+        state = "proven" if self.proven else f"{self._refused} of {self._calls} refused"
+        return f"<CredentialGuard {state}, stops at {self.threshold}>"

@@ -1,0 +1,162 @@
+"""The throttle policy: what one worker does when the service says "slow down".
+
+A throttle raises three questions, and a wrong answer to any of them costs
+either the service's patience or the run's speed:
+
+* **Whose fault is it?** A refusal about the service (a spent quota, a global
+  limit, throttles coming in a row) means this worker is too fast: its pace is
+  cut (``Aimd``) and it waits. A refusal about one item (a locked record, a hot
+  key) while other calls pass must not slow the worker: 0.5% of such items cut
+  a run to 0.78 of its target when each one cut the pace. Where the service
+  says which (``Failure.scope``, from ``pipeline.refusals``) that decides;
+  otherwise the evidence does: a throttle after ``ISOLATED_AFTER`` calls went
+  through since the last one is about its item.
+* **When does the item come back?** After the wait the service asked for
+  (capped by ``Pacing.max_retry_after_s``), set aside so the worker goes on with
+  other items; after ``Pacing.max_throttle_retries`` retries its row is written
+  failed-retryable, for the retry round.
+* **Does the worker wait too?** Yes when the service said its budget is spent
+  (a call now would be refused as well), and when two throttles come in a row.
+
+At the end of a chunk, an item whose wait is longer than
+``END_OF_CHUNK_WAIT_S`` goes to the retry round rather than keeping the
+worker (and, for the last chunk, the attempt) idle until it is due.
+
+    policy = ThrottlePolicy(Pacing(max_throttle_retries=3))
+    step = policy.on_throttle(item, tries=1, failure=failure, now=clock())
+    # step.defer_until: when the item may be tried again (None: write its row now)
+    # step.hold_s: how long the worker itself waits before its next call
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.outcomes import Failure
+from pipeline.pacing.aimd import Aimd
+from pipeline.pacing.schedule import Pacing
+from pipeline.refusals import SERVICE, Meaning
+
+__all__ = ["DEFAULT_WAIT_S", "END_OF_CHUNK_WAIT_S", "ISOLATED_AFTER", "Step", "ThrottlePolicy"]
+
+ISOLATED_AFTER = 5
+"""Calls (first tries) that went through since the worker's last throttle for a new throttle, of a scope the
+service did not say, to count as about its item. At a real limit below the pace, throttles come a few calls
+apart; hot keys among many items come hundreds apart. Five lets a 2% hot-key rate pass without a cut."""
+
+END_OF_CHUNK_WAIT_S = 0.5
+"""At a chunk's end, a throttled item due later than this goes to the retry round. Shorter waits are cheaper
+to sit out than a retry round's start-up; longer ones would idle the worker (and the attempt's end) for an
+item the service singled out."""
+
+DEFAULT_WAIT_S = 1.0
+"""The wait after a throttle that named none (RFC 6585 leaves Retry-After optional): one common window."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do after one throttle: ``defer_until`` (monotonic time; None: record the row now) and ``hold_s``."""
+
+    defer_until: float | None
+    hold_s: float = 0.0
+
+
+class ThrottlePolicy:
+    """One worker's throttle handling: the AIMD factor, the evidence, and the items set aside.
+
+    Pure: it is handed ``now`` and reads no clock. Items are opaque to it.
+    """
+
+    __slots__ = ("_pacing", "aimd", "_clean_calls", "_in_a_row", "_quiet_until", "_deferred", "_order")
+
+    def __init__(self, pacing: Pacing, factor: float = 1.0):
+        self._pacing = pacing
+        self.aimd = Aimd(factor)
+        self._clean_calls = ISOLATED_AFTER  # a fresh worker has no evidence against its pace
+        self._in_a_row = False
+        self._quiet_until = -1.0  # one cut per refusal episode: not again until the wait it asked is over
+        self._deferred: list[tuple[float, int, Any]] = []  # (due at, tie-breaker, item): a heap
+        self._order = itertools.count()
+
+    @property
+    def factor(self) -> float:
+        """The fraction of its planned ceiling the worker runs at now."""
+        return self.aimd.factor
+
+    def on_success(self, first_try: bool) -> bool:
+        """A call went through: evidence that the pace is fine, and a probe back up. True if the factor moved."""
+        self._in_a_row = False
+        self._clean_calls += first_try
+        if self.aimd.factor < 1.0:
+            self.aimd.on_success()
+            return True
+        return False
+
+    def on_other_failure(self) -> None:
+        """A failure that is not a throttle breaks a run of throttles."""
+        self._in_a_row = False
+
+    def on_throttle(self, item: Any, tries: int, failure: Failure, now: float) -> Step:
+        """Decide for one throttled call of ``item`` (its ``tries``-th)."""
+        in_a_row, self._in_a_row = self._in_a_row, True
+        wait = min(
+            DEFAULT_WAIT_S if failure.retry_after is None else failure.retry_after, self._pacing.max_retry_after_s
+        )
+        about_service = self._about_service(failure, tries)
+        if tries == 1:
+            self._clean_calls = 0
+        if about_service and now >= self._quiet_until:
+            self.aimd.on_throttle()
+            self._quiet_until = now + wait
+        hold = wait if self._service_said_wait(failure) or (failure.scope is None and in_a_row) else 0.0
+        if tries > self._pacing.max_throttle_retries:
+            return Step(None, hold)
+        heapq.heappush(self._deferred, (now + wait, next(self._order), item))
+        return Step(now + wait, hold)
+
+    @staticmethod
+    def _service_said_wait(failure: Failure) -> bool:
+        """The service said its whole budget is spent: a call before the wait is over would be refused too."""
+        return failure.scope == SERVICE or failure.meaning is Meaning.QUOTA_SPENT
+
+    def _about_service(self, failure: Failure, tries: int) -> bool:
+        if failure.scope is not None:
+            return failure.scope == SERVICE
+        if failure.meaning is Meaning.QUOTA_SPENT:
+            return True
+        return tries == 1 and self._clean_calls < ISOLATED_AFTER
+
+    # -- the items set aside -------------------------------------------------------------------
+
+    def due(self, now: float) -> Any | None:
+        """The item set aside longest whose wait is over, or None."""
+        if self._deferred and self._deferred[0][0] <= now:
+            return heapq.heappop(self._deferred)[2]
+        return None
+
+    def next_due(self) -> float | None:
+        """When the first item set aside may be tried again (None: nothing is set aside)."""
+        return self._deferred[0][0] if self._deferred else None
+
+    def leave_to_retry_round(self, now: float) -> list[Any]:
+        """At a chunk's end: take back the items not due within ``END_OF_CHUNK_WAIT_S`` (their rows go to the round)."""
+        keep = [entry for entry in self._deferred if entry[0] <= now + END_OF_CHUNK_WAIT_S]
+        left = [entry[2] for entry in self._deferred if entry[0] > now + END_OF_CHUNK_WAIT_S]
+        heapq.heapify(keep)
+        self._deferred = keep
+        return left
+
+    def take_all(self) -> list[Any]:
+        """Every item still set aside (the chunk is being given up)."""
+        items = [entry[2] for entry in self._deferred]
+        self._deferred.clear()
+        return items
+
+    def __len__(self) -> int:
+        return len(self._deferred)
+
+    def __repr__(self) -> str:
+        return f"<ThrottlePolicy factor {self.aimd.factor:.3f}, {len(self._deferred)} set aside>"

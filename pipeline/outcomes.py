@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.refusals import Answer, Convention, Meaning, Verdict, read
+from pipeline.refusals import Answer, Convention, Meaning, Verdict, read, said
 
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
 _MAX_ERROR_CHARS = 500
@@ -66,6 +66,28 @@ class CallAgain(Exception):
     def __init__(self, message: str = "call again", after_s: float = 0.0):
         super().__init__(message)
         self.after_s = after_s
+
+
+class Refused(Exception):
+    """The service answered, and the refusal table reads the answer as a "no" (a 4xx/5xx, or Slack's 200
+    ``"ok": false``). ``response`` is the answer, for ``classify``."""
+
+    def __init__(self, response: Any):
+        super().__init__(
+            f"HTTP {response.status_code} from {response.request.url}: {said(response_answer(response, 0.0))}"
+        )
+        self.response = response
+
+
+def raise_for_refusal(response: Any, conventions: tuple[Convention, ...] = ()) -> None:
+    """``raise_for_status`` that also knows the services whose refusals come with a 2xx status.
+
+    Raises ``Refused`` unless the table (and ``conventions``, the work's own
+    rows) reads the response as what was asked for.
+    """
+    answer = response_answer(response, time.time())
+    if read(answer, conventions).meaning is not Meaning.OK:
+        raise Refused(response)
 
 
 @dataclass(frozen=True)
@@ -135,8 +157,10 @@ def classify(error: BaseException, conventions: tuple[Convention, ...] = (), now
 
 
 def _status_word(error: BaseException, answer: Answer) -> str:
-    if answer.http_status is not None:
+    if answer.http_status is not None and answer.http_status >= 400:
         return f"http_{answer.http_status}"
+    if answer.http_status is not None:  # a refusal in a success's clothes (Slack's 200 "ok": false)
+        return "refused"
     return "db_unavailable" if type(error).__module__.startswith("psycopg") else "exception"
 
 
@@ -144,13 +168,21 @@ def _from_verdict(verdict: Verdict, answer: Answer, text: str, status: str) -> F
     return Failure(
         _STATUS_OF_MEANING.get(verdict.meaning, status),
         verdict.retryable,
-        f"{text} [{verdict.convention}]" if verdict.convention != "unrecognised" else text,
+        _with_words(text, verdict),
         answer.http_status,
         verdict.wait_s,
         verdict.meaning,
         verdict.scope,
         verdict.convention,
     )
+
+
+def _with_words(text: str, verdict: Verdict) -> str:
+    """The error as raised, plus the convention that read it and the service's own words when not in it yet."""
+    if verdict.convention == "unrecognised":
+        return text
+    words = f": {verdict.said}" if verdict.said and verdict.said not in text else ""
+    return f"{text} [{verdict.convention}{words}]"
 
 
 def answer_of(error: BaseException, now: float) -> Answer | None:

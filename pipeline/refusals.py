@@ -41,6 +41,7 @@ __all__ = ["CONVENTIONS", "Answer", "Convention", "Meaning", "Verdict", "read"]
 class Meaning(str, Enum):
     """What a refusal asks of a backfill (DESIGN.md, "Refusals")."""
 
+    OK = "ok"  # the answer is what was asked for
     THROTTLED = "throttled"  # slow down and try again after the wait (the item or the service: see scope)
     QUOTA_SPENT = "quota_spent"  # a budget is spent until its reset: the whole service waits
     OUT_OF_CREDIT = "out_of_credit"  # the account cannot pay: stop the run, keep the items for a rerun
@@ -113,7 +114,7 @@ class Verdict:
     @property
     def retryable(self) -> bool:
         """A later try (this round or the next) may succeed."""
-        return self.meaning not in (Meaning.PERMANENT, Meaning.BAD_CREDENTIALS)
+        return self.meaning not in (Meaning.OK, Meaning.PERMANENT, Meaning.BAD_CREDENTIALS)
 
 
 Matcher = Callable[[Answer], bool]
@@ -281,6 +282,10 @@ def _scope_from_quotas(answer: Answer) -> str | None:
     return SERVICE if answer.headers and read_signal(answer.headers, answer.now).exhausted else None
 
 
+def _has_prefix(answer: Answer, prefix: str) -> bool:
+    return any(name.startswith(prefix) for name in answer.headers)
+
+
 def _rate_limit_words(answer: Answer) -> bool:
     return "rate limit" in said(answer).lower()
 
@@ -334,6 +339,17 @@ CONVENTIONS: tuple[Convention, ...] = (
         lambda a: _error_code(a) == "billing_error" or "credit balance is too low" in said(a).lower(),
         source="https://docs.anthropic.com/en/api/errors",
     ),
+    # -- Discord's 429 carries X-RateLimit-* too: its own row first, for its scope ---------------
+    Convention(
+        "discord-rate-limit",
+        Meaning.THROTTLED,
+        lambda a: (
+            a.http_status == 429 and (a.field("retry_after") is not None or "x-ratelimit-reset-after" in a.headers)
+        ),
+        _discord_wait,
+        scope_of=_discord_scope,
+        source="https://discord.com/developers/docs/topics/rate-limits",
+    ),
     # -- a quota spent until its reset ---------------------------------------------------------
     Convention(
         "github-quota",
@@ -352,14 +368,6 @@ CONVENTIONS: tuple[Convention, ...] = (
         source="https://developer.x.com/en/docs/x-api/rate-limits",
     ),
     Convention(
-        "github-secondary-limit",
-        Meaning.THROTTLED,
-        lambda a: a.http_status == 403 and ("retry-after" in a.headers or _rate_limit_words(a)),
-        _retry_after,
-        SERVICE,
-        source="https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api",
-    ),
-    Convention(
         "google-quota-exceeded",
         Meaning.QUOTA_SPENT,
         lambda a: a.http_status == 403 and bool(_google_reasons(a) & {"quotaExceeded", "dailyLimitExceeded"}),
@@ -375,6 +383,14 @@ CONVENTIONS: tuple[Convention, ...] = (
         SERVICE,
         source="https://developers.google.com/drive/api/guides/handle-errors",
     ),
+    Convention(
+        "github-secondary-limit",
+        Meaning.THROTTLED,
+        lambda a: a.http_status == 403 and ("retry-after" in a.headers or _rate_limit_words(a)),
+        _retry_after,
+        SERVICE,
+        source="https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api",
+    ),
     # -- slow down ------------------------------------------------------------------------------
     Convention(
         "google-resource-exhausted",
@@ -383,16 +399,6 @@ CONVENTIONS: tuple[Convention, ...] = (
         _google_retry_delay,
         SERVICE,
         source="https://cloud.google.com/apis/design/errors",
-    ),
-    Convention(
-        "discord-rate-limit",
-        Meaning.THROTTLED,
-        lambda a: (
-            a.http_status == 429 and (a.field("retry_after") is not None or "x-ratelimit-reset-after" in a.headers)
-        ),
-        _discord_wait,
-        scope_of=_discord_scope,
-        source="https://discord.com/developers/docs/topics/rate-limits",
     ),
     Convention(
         "shopify-leaky-bucket",
@@ -413,7 +419,7 @@ CONVENTIONS: tuple[Convention, ...] = (
     Convention(
         "stripe-rate-limit",
         Meaning.THROTTLED,
-        lambda a: a.http_status == 429 and _error_code(a) in ("rate_limit", "rate_limit_error"),
+        lambda a: a.http_status == 429 and _error_code(a) == "rate_limit",
         _retry_after,
         SERVICE,
         source="https://docs.stripe.com/rate-limits",
@@ -443,12 +449,41 @@ CONVENTIONS: tuple[Convention, ...] = (
         source="https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html",
     ),
     Convention(
+        "openai-rate-limit",
+        Meaning.THROTTLED,
+        lambda a: (
+            a.http_status == 429
+            and (_error_code(a) == "rate_limit_exceeded" or _has_prefix(a, "x-ratelimit-remaining-"))
+        ),
+        _retry_after_or_reset,
+        scope_of=_scope_from_quotas,
+        source="https://platform.openai.com/docs/guides/rate-limits",
+    ),
+    Convention(
+        "anthropic-rate-limit",
+        Meaning.THROTTLED,
+        lambda a: (
+            a.http_status == 429 and (_error_code(a) == "rate_limit_error" or _has_prefix(a, "anthropic-ratelimit-"))
+        ),
+        _retry_after_or_reset,
+        scope_of=_scope_from_quotas,
+        source="https://docs.anthropic.com/en/api/rate-limits",
+    ),
+    Convention(
+        "ietf-ratelimit",
+        Meaning.THROTTLED,
+        lambda a: a.http_status in (429, 503) and ("ratelimit" in a.headers or "ratelimit-remaining" in a.headers),
+        _retry_after_or_reset,
+        scope_of=_scope_from_quotas,
+        source="https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/",
+    ),
+    Convention(
         "retry-after",
         Meaning.THROTTLED,
         _status(429, 503),
         _retry_after_or_reset,
         scope_of=_scope_from_quotas,
-        source="https://www.rfc-editor.org/rfc/rfc9110#field.retry-after (and OpenAI, Anthropic, IETF RateLimit)",
+        source="https://www.rfc-editor.org/rfc/rfc9110#field.retry-after",
     ),
     # -- bad credentials -----------------------------------------------------------------------
     Convention(
@@ -503,6 +538,12 @@ CONVENTIONS: tuple[Convention, ...] = (
         Meaning.RETRYABLE,
         _sql("08006", "08001", "08003", "08004", "57P01", "40001", "40P01"),
         source="https://www.postgresql.org/docs/current/errcodes-appendix.html",
+    ),
+    Convention(
+        "http-success",
+        Meaning.OK,
+        lambda a: a.http_status is not None and a.http_status < 400,
+        source="https://www.rfc-editor.org/rfc/rfc9110#name-successful-2xx",
     ),
     Convention(
         "http-retryable",

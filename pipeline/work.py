@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from pipeline.refusals import Convention
+
 
 class Item:
     """One unit the service sees. ``payload`` is JSON text when the item carries data.
@@ -61,6 +63,8 @@ class FunctionWork:
     ``cost`` estimates the tokens an item spends before the call; ``usage``
     reads what it really spent from the payload, so pacing can reconcile.
     ``secrets`` are values that must never be stored or logged.
+    ``conventions`` are rows of the refusal table the service needs beyond the
+    built-in ones; they are asked first.
     """
 
     connect_fn: Callable[[], Any]
@@ -68,6 +72,7 @@ class FunctionWork:
     cost_fn: Callable[[Item], float] | None = None
     usage_fn: Callable[[Any], float | None] | None = None
     secret_values: tuple[str, ...] = field(default=(), repr=False)
+    conventions: tuple[Convention, ...] = ()  # the service's own ways of saying no (``pipeline.refusals``)
 
     def connect(self) -> Any:
         return self.connect_fn()

@@ -3,9 +3,12 @@
 ``HttpWork`` calls ``url_template`` for every item (GET, or POST with a JSON
 body template) over one httpx client per chunk, and stores the JSON response
 as the item's payload. It never sleeps to pace itself: the engine spaces the
-calls from the declared limit, and ``raise_for_status`` lets the engine
-classify 429/503 (wait Retry-After), 5xx and timeouts (retryable) and other
-4xx (permanent); a body that is not JSON is a permanent ``bad_payload``.
+calls from the declared limit, and ``raise_for_refusal`` hands every "no" to
+the engine's refusal table (``pipeline.refusals``: a 429 or GitHub's quota
+403 waits, an empty account stops the run, 5xx and timeouts are retryable,
+other 4xx permanent, and Slack's 200 ``"ok": false`` is read as what it says);
+a body that is not JSON is a permanent ``bad_payload``. ``conventions`` adds
+a service's own dialect as rows asked before the built-in ones.
 
 ``HttpBatchWork`` is for services limited by batches in flight (vector
 database upserts, bulk APIs). The item *is* the batch: ``Batches`` turns any
@@ -27,7 +30,8 @@ from urllib.parse import quote
 import pyarrow as pa
 
 from pipeline.items import ITEM_SCHEMA, ItemSource, normalize
-from pipeline.outcomes import Permanent
+from pipeline.outcomes import Permanent, raise_for_refusal
+from pipeline.refusals import Convention
 from pipeline.spec import Service
 from pipeline.work import Item
 from pipeline.workloads.common import (
@@ -52,6 +56,7 @@ class HttpClientConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold an API key
     token: str = field(default="", repr=False)
     timeout_s: float = 10.0
+    conventions: tuple[Convention, ...] = ()  # the service's own ways of saying no, asked first
 
     def _check_client(self) -> None:
         owner = type(self).__name__
@@ -147,7 +152,7 @@ class HttpWork(HttpClientConfig):
         if self.json_body_template is not None:
             body = _fill_body(self.json_body_template, {**fields, "base": base})
         response = client.request(self.method, url, json=body)
-        response.raise_for_status()
+        raise_for_refusal(response, self.conventions)
         return response.json() if response.content else None
 
 
@@ -183,7 +188,7 @@ class HttpBatchWork(HttpClientConfig):
     def call(self, client: Any, item: Item) -> Any:
         records = _batch_records(item)
         response = client.post(self.url, json=records)
-        response.raise_for_status()
+        raise_for_refusal(response, self.conventions)
         return {"count": len(records), "response": response.json() if response.content else None}
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.outcomes import Permanent
+from pipeline.outcomes import Permanent, raise_for_refusal
 from pipeline.spec import Service
 from pipeline.tokens import approximate_tokens
 from pipeline.tokens import prompt_tokens as count_prompt_tokens
@@ -90,7 +90,7 @@ class LlmWork(HttpClientConfig):
         if self.temperature is not None:
             body["temperature"] = self.temperature
         response = client.post(self.base_url.rstrip("/") + CHAT_PATH, json=body)
-        response.raise_for_status()  # 429/503 wait out retry-after-ms / Retry-After (see outcomes)
+        raise_for_refusal(response, self.conventions)  # a 429 waits; insufficient_quota stops the run
         return _answer(response.json())
 
     def messages(self, item: Item) -> list[dict[str, Any]]:

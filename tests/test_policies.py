@@ -1,0 +1,142 @@
+"""The chunk loop's policies, one outcome at a time, on simulated time (no clock, no service)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.outcomes import Failure
+from pipeline.pacing.aimd import DECREASE
+from pipeline.pacing.schedule import Pacing
+from pipeline.policies.credentials import CredentialGuard
+from pipeline.policies.throttle import DEFAULT_WAIT_S, END_OF_CHUNK_WAIT_S, ISOLATED_AFTER, ThrottlePolicy
+from pipeline.refusals import ITEM, SERVICE, Meaning
+
+PACING = Pacing(max_throttle_retries=2, max_retry_after_s=10.0)
+
+
+def throttle(wait: float | None = 1.0, scope: str | None = None, meaning: Meaning = Meaning.THROTTLED) -> Failure:
+    return Failure("http_429", True, "throttled", 429, wait, meaning, scope)
+
+
+# -- whose fault is a throttle -----------------------------------------------------------------
+
+
+def test_a_throttle_among_successes_is_about_its_item_the_pace_stays():
+    policy = ThrottlePolicy(PACING)
+    for _ in range(ISOLATED_AFTER):
+        policy.on_success(first_try=True)
+    step = policy.on_throttle("hot", 1, throttle(), now=10.0)
+    assert policy.factor == 1.0
+    assert (step.defer_until, step.hold_s) == (11.0, 0.0), "set aside for its Retry-After; the worker goes on"
+
+
+def test_throttles_a_few_calls_apart_are_about_the_pace():
+    policy = ThrottlePolicy(PACING)
+    policy.on_throttle("a", 1, throttle(), now=0.0)  # a fresh worker: nothing says its pace is wrong yet
+    assert policy.factor == 1.0
+    policy.on_success(first_try=True)
+    policy.on_throttle("b", 1, throttle(), now=0.5)
+    assert policy.factor == pytest.approx(DECREASE), "a second throttle two calls later: slow down"
+
+
+def test_one_cut_per_refusal_episode():
+    policy = ThrottlePolicy(PACING)
+    for n in range(5):  # the calls in flight when the service started refusing all come back refused
+        policy.on_throttle(f"item{n}", 1, throttle(wait=2.0, scope=SERVICE), now=0.1 * n)
+    assert policy.factor == pytest.approx(DECREASE), "five refusals of one episode cut once, not five times"
+    policy.on_throttle("later", 1, throttle(wait=2.0, scope=SERVICE), now=2.5)
+    assert policy.factor == pytest.approx(DECREASE**2), "after the wait it asked for, a new refusal cuts again"
+
+
+def test_the_service_saying_its_budget_is_spent_holds_the_worker():
+    policy = ThrottlePolicy(PACING)
+    step = policy.on_throttle("a", 1, throttle(wait=30.0, meaning=Meaning.QUOTA_SPENT, scope=SERVICE), now=0.0)
+    assert step.hold_s == 10.0, "the whole service waits, capped by max_retry_after_s"
+    assert policy.factor == pytest.approx(DECREASE)
+
+
+def test_a_refusal_the_service_says_is_about_one_item_never_slows_or_holds():
+    policy = ThrottlePolicy(PACING)
+    policy.on_throttle("locked", 1, throttle(scope=ITEM), now=0.0)
+    step = policy.on_throttle("locked-too", 1, throttle(scope=ITEM), now=0.1)
+    assert (policy.factor, step.hold_s) == (1.0, 0.0), "two in a row, but Stripe said each was about its object"
+
+
+def test_two_throttles_in_a_row_hold_the_worker():
+    policy = ThrottlePolicy(PACING)
+    assert policy.on_throttle("a", 1, throttle(wait=2.0), now=0.0).hold_s == 0.0
+    assert policy.on_throttle("b", 1, throttle(wait=2.0), now=0.1).hold_s == 2.0
+    policy.on_success(first_try=True)
+    assert policy.on_throttle("c", 1, throttle(wait=2.0), now=3.0).hold_s == 0.0, "a success broke the run"
+
+
+def test_retries_of_an_item_never_count_against_the_pace():
+    policy = ThrottlePolicy(PACING)
+    for _ in range(ISOLATED_AFTER):
+        policy.on_success(first_try=True)
+    policy.on_throttle("hot", 1, throttle(), now=0.0)
+    policy.on_success(first_try=True)
+    policy.on_throttle("hot", 2, throttle(), now=1.0)
+    assert policy.factor == 1.0
+
+
+def test_a_throttle_without_a_wait_waits_the_default_and_tries_run_out():
+    policy = ThrottlePolicy(PACING)
+    assert policy.on_throttle("a", 1, throttle(wait=None), now=0.0).defer_until == DEFAULT_WAIT_S
+    assert policy.on_throttle("a", 3, throttle(), now=5.0).defer_until is None, "3rd try > 2 retries: record it"
+
+
+def test_the_pace_probes_back_up_after_a_cut():
+    policy = ThrottlePolicy(PACING, factor=0.5)
+    assert policy.on_success(first_try=True) is True and policy.factor > 0.5
+    assert ThrottlePolicy(PACING).on_success(first_try=True) is False, "at the ceiling nothing moves"
+
+
+# -- the items set aside -----------------------------------------------------------------------
+
+
+def test_items_come_back_in_the_order_they_are_due():
+    policy = ThrottlePolicy(PACING)
+    policy.on_throttle("late", 1, throttle(wait=3.0, scope=ITEM), now=0.0)
+    policy.on_throttle("early", 1, throttle(wait=1.0, scope=ITEM), now=0.0)
+    assert policy.next_due() == 1.0 and policy.due(0.5) is None
+    assert policy.due(1.0) == "early" and policy.due(2.0) is None and policy.due(3.0) == "late"
+    assert not policy and policy.next_due() is None
+
+
+def test_at_a_chunks_end_long_waits_go_to_the_retry_round_short_ones_are_sat_out():
+    policy = ThrottlePolicy(PACING)
+    policy.on_throttle("soon", 1, throttle(wait=END_OF_CHUNK_WAIT_S / 2, scope=ITEM), now=0.0)
+    policy.on_throttle("later", 1, throttle(wait=5.0, scope=ITEM), now=0.0)
+    assert policy.leave_to_retry_round(now=0.0) == ["later"]
+    assert len(policy) == 1 and policy.due(END_OF_CHUNK_WAIT_S) == "soon"
+
+
+# -- the credential guard ----------------------------------------------------------------------
+
+
+def test_the_guard_stops_after_threshold_refusals_when_every_call_was_refused():
+    guard = CredentialGuard(threshold=3)
+    assert [guard.on_outcome(refused=True) for _ in range(3)] == [False, False, True]
+
+
+def test_one_odd_refusal_among_successes_is_not_bad_credentials():
+    guard = CredentialGuard(threshold=2)
+    guard.on_outcome(refused=False, ok=True)
+    assert not any(guard.on_outcome(refused=True) for _ in range(10))
+
+
+def test_a_failure_of_another_kind_means_not_every_call_was_refused():
+    guard = CredentialGuard(threshold=2)
+    guard.on_outcome(refused=False)  # a 500: not a success, but not a refused key either
+    assert not any(guard.on_outcome(refused=True) for _ in range(5))
+
+
+def test_until_proven_the_guard_caps_calls_in_flight_at_the_refusals_it_still_allows():
+    guard = CredentialGuard(threshold=5)
+    assert guard.slots(30) == 5
+    guard.on_outcome(refused=True)
+    assert guard.slots(30) == 4
+    guard.on_outcome(refused=False, ok=True)
+    assert guard.slots(30) == 30
+    assert CredentialGuard(threshold=5, proven=True).slots(30) == 30, "a worker proven by an earlier chunk"

@@ -9,7 +9,9 @@ state after the round, and the loop converges: every round either heals items
 or moves them one attempt closer to ``dead`` at ``max_attempts``.
 
 A round is requested once per failed_items materialization (the run key),
-and never while a run of that round is still queued or running; a crashed
+never while a run of that round is still queued or running, and never after
+a round failed (an account out of credit stops a run; launching the next
+round into it would only repeat the refusal); a crashed
 round is resumed by re-running its partition (its chunk plan is reused). The
 sensor waits a cool-down of at least the longest Retry-After the service sent.
 The retry run reuses the resource config (store root, limit, executor) of the
@@ -94,6 +96,13 @@ def retry_sensor(
         if attempt >= spec.max_attempts:
             return SkipReason(f"{spec.name}: {spec.max_attempts} attempts used; remaining failures are final.")
         partition = round_key(attempt)
+        failed_round = _last_run_failed(context.instance, job_name)
+        if failed_round:
+            return SkipReason(
+                f"{spec.name}: the last retry run ({failed_round}) failed, for example because the service's "
+                "account ran out of credit. Rounds are not launched into a failing service: fix the cause, "
+                "then re-execute that run; the sensor takes over again once a round succeeds."
+            )
         if _round_in_flight(context.instance, job_name, partition):
             return SkipReason(f"{spec.name}: a run of {partition} is queued or running.")
         wait = max(cooldown_s, _value(metadata, MAX_RETRY_AFTER))
@@ -114,6 +123,14 @@ def retry_sensor(
 def _round_in_flight(instance: DagsterInstance, job_name: str, partition: str) -> bool:
     unfinished = RunsFilter(job_name=job_name, tags={PARTITION_TAG: partition}, statuses=UNFINISHED)
     return instance.get_runs_count(unfinished) > 0
+
+
+def _last_run_failed(instance: DagsterInstance, job_name: str) -> str | None:
+    """The partition of the latest run of the retry job if that run failed, else None."""
+    runs = instance.get_runs(RunsFilter(job_name=job_name), limit=1)
+    if not runs or runs[0].status != DagsterRunStatus.FAILURE:
+        return None
+    return runs[0].tags.get(PARTITION_TAG, runs[0].run_id)
 
 
 def _value(metadata: Mapping[str, Any], label: str) -> float:

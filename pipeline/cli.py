@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 
 from pipeline.advice import advise
-from pipeline.backfill import AuthenticationFailed, Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.backfill import AuthenticationFailed, Backfill, OutOfCredit, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
 from pipeline.compaction import compact, explain_files
 from pipeline.console import ProgressBar, format_table
@@ -31,7 +31,16 @@ from pipeline.report import attempt_report, measured_by_attempt
 from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
-_USER_ERRORS = (LimitError, ItemsError, ManifestError, AuthenticationFailed, duckdb.Error, ValueError, OSError)
+_USER_ERRORS = (
+    LimitError,
+    ItemsError,
+    ManifestError,
+    AuthenticationFailed,
+    OutOfCredit,
+    duckdb.Error,
+    ValueError,
+    OSError,
+)
 # LimitError speaks the Python API (it is raised for code too); ``plan`` names the flag that sets
 # each field instead. Only names that mean one flag are listed, so no message gets the wrong flag.
 _PLAN_FLAGS = {

@@ -9,6 +9,7 @@ The table must also be complete: a test fails if a row has no example here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -497,3 +498,9 @@ def test_the_verdict_carries_the_quota_the_headers_loop_reads() -> None:
     assert verdict.signal.requests.rate == 2.0, "GitHub's remaining over its epoch reset: 4 calls in 2 s"
     shopify = read(response_answer(httpx.Response(200, headers={"X-Shopify-Shop-Api-Call-Limit": "39/40"}), NOW))
     assert shopify.signal.requests.rate == 2.0, "the bucket drains 2 calls/s: that is the pace it allows"
+
+
+def test_the_readme_table_names_every_row() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### When a service says no") :]
+    assert [row.name for row in CONVENTIONS if f"`{row.name}`" not in section] == []

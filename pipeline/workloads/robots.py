@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protego import Protego
+if TYPE_CHECKING:
+    from protego import Protego
 
 ROBOTS_TTL_S = 24 * 3600.0
 """RFC 9309 section 2.4: a crawler should not use a cached robots.txt for more than 24 hours."""
@@ -89,6 +90,8 @@ class Robots:
     @classmethod
     def parsed(cls, body: bytes, now: float, why: str = "HTTP 200") -> Robots:
         """The rules of a fetched file: UTF-8 (a byte-order mark skipped), its first 500 KiB only."""
+        from protego import Protego
+
         text = body[:PARSE_LIMIT_BYTES].decode("utf-8-sig", errors="replace")
         return cls(Protego.parse(text), unreachable=False, expires_at=now + ROBOTS_TTL_S, why=why)
 

@@ -4,32 +4,35 @@
 stores the page title plus the text of each configured CSS selector. It is
 polite by construction:
 
-* **robots.txt** is fetched with the same client and User-Agent, in a call of
-  its own: the call that first needs a site's rules fetches only robots.txt and
-  raises ``CallAgain``, so the runner gives the URL the next paced slot and
-  every request a site receives (robots.txt included) went through the pacer.
-  A worker keeps the rules it fetched across its chunks, per origin, for
-  ``ROBOTS_TTL_S`` (24 h, RFC 9309): a site sees robots.txt once per worker,
-  not once per chunk. A disallowed URL is never requested: its row is a
-  permanent ``robots_disallowed``. An unreachable robots.txt (5xx, 429,
-  timeout) makes the item retryable rather than guessing; a missing one (404)
-  allows all.
+* **robots.txt** is read by RFC 9309 (``pipeline.workloads.robots``: Protego's
+  matching, and the RFC's reading of each fetch outcome: 4xx allows all, 5xx
+  or unreachable disallows all for now). It is fetched with the same client
+  and User-Agent, in a call of its own: the call that first needs a site's
+  rules fetches only robots.txt and raises ``CallAgain``, so the runner gives
+  the URL the next paced slot and every request a site receives (robots.txt
+  included) went through the pacer. A worker keeps the rules it fetched
+  across its chunks, per origin, for 24 h: a site sees robots.txt once per
+  worker, not once per chunk. A disallowed URL is never requested: its row is
+  a permanent ``robots_disallowed``. While robots.txt is unreachable the site's
+  URLs are retryable ``robots_unavailable`` rows, and robots.txt is fetched
+  again after a short wait, not a day.
 * **Rate**: the engine paces each worker; 429 and 503 are retryable and
   Retry-After is honoured. Declare the per-domain contract as the service
   limit (``per_worker_requests_per_second`` for one worker's politeness,
   ``max_workers_per_domain`` with ``ByDomain`` items for how many workers may hit
   a domain at once, ``requests_per_second`` for the domain's total).
-* **Crawl-delay: d** (whole seconds, as ``urllib.robotparser`` reads it) means
-  at most one request every d seconds to that site from all its workers. With
-  no coordination between workers, each worker spaces its own requests to the
-  site by k x d, where k is ``workers_per_domain``: the service's
-  ``max_workers_per_domain``, else its ``max_workers`` (``scrape_work`` reads
-  them). So the site sees at most k requests in any k x d seconds, the rate it
-  asked for; two workers' requests may still land closer than d apart. The
-  wait goes through the pacer (``CallAgain(after_s=...)``), not a sleep in the
-  call. With neither bound declared, a site that asks for a Crawl-delay gets no
-  request beyond its robots.txt: its URLs fail permanently with
-  ``crawl_delay_unbounded``, naming the fields to declare.
+* **Crawl-delay: d** or **Request-rate: n/m** (fractions allowed) ask for at
+  most one request every s = max(d, m/n) seconds to that site from all its
+  workers. With no coordination between workers, each worker spaces its own
+  requests to the site by k x s, where k is ``workers_per_domain``: the
+  service's ``max_workers_per_domain``, else its ``max_workers``
+  (``scrape_work`` reads them). So the site sees at most k requests in any
+  k x s seconds, the rate it asked for; two workers' requests may still land
+  closer than s apart. The wait goes through the pacer
+  (``CallAgain(after_s=...)``), not a sleep in the call. With neither bound
+  declared, a site that asks for spacing gets no request beyond its
+  robots.txt: its URLs fail permanently with ``crawl_delay_unbounded``, naming
+  the fields to declare.
 
 What it does **not** do: run JavaScript. A page that is an empty JavaScript
 shell (no visible text, only a mount point such as ``#root`` or scripts) is
@@ -46,7 +49,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
-from urllib.robotparser import RobotFileParser
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,14 +59,14 @@ from pipeline.spec import Service
 from pipeline.work import Item
 from pipeline.workloads.common import WorkloadConfigError, check, check_header_values
 from pipeline.workloads.http_api import HttpClientConfig
+from pipeline.workloads.robots import UNREACHABLE_RETRY_S, Robots, fetch_robots, product_token
 
 DEFAULT_USER_AGENT = "PacelineBot/0.1 (+https://github.com/paceline)"
 RESERVED_FIELDS = ("url", "title", "http_version")
 _JS_MOUNT_POINTS = "#root, #app, #__next, #__nuxt, [data-reactroot], [ng-app], script"
 _INVISIBLE_TAGS = ["script", "style", "noscript", "template"]
 _DOMAIN = r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<domain>[^/?#]*)"
-ROBOTS_TTL_S = 24 * 3600.0
-"""RFC 9309 section 2.4: a crawler should not use a cached robots.txt for more than 24 hours."""
+_WORKER_SITES = "paceline_robots_sites"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +79,10 @@ class ScrapeWork(HttpClientConfig):
     request. Redirects are followed; robots.txt is checked for the URL as given.
     ``headers``, ``token`` (bearer) and ``timeout_s`` are as for ``HttpWork``.
     ``workers_per_domain`` bounds how many workers may hit one site at once;
-    a robots.txt ``Crawl-delay: d`` spaces each worker's requests to that site
-    by ``workers_per_domain`` x d (``None``: no bound, so such a site is refused).
+    a robots.txt ``Crawl-delay: d`` (or ``Request-rate``) spaces each worker's
+    requests to that site by ``workers_per_domain`` x d (``None``: no bound, so
+    such a site is refused). robots.txt groups are matched by the product token
+    that starts ``user_agent`` (``PacelineBot`` in ``PacelineBot/0.1 (+...)``).
     """
 
     selectors: Mapping[str, str] = field(default_factory=dict)
@@ -97,6 +101,10 @@ class ScrapeWork(HttpClientConfig):
             "is empty",
             "Name your crawler and a contact URL, e.g. 'MyBot/1.0 (+https://example.com/bot)'.",
         )
+        try:
+            product_token(self.user_agent)
+        except ValueError as error:
+            raise WorkloadConfigError(f"{owner}.user_agent: {error}") from None
         check(
             not self.http2 or importlib.util.find_spec("h2") is not None,
             owner,
@@ -125,7 +133,7 @@ class ScrapeWork(HttpClientConfig):
     def connect(self) -> Any:
         """HTTP/2 where the server offers it (over TLS); plain http:// stays HTTP/1.1."""
         client = self._client({"User-Agent": self.user_agent}, http2=self.http2, follow_redirects=True)
-        return _Session(client, self.user_agent, self.workers_per_domain, _worker_sites())
+        return _Session(client, product_token(self.user_agent), self.workers_per_domain, _worker_sites())
 
     def call(self, client: Any, item: Item) -> Any:
         from selectolax.lexbor import LexborHTMLParser
@@ -196,38 +204,32 @@ class ByDomain:
 
 @dataclass
 class _Site:
-    """What one worker knows of one origin: its robots.txt rules, and when it last sent it a request.
+    """What one worker knows of one origin: its robots.txt, and when it last sent the site a request.
 
     ``spacing_s`` is the gap this worker keeps between its requests to the
-    site (k x Crawl-delay; 0 without one); ``None`` when the site asks for a
-    Crawl-delay but nothing bounds k, so no page of it may be requested.
+    site (k x the site's asked spacing; 0 when it asks none); ``None`` when
+    the site asks for spacing but nothing bounds k, so no page of it may be
+    requested.
     """
 
-    rules: RobotFileParser
-    fetched_at: float
+    robots: Robots
     last_request_at: float
     spacing_s: float | None
 
 
-_sites: dict[int, dict[str, _Site]] = {}
-"""Per worker (the thread that runs its chunks, locally or in a Burla process): origin -> ``_Site``.
-
-A plain dict, not a ``threading.local``, so the module still pickles by value for Burla.
-"""
-
-
 def _worker_sites() -> dict[str, _Site]:
-    """This worker's sites, kept across its chunks; a new worker first forgets the workers that ended."""
-    worker = threading.get_ident()
-    if worker not in _sites:
-        alive = {thread.ident for thread in threading.enumerate()}
-        for ended in [key for key in list(_sites) if key not in alive]:
-            _sites.pop(ended, None)
-    return _sites.setdefault(worker, {})
+    """This worker's sites (origin -> ``_Site``), kept across its chunks and gone with its thread.
+
+    They hang on the thread object that runs the worker's chunks (locally or in
+    a Burla process), not in a ``threading.local`` (which would not pickle by
+    value for Burla) nor in a dict keyed by thread id (a new thread may reuse
+    an ended one's id, and would inherit another run's rules).
+    """
+    return threading.current_thread().__dict__.setdefault(_WORKER_SITES, {})
 
 
 class _Session:
-    """The chunk's httpx client, and the gate every request to a site passes: robots.txt and Crawl-delay.
+    """The chunk's httpx client, and the gate every request to a site passes: robots.txt and its spacing.
 
     Calls of one chunk may run on several threads, so the worker's sites are
     read and written under one lock. It is held while robots.txt is fetched,
@@ -238,47 +240,60 @@ class _Session:
     def __init__(
         self,
         http: Any,
-        user_agent: str,
+        token: str,
         workers_per_domain: int | None,
         sites: dict[str, _Site],
         clock: Callable[[], float] = time.monotonic,
+        unreachable_retry_s: float = UNREACHABLE_RETRY_S,
     ):
         self.http = http
-        self.user_agent = user_agent
+        self.token = token
         self._workers = workers_per_domain
         self._sites = sites
         self._clock = clock
+        self._retry_s = unreachable_retry_s
         self._lock = threading.Lock()
 
     def admit(self, url: str) -> None:
         """Return when ``url`` may be requested now, and count that request against its site's spacing.
 
         Raises ``CallAgain`` when this call's slot went to robots.txt or the
-        site's Crawl-delay is not over, ``Permanent`` when robots.txt forbids
-        the URL (or asks a Crawl-delay nothing lets us honour), and
-        ``Retryable`` when robots.txt could not be read.
+        site's spacing is not over, ``Permanent`` when robots.txt forbids the
+        URL (or asks for spacing nothing lets us honour), and ``Retryable``
+        while robots.txt is unreachable.
         """
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         with self._lock:
             site = self._sites.get(origin)
             now = self._clock()
-            if site is None or now - site.fetched_at > ROBOTS_TTL_S:
+            if site is None or site.robots.expired(now):
                 self._wait_turn(site, now)
-                site = self._sites[origin] = self._fetch_robots(origin, now)
+                site = self._sites[origin] = self._fetch(origin, now)
                 raise CallAgain(f"robots.txt of {origin} fetched", after_s=site.spacing_s or 0.0)
-            if not site.rules.can_fetch(self.user_agent, url):
-                raise Permanent(f"robots.txt of {parts.netloc} disallows {url}", status="robots_disallowed")
-            if site.spacing_s is None:
-                raise Permanent(
-                    f"robots.txt of {parts.netloc} asks Crawl-delay: {site.rules.crawl_delay(self.user_agent)} s, "
-                    "and nothing bounds how many workers may hit it at once. Declare max_workers_per_domain "
-                    "(with ByDomain items) or max_workers on the service limit: each worker then spaces its "
-                    "requests to the site by that many times the delay.",
-                    status="crawl_delay_unbounded",
-                )
+            self._check(site, parts.netloc, url)
             self._wait_turn(site, now)
             site.last_request_at = now
+
+    def _check(self, site: _Site, host: str, url: str) -> None:
+        """Refuse ``url`` when robots.txt is unreachable or forbids it, or asks for spacing we cannot keep."""
+        robots = site.robots
+        if robots.unreachable:
+            raise Retryable(
+                f"robots.txt of {host} is unreachable ({robots.why}): nothing of the site is fetched until it "
+                f"can be read; it is asked again after {self._retry_s:g} s",
+                status="robots_unavailable",
+            )
+        if not robots.allows(url, self.token):
+            raise Permanent(f"robots.txt of {host} disallows {url} for {self.token}", status="robots_disallowed")
+        if site.spacing_s is None:
+            raise Permanent(
+                f"robots.txt of {host} asks {robots.asked(self.token)} (one request every "
+                f"{robots.spacing_s(self.token):g} s), and nothing bounds how many workers may hit it at once. "
+                "Declare max_workers_per_domain (with ByDomain items) or max_workers on the service limit: each "
+                "worker then spaces its requests to the site by that many times the delay.",
+                status="crawl_delay_unbounded",
+            )
 
     @staticmethod
     def _wait_turn(site: _Site | None, now: float) -> None:
@@ -287,28 +302,12 @@ class _Session:
         if wait > 0:
             raise CallAgain(f"Crawl-delay: next request in {wait:.2f} s", after_s=wait)
 
-    def _fetch_robots(self, origin: str, now: float) -> _Site:
-        """RFC 9309: 4xx means no rules, 401/403 means keep out, 5xx/unreachable means try later."""
-        import httpx
-
-        rules = RobotFileParser(f"{origin}/robots.txt")
-        try:
-            response = self.http.get(f"{origin}/robots.txt")
-        except httpx.HTTPError as error:
-            raise Retryable(
-                f"robots.txt of {origin} could not be fetched: {error}", status="robots_unavailable"
-            ) from None
-        if response.status_code in (401, 403):
-            rules.disallow_all = True
-        elif response.status_code == 429 or response.status_code >= 500:
-            raise Retryable(f"robots.txt of {origin} answered HTTP {response.status_code}", status="robots_unavailable")
-        elif response.is_success:
-            rules.parse(response.text.splitlines())
-        else:
-            rules.allow_all = True
-        delay = rules.crawl_delay(self.user_agent) or 0
-        spacing = None if delay and self._workers is None else delay * (self._workers or 1)
-        return _Site(rules, fetched_at=now, last_request_at=now, spacing_s=spacing)
+    def _fetch(self, origin: str, now: float) -> _Site:
+        """Fetch robots.txt (one paced request, its redirects included) and derive this worker's spacing."""
+        robots = fetch_robots(self.http, origin, now, self._retry_s)
+        asked = robots.spacing_s(self.token)
+        spacing = None if asked and self._workers is None else asked * (self._workers or 1)
+        return _Site(robots, last_request_at=now, spacing_s=spacing)
 
     @property
     def is_closed(self) -> bool:

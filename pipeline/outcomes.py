@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.refusals import Answer, Convention, Meaning, Verdict, read, said
+from pipeline.refusals import UNRECOGNISED, Answer, Convention, Meaning, Verdict, read, said
 
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
 _MAX_ERROR_CHARS = 500
@@ -143,7 +143,9 @@ def classify(error: BaseException, conventions: tuple[Convention, ...] = (), now
         return Failure(error.status, False, text)
     answer = answer_of(error, time.time() if now is None else now)
     if answer is not None:
-        return _from_verdict(read(answer, conventions), answer, text, _status_word(error, answer))
+        verdict = read(answer, conventions)
+        if verdict.convention != UNRECOGNISED or answer.http_status is not None:
+            return _from_verdict(verdict, answer, text, _status_word(error, answer, verdict))
     if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
         return Failure("bad_payload", False, text)
     names = {cls.__name__ for cls in type(error).__mro__}
@@ -156,12 +158,14 @@ def classify(error: BaseException, conventions: tuple[Convention, ...] = (), now
     return Failure("exception", False, text)
 
 
-def _status_word(error: BaseException, answer: Answer) -> str:
+def _status_word(error: BaseException, answer: Answer, verdict: Verdict) -> str:
     if answer.http_status is not None and answer.http_status >= 400:
         return f"http_{answer.http_status}"
     if answer.http_status is not None:  # a refusal in a success's clothes (Slack's 200 "ok": false)
         return "refused"
-    return "db_unavailable" if type(error).__module__.startswith("psycopg") else "exception"
+    if verdict.meaning is Meaning.RETRYABLE and type(error).__module__.startswith("psycopg"):
+        return "db_unavailable"
+    return verdict.meaning.value
 
 
 def _from_verdict(verdict: Verdict, answer: Answer, text: str, status: str) -> Failure:
@@ -179,7 +183,7 @@ def _from_verdict(verdict: Verdict, answer: Answer, text: str, status: str) -> F
 
 def _with_words(text: str, verdict: Verdict) -> str:
     """The error as raised, plus the convention that read it and the service's own words when not in it yet."""
-    if verdict.convention == "unrecognised":
+    if verdict.convention == UNRECOGNISED:
         return text
     words = f": {verdict.said}" if verdict.said and verdict.said not in text else ""
     return f"{text} [{verdict.convention}{words}]"

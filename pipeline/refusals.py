@@ -53,6 +53,8 @@ class Meaning(str, Enum):
 
 SERVICE = "service"
 """Scope of a refusal about the caller's whole budget (a spent quota, a global limit)."""
+UNRECOGNISED = "unrecognised"
+"""The convention of an answer no row knew (then ``outcomes.classify`` falls back on the error's type)."""
 ITEM = "item"
 """Scope of a refusal about one item (a locked record, a hot key): the worker's pace stays."""
 
@@ -559,5 +561,5 @@ CONVENTIONS: tuple[Convention, ...] = (
     ),
 )
 
-_FALLBACK = Convention("unrecognised", Meaning.PERMANENT, lambda a: True)
+_FALLBACK = Convention(UNRECOGNISED, Meaning.PERMANENT, lambda a: True)
 """No row knew the answer: permanent, so an unknown failure is looked at rather than retried forever."""

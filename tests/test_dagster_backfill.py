@@ -218,6 +218,20 @@ def test_sensor_never_requests_a_round_that_is_still_running(fresh_api, instance
     assert not tick.run_requests and "attempt-1 is queued or running" in tick.skip_message
 
 
+def test_sensor_launches_nothing_after_a_failed_round(fresh_api, instance, tmp_path):
+    """A round that failed (an account out of credit stops a run) is not followed by another into the same wall."""
+    defs = location(fresh_api, str(tmp_path / "data"), spec("dry", PLAIN[:10] + HEALING))
+    run(defs, instance, "dry_backfill")
+    instance.add_run(
+        DagsterRun(job_name="dry_retry", status=DagsterRunStatus.FAILURE, tags={"dagster/partition": "attempt-1"})
+    )
+
+    tick = evaluate(defs, instance, "dry")
+
+    assert not tick.run_requests
+    assert "the last retry run (attempt-1) failed" in tick.skip_message and "re-execute" in tick.skip_message
+
+
 def test_sensor_waits_out_retry_after_and_stops_at_max_attempts(fresh_api, instance, tmp_path):
     """A 429 with Retry-After: 1 sets the cool-down; after the last attempt the item is dead."""
     backfill = spec("stubborn", PLAIN[:5] + ["throttle-x"], max_attempts=2, max_throttle_retries=0)

@@ -421,16 +421,26 @@ class _ChunkLoop:
         if self._stopped:
             return  # the chunk was already given up (credentials, credit): its rows are written
         if error is None:
-            self._succeed(attempt.item, attempt.tries, attempt.charge, attempt.estimate, value, started, finished)
+            self._succeed(
+                attempt.item, attempt.tries, attempt.charge, attempt.estimate, value, started, finished, attempt
+            )
         else:
             self._fail(attempt, error, started, finished)
 
     def _succeed(
-        self, item: Item, tries: int, charge: float, estimate: float | None, value: Any, started: float, finished: float
+        self,
+        item: Item,
+        tries: int,
+        charge: float,
+        estimate: float | None,
+        value: Any,
+        started: float,
+        finished: float,
+        attempt: _Try | None = None,
     ) -> None:
         self._connection.on_success()
         self.credentials.on_outcome(refused=False, ok=True)
-        if self.throttle.on_success(first_try=tries == 1):
+        if self.throttle.on_success(attempt, tries == 1, self._clock()):
             self.pacer.slow_to(self.throttle.factor)
         actual = None if self._usage_fn is None else _reported_usage(self._usage_fn, value)
         if actual is not None:

@@ -13,6 +13,7 @@ from pipeline.pacing.inflight import HEADROOM, InFlightLimit
 from pipeline.pacing.memory import Learned, recall, remember
 from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.plan import iter_chunks
+from pipeline.policies.throttle import ISOLATED_AFTER
 from pipeline.runner import Chunk, ChunkResult, _ChunkLoop
 from pipeline.work import FunctionWork
 from tests.simclock import FakeClock
@@ -144,7 +145,7 @@ def test_an_always_throttled_item_does_not_hold_its_worker():
             raise Throttled(retry_after=1.0)
         return {"id": item.id}
 
-    items = ["a", "hot", *[f"x{i}" for i in range(60)]]
+    items = [*[f"a{i}" for i in range(ISOLATED_AFTER)], "hot", *[f"x{i}" for i in range(60)]]
     loop, result, clock = _loop_on_fake_clock(items, call, pacing)
     clock_ref.append(clock)
     loop.run()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
+import random
+from collections import deque
+
 import pytest
 
 from pipeline.outcomes import Failure
@@ -24,7 +28,7 @@ def throttle(wait: float | None = 1.0, scope: str | None = None, meaning: Meanin
 def test_a_throttle_among_successes_is_about_its_item_the_pace_stays():
     policy = ThrottlePolicy(PACING)
     for _ in range(ISOLATED_AFTER):
-        policy.on_success(first_try=True)
+        policy.on_success(None, first_try=True, now=0.0)
     step = policy.on_throttle("hot", 1, throttle(), now=10.0)
     assert policy.factor == 1.0
     assert (step.defer_until, step.hold_s) == (11.0, 0.0), "set aside for its Retry-After; the worker goes on"
@@ -32,11 +36,11 @@ def test_a_throttle_among_successes_is_about_its_item_the_pace_stays():
 
 def test_throttles_a_few_calls_apart_are_about_the_pace():
     policy = ThrottlePolicy(PACING)
-    policy.on_throttle("a", 1, throttle(), now=0.0)  # a fresh worker: nothing says its pace is wrong yet
-    assert policy.factor == 1.0
-    policy.on_success(first_try=True)
+    policy.on_throttle("a", 1, throttle(), now=0.0)
+    assert policy.factor == pytest.approx(DECREASE), "before any call went through, nothing speaks for the pace"
+    policy.on_success(None, first_try=True, now=0.1)
     policy.on_throttle("b", 1, throttle(), now=0.5)
-    assert policy.factor == pytest.approx(DECREASE), "a second throttle two calls later: slow down"
+    assert policy.factor == pytest.approx(DECREASE**2, rel=0.01), "a second throttle two calls later: slower still"
 
 
 def test_one_cut_per_refusal_episode():
@@ -66,18 +70,33 @@ def test_two_throttles_in_a_row_hold_the_worker():
     policy = ThrottlePolicy(PACING)
     assert policy.on_throttle("a", 1, throttle(wait=2.0), now=0.0).hold_s == 0.0
     assert policy.on_throttle("b", 1, throttle(wait=2.0), now=0.1).hold_s == 2.0
-    policy.on_success(first_try=True)
+    policy.on_success(None, first_try=True, now=0.0)
     assert policy.on_throttle("c", 1, throttle(wait=2.0), now=3.0).hold_s == 0.0, "a success broke the run"
 
 
-def test_retries_of_an_item_never_count_against_the_pace():
+def test_an_item_throttled_again_on_its_retry_was_hot_the_pace_stays():
     policy = ThrottlePolicy(PACING)
     for _ in range(ISOLATED_AFTER):
-        policy.on_success(first_try=True)
+        policy.on_success(None, first_try=True, now=0.0)
     policy.on_throttle("hot", 1, throttle(), now=0.0)
-    policy.on_success(first_try=True)
+    policy.on_success(None, first_try=True, now=0.5)
     policy.on_throttle("hot", 2, throttle(), now=1.0)
     assert policy.factor == 1.0
+
+
+def test_an_isolated_throttle_whose_item_then_goes_through_was_about_the_pace():
+    policy = ThrottlePolicy(PACING)
+    for _ in range(ISOLATED_AFTER):
+        policy.on_success(None, first_try=True, now=0.0)
+    policy.on_throttle("doubtful", 1, throttle(), now=0.1)
+    for _ in range(ISOLATED_AFTER):
+        policy.on_success(None, first_try=True, now=0.2)
+    policy.on_throttle("doubtful-too", 1, throttle(), now=0.3)
+    assert policy.factor == 1.0, "both isolated: the benefit of the doubt"
+    policy.on_success("doubtful", first_try=False, now=1.1)
+    assert policy.factor == pytest.approx(DECREASE), "its retry went through: the item was fine, the pace was not"
+    policy.on_success("doubtful-too", first_try=False, now=1.3)
+    assert policy.factor > DECREASE, "one cut for the doubtful throttles of one moment, then probing resumes"
 
 
 def test_a_throttle_without_a_wait_waits_the_default_and_tries_run_out():
@@ -88,8 +107,64 @@ def test_a_throttle_without_a_wait_waits_the_default_and_tries_run_out():
 
 def test_the_pace_probes_back_up_after_a_cut():
     policy = ThrottlePolicy(PACING, factor=0.5)
-    assert policy.on_success(first_try=True) is True and policy.factor > 0.5
-    assert ThrottlePolicy(PACING).on_success(first_try=True) is False, "at the ceiling nothing moves"
+    assert policy.on_success(None, first_try=True, now=0.0) is True and policy.factor > 0.5
+    assert ThrottlePolicy(PACING).on_success(None, first_try=True, now=0.0) is False, "at the ceiling nothing moves"
+
+
+# -- many workers against one service, on simulated time --------------------------------------
+
+
+class _Item:
+    __slots__ = ("hot", "tries")
+
+    def __init__(self, hot: bool):
+        self.hot, self.tries = hot, 0
+
+
+def _simulate(workers: int, real: float, hot_share: float = 0.0, seconds: float = 120.0) -> tuple[float, float]:
+    """Workers with a ceiling of 90 calls/s in all against a sliding 1 s window of ``real`` calls.
+
+    Returns (goodput after 30 s / what the service allows, refused share of calls after 30 s); hot
+    items are refused always and do not count as refused by the limit.
+    """
+    rng = random.Random(7)
+    ceiling = 90.0 / workers
+    policies = [ThrottlePolicy(Pacing(max_throttle_retries=3, max_retry_after_s=1.0)) for _ in range(workers)]
+    events = [(rng.uniform(0, 1 / ceiling), k) for k in range(workers)]
+    heapq.heapify(events)
+    window: deque[float] = deque()
+    admitted = refused = calls = 0
+    while events:
+        now, k = heapq.heappop(events)
+        if now > seconds:
+            break
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        item = policies[k].due(now) or _Item(rng.random() < hot_share)
+        item.tries += 1
+        late = now > 30
+        calls += late
+        if len(window) < real and not item.hot:
+            window.append(now)
+            policies[k].on_success(item, item.tries == 1, now)
+            admitted += late
+        else:
+            refused += late and not item.hot
+            policies[k].on_throttle(item, item.tries, throttle(), now)
+        heapq.heappush(events, (now + rng.uniform(0.98, 1.02) / (ceiling * policies[k].factor), k))
+    return admitted / (seconds - 30) / min(real, 90.0), refused / calls
+
+
+@pytest.mark.parametrize(("workers", "real"), [(3, 70.0), (10, 70.0), (3, 40.0), (10, 40.0)])
+def test_independent_workers_find_a_real_limit_below_their_ceiling(workers: int, real: float):
+    goodput, refused = _simulate(workers, real)
+    assert goodput >= 0.9, "most of what the service allows is used"
+    assert refused <= 0.025, "with few calls refused once converged"
+
+
+def test_hot_items_cost_only_their_own_calls():
+    goodput, _ = _simulate(10, 1000.0, hot_share=0.005)
+    assert goodput >= 0.97, "0.5% of items refused forever: 4 tries each (2%), and no pace cut"
 
 
 # -- the items set aside -----------------------------------------------------------------------

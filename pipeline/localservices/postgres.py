@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 import tempfile
-from pathlib import Path
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 

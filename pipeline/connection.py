@@ -24,10 +24,11 @@ workers (threads here, processes on Burla) share nothing. So each worker
 learns it alone, as a 429 lowers a worker's pace: a refused login raises the
 worker's *crowding level* by one (its next wait doubles), and the level is
 kept in the worker's memory (``pacing.memory``, per run and worker) for its
-next chunk. A worker whose last connect was refused waits (at its level)
-*before* knocking again, so it holds no connection and spends no login while
-the database is full; each connect that gets in without a refusal halves the
-level, so freed room is used again within ``log2(CAPACITY_LEVEL_CEILING)``
+next chunk. A worker that found the database full resumes its backoff at that
+level: refused again, its next wait is already long, so it does not climb
+through the short waits (a login each) every time it opens a chunk. Each
+connect that gets in without a refusal halves the level, so freed room is used
+again within ``log2(CAPACITY_LEVEL_CEILING)``
 chunks. The run's demand for connections therefore settles at what the
 database has free: workers that hold a slot keep going, the others wait out
 of the way and probe at most once per wait.
@@ -231,8 +232,8 @@ class ChunkClient:
         """``work.connect()``, waiting (at the worker's crowding level) while the database has no room."""
         level = recall_crowding(self._run_id) if self._run_id else 0
         start, refusals = self._clock(), 0
-        if level:  # refused last time: let the room free up before knocking
-            self._sleep(self._backoff.wait_s(level, self._rng))
+        if level:  # crowded last time: give the slot this worker's last chunk held time to free (backend exit)
+            self._sleep(self._backoff.wait_s(1, self._rng))
         while True:
             try:
                 client = self._work.connect()

@@ -121,7 +121,7 @@ def test_a_failure_that_is_not_about_room_is_raised_at_once():
     assert clock.now == 0.0
 
 
-def test_a_refused_worker_waits_before_its_next_connect_and_recovers_by_halving():
+def test_a_crowded_worker_resumes_its_backoff_at_its_level_and_recovers_by_halving():
     clock, run = FakeClock(), f"crowd-{random.random()}"
     connect = _Crowded(clock, refusals=6)
     _client(connect, clock, run).open()
@@ -129,9 +129,14 @@ def test_a_refused_worker_waits_before_its_next_connect_and_recovers_by_halving(
     logins_before, waited_from = len(connect.logins), clock.now
     _client(connect, clock, run).open()
     assert len(connect.logins) == logins_before + 1, "it got in at the first login of its next chunk"
-    assert 0 < clock.now - waited_from <= CapacityBackoff().ceiling_s(6), "after waiting at its level, not knocking"
+    assert 0 < clock.now - waited_from <= CapacityBackoff().ceiling_s(1), "after letting its last slot free up"
     assert recall_crowding(run) == 3, "a connect that got in at once halves the level"
-    for _ in range(2):
+    connect.left = 1
+    before = clock.now
+    _client(connect, clock, run).open()
+    assert recall_crowding(run) == 4, "refused again: the backoff resumes at its level, plus one"
+    assert clock.now - before <= CapacityBackoff().ceiling_s(1) + CapacityBackoff().ceiling_s(4)
+    for _ in range(3):  # 4 -> 2 -> 1 -> 0
         _client(connect, clock, run).open()
     assert recall_crowding(run) == 0, "the database has room again: the worker connects at once"
 

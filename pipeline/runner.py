@@ -155,9 +155,12 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
     """Run one chunk and return exactly one row per item."""
     result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
     secrets = work_secrets(work)
-    connection = ChunkClient(work)
+    connection = ChunkClient(work, run_id=chunk.run_id)
     try:
         connection.open()
+    except ConnectionLost as lost:  # no room in the database for the whole wait budget
+        fill_failed(result, chunk, dataclasses.replace(lost.failure, error=redact(lost.failure.error, secrets)), set())
+        return result
     except Exception as error:  # noqa: BLE001 - a connect failure fails the whole chunk
         # Retryable (the database was down, the network blipped) unless the work said it is permanent.
         retryable = not isinstance(error, Permanent)

@@ -3,13 +3,17 @@
     with start_postgres() as pg:
         dsn = pg.url                                # superuser, Unix socket
         loader = pg.create_role("loader", connection_limit=4)   # DSN of a capped role
+        with pg.crowd(loader, 3) as other_app:      # another client holds 3 of its 4 connections
+            ...                                     # other_app.release() frees them mid-run
+        pg.refused_logins("loader")                 # logins the server refused for want of room
 
 The server is the embedded binary shipped by ``pgserver`` (no system install,
 no Docker), in a temporary data directory deleted on ``stop()``. It listens
 on a Unix socket only. ``create_role`` gives a login role whose connection
 limit is enforced by PostgreSQL itself: a client opening one connection too
 many gets "too many connections for role" — the limit fails loudly on the
-server, not in the client's bookkeeping.
+server, not in the client's bookkeeping, and the server's log
+(``refused_logins``) is the count of the logins it refused.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,6 +53,19 @@ class PostgresHandle:
             )
             connection.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(role))
         return _with_user(self.url, name)
+
+    def crowd(self, dsn: str, connections: int) -> Crowd:
+        """Another application holding ``connections`` idle connections as ``dsn``'s role (a context manager)."""
+        return Crowd(dsn, connections)
+
+    def refused_logins(self, role: str) -> int:
+        """Logins of ``role`` the server refused for want of room (53300, in the server's own log)."""
+        return self.server_log().count(f'FATAL:  too many connections for role "{role}"')
+
+    def server_log(self) -> str:
+        """The server's log so far (pgserver writes it to ``pgdata/log``)."""
+        path = Path(self._server.log)
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
         """Stop the server and delete its data directory; safe to call twice."""
@@ -119,3 +137,54 @@ class ConnectionSampler:
                 (count,) = connection.execute(self._query, [self._value]).fetchone()
                 self.samples.append((time.monotonic(), int(count)))
                 time.sleep(self._every)
+
+
+CROWD_APPLICATION_NAME = "crowd"
+"""``application_name`` of the crowding client's connections, so a sampler can tell them from a backfill's."""
+
+
+class Crowd:
+    """Another application holding a role's connections: opened on entry, idle, released on exit or on demand.
+
+    ``release(n)`` closes ``n`` of them (all by default) from any thread, so a
+    test can free capacity mid-run and watch the backfill take it up.
+    """
+
+    def __init__(self, dsn: str, connections: int):
+        if connections < 0:
+            raise ValueError(f"connections must be >= 0, got {connections}.")
+        self._dsn, self._wanted = dsn, connections
+        self._held: list[Any] = []
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def __enter__(self) -> Crowd:
+        import psycopg
+
+        try:
+            for _ in range(self._wanted):
+                connection = psycopg.connect(self._dsn, autocommit=True, application_name=CROWD_APPLICATION_NAME)
+                with self._lock:
+                    self._held.append(connection)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self, connections: int | None = None) -> None:
+        """Close ``connections`` of the held connections (all of them when None)."""
+        with self._lock:
+            count = len(self._held) if connections is None else min(connections, len(self._held))
+            freed, self._held = self._held[:count], self._held[count:]
+        for connection in freed:
+            connection.close()
+
+    def __repr__(self) -> str:
+        return f"<Crowd held={self.held} of {self._wanted}>"

@@ -9,7 +9,6 @@ query cannot hold a connection slot forever.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,6 @@ from pipeline.spec import Service
 from pipeline.workloads.common import WorkloadConfigError, check, check_positive, require_limit
 
 DEFAULT_APPLICATION_NAME = "paceline"
-FULL_SERVER_WAITS_S = (0.02, 0.05, 0.1, 0.2, 0.4)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
@@ -50,10 +48,9 @@ class PostgresConfig:
     def connect(self) -> Any:
         """The chunk's autocommit connection: calls open one explicit transaction per item.
 
-        PostgreSQL counts a closed connection against a role's or the server's
-        limit until its backend process has exited, a few milliseconds later.
-        So a chunk starting just as another ends may find the role "full" of a
-        connection that is already gone: that refusal is retried briefly.
+        A login refused for want of room (too many connections for the role,
+        the server full or starting up) is waited out by the runner's connect
+        policy (``pipeline.connection``), not here.
         """
         import psycopg
 
@@ -62,13 +59,6 @@ class PostgresConfig:
             kwargs["password"] = self.password
         if self.statement_timeout_s:
             kwargs["options"] = f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
-        for wait in FULL_SERVER_WAITS_S:
-            try:
-                return psycopg.connect(self.dsn, autocommit=True, **kwargs)
-            except psycopg.OperationalError as error:
-                if "too many connections" not in str(error):
-                    raise
-                time.sleep(wait)
         return psycopg.connect(self.dsn, autocommit=True, **kwargs)
 
     def secrets(self) -> tuple[str, ...]:

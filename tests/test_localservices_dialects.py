@@ -284,7 +284,7 @@ def test_llm_out_of_credit_refuses_every_later_call_until_topped_up() -> None:
     assert topped == {"credit_left": 10 + 2 * CHAT_TOKENS}
     assert [r.status_code for r in after] == [200, 200, 429], "the top-up covers two more calls, then dry again"
     assert (final["credit_left"], final["refused_for_credit"], final["count"]) == (10, 3, 9), "/_topup not logged"
-    assert final["refused"] == 0, "credit refusals are not the rate budgets' refusals"
+    assert final["refused"] == 3, "the arrival log marks credit refusals as refused too"
     assert bad == [400, 400, 400]
     assert (restored["credit_left"], restored["refused_for_credit"]) == (4 * CHAT_TOKENS + 10, 0)
 
@@ -295,7 +295,7 @@ def test_llm_credit_refusals_spend_no_rate_budget_and_unlimited_credit_is_none(l
         stats = limited.stats()
         limited.post_admin("/_topup", {"tokens": 10 * CHAT_TOKENS})
         refilled = chat(limited, 2)
-    assert statuses == [200, 429, 429, 429] and stats["refused_for_credit"] == 3 and stats["refused"] == 0
+    assert statuses == [200, 429, 429, 429] and stats["refused_for_credit"] == stats["refused"] == 3
     assert [r.status_code for r in refilled] == [200, 429], "one request of the rpm budget was left for it"
     assert refilled[1].json()["error"]["type"] == "rate_limit_exceeded" and "Retry-After" in refilled[1].headers
     assert llm.stats()["credit_left"] is None and llm.stats()["refused_for_credit"] == 0

@@ -67,7 +67,7 @@ restarts, and ``/_reset`` clears them.
 ``/_stats``: ``count``, ``by_status``, ``accepted_requests`` / ``accepted_tokens`` (200s),
 ``busiest_window_tokens`` / ``busiest_window_requests`` (accepted, in the busiest sliding
 window) against ``tpm`` / ``rpm`` per ``window_s``, ``refused`` (429s of the rate
-budgets; each arrival in ``/_arrivals`` says ``refused``), ``credit_left`` (``None`` without ``--credit-tokens``), ``refused_for_credit``,
+budgets and of the credit; each arrival in ``/_arrivals`` says ``refused``), ``credit_left`` (``None`` without ``--credit-tokens``), ``refused_for_credit``,
 ``first_t`` / ``last_t``.
 
 Admin: ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``, ``POST /_topup``.
@@ -187,7 +187,9 @@ class Credit:
 
 
 def _out_of_credit() -> Reply:
-    return _error(429, OUT_OF_CREDIT, "insufficient_quota", "insufficient_quota")
+    reply = _error(429, OUT_OF_CREDIT, "insufficient_quota", "insufficient_quota")
+    reply.refused = True
+    return reply
 
 
 class LocalLlm(Service):

@@ -14,7 +14,7 @@ plain_429            baseline: sliding 60 per 2 s, ``429`` + ``Retry-After`` (th
 github_403           fixed 60 per 2 s window, ``403`` + ``X-RateLimit-Remaining: 0`` + an epoch
                      ``X-RateLimit-Reset``, no Retry-After
 discord_429          fixed 60 per 2 s bucket, ``429`` + ``Retry-After`` + ``X-RateLimit-Reset-After``
-shopify_bucket       leaky bucket of 60 leaking 30/s, ``429`` + ``Retry-After: 2.0``
+shopify_bucket       leaky bucket of 40 leaking 30/s, ``429`` + ``Retry-After: 2.0``
 llm_out_of_credit    prepaid credit for about half the prompts, then ``429 insufficient_quota`` for ever
 ===================  ===============================================================================
 
@@ -46,13 +46,14 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.common import Outcome, main, run_child
+from benchmarks.common import PYTHON, Outcome, child_env, main
 from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.executors import LocalExecutor
 from pipeline.items import JsonlPrompts, Values
@@ -69,7 +70,7 @@ SAFETY = 0.9  # aim at 45 req/s: above every real quota here, as a user who gues
 QUOTA, QUOTA_WINDOW_S = 60, 2  # the real limit of the HTTP cells: 30 req/s
 REAL_RPS = QUOTA / QUOTA_WINDOW_S
 LATENCY_MS = 20.0
-SECONDS = {False: 25.0, True: 3.0}  # items = real rate x this: a run at the real quota lasts this long
+SECONDS = {False: 25.0, True: 5.0}  # items = real rate x this; quick still spends each quota (2.5 windows)
 CELL_TIMEOUT_S = {False: 60.0, True: 30.0}
 HTTP_CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain_429": ("sliding 60 per 2 s, 429 + Retry-After", {"rps": REAL_RPS, "window_s": QUOTA_WINDOW_S}),
@@ -82,8 +83,8 @@ HTTP_CELLS: dict[str, tuple[str, dict[str, Any]]] = {
         {"dialect": "discord", "quota": QUOTA, "quota_window_s": QUOTA_WINDOW_S},
     ),
     "shopify_bucket": (
-        "leaky bucket of 60 leaking 30/s, 429 + Retry-After: 2.0",
-        {"dialect": "shopify", "bucket": QUOTA, "leak_rate": REAL_RPS},
+        "leaky bucket of 40 (Shopify's) leaking 30/s, 429 + Retry-After: 2.0",
+        {"dialect": "shopify", "bucket": 40, "leak_rate": REAL_RPS},
     ),
 }
 
@@ -119,15 +120,19 @@ def item_ids(count: int) -> list[str]:
     return [f"item-{n}" for n in range(count)]
 
 
-def engine(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one step of a cell and say how it ended; the run's exception is a result, not a crash.
+def workers_for(spec: dict[str, Any]) -> int:
+    """The workers the engine's plan gives this cell (what "per worker" divides by)."""
+    return backfill_for(spec).execution_plan(spec["items"]).max_parallelism
+
+
+def engine(spec: dict[str, Any]) -> str | None:
+    """Run one step of a cell; how the run ended (its exception, as text) is the result, not a crash.
 
     ``first`` plans and runs attempt 0; ``rerun`` resumes attempt 0 (chunks a
     stopped run never wrote) and then runs one retry round over what is left failed.
     """
     backfill = backfill_for(spec)
     store = ManifestStore(spec["store"])
-    workers = backfill.execution_plan(spec["items"]).max_parallelism
     try:
         if spec["step"] == "first":
             plan_backfill(backfill, store)
@@ -136,16 +141,32 @@ def engine(spec: dict[str, Any]) -> dict[str, Any]:
             plan_retry(backfill, store, 1)
             run_attempt(backfill, store, LocalExecutor(), attempt=1)
     except Exception as error:  # noqa: BLE001 - how the run ended is what the cell reports
-        return {"error": f"{type(error).__name__}: {error}", "workers": workers}
-    return {"error": None, "workers": workers}
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
-def run_engine(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """``engine(spec)`` in a fresh interpreter, cut after ``timeout_s``: a hung run becomes an error."""
+@dataclass(frozen=True)
+class Ended:
+    """How an engine run ended: its error (``None`` if it finished), and whether we had to cut it."""
+
+    error: str | None
+    cut: bool = False
+
+
+def run_engine(spec: dict[str, Any], timeout_s: float) -> Ended:
+    """``engine(spec)`` in a fresh interpreter, cut after ``timeout_s``: a hung run is a result, not a hang.
+
+    Unlike ``common.run_child``, a timeout or a crash is reported as the cell's
+    outcome rather than raised, so every other cell still runs and prints.
+    """
+    argv = [PYTHON, "-m", "benchmarks.conventions", "--engine", json.dumps(spec)]
     try:
-        return run_child(["-m", "benchmarks.conventions", "--engine", json.dumps(spec)], timeout_s)
-    except RuntimeError as error:
-        return {"error": str(error).splitlines()[0], "workers": None}
+        child = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=child_env())
+    except subprocess.TimeoutExpired:
+        return Ended(f"cut after {timeout_s:g} s: the run had not ended", cut=True)
+    if child.returncode != 0:
+        return Ended(f"engine child crashed ({child.returncode}): {child.stderr.strip().splitlines()[-1:]}", cut=True)
+    return Ended(json.loads(child.stdout.strip().splitlines()[-1]))
 
 
 # --------------------------------------------------------------------------
@@ -213,8 +234,8 @@ class Cell:
     key: str
     server: str
     items: int
-    error: str | None
-    workers: int | None
+    ended: Ended
+    workers: int
     served: Served
     ledger: Ledgered
     credit: Credit | None = None
@@ -230,7 +251,7 @@ class Credit:
     """The out-of-credit cell's own facts: the stop, the calls after the first refusal, the rerun."""
 
     calls_after_refusal: int
-    rerun_error: str | None
+    rerun: Ended
     after_rerun: Ledgered
     topup: int
 
@@ -243,7 +264,7 @@ def http_cell(key: str, root: str, quick: bool) -> Cell:
         spec = {"kind": "http", "url": api.url, "items": items, "name": key, "store": os.path.join(root, key)}
         ended = run_engine({**spec, "step": "first"}, CELL_TIMEOUT_S[quick])
         seen = served([a for a in api.arrivals() if a["item"]], REAL_RPS)
-    cell = Cell(key, words, items, ended["error"], ended["workers"], seen, ledgered(spec))
+    cell = Cell(key, words, items, ended, workers_for(spec), seen, ledgered(spec))
     _rate_goals(cell)
     return cell
 
@@ -265,8 +286,8 @@ def llm_cell(root: str, quick: bool) -> Cell:
         topup = LLM_TOKENS * items
         llm.post_admin("/_topup", {"tokens": topup})
         rerun = run_engine({**spec, "step": "rerun"}, CELL_TIMEOUT_S[quick])
-    credit_facts = Credit(_calls_after_first_refusal(first), rerun["error"], ledgered(spec), topup)
-    cell = Cell(key, words, items, ended["error"], ended["workers"], served(first, None), first_ledger, credit_facts)
+    credit_facts = Credit(_calls_after_first_refusal(first), rerun, ledgered(spec), topup)
+    cell = Cell(key, words, items, ended, workers_for(spec), served(first, None), first_ledger, credit_facts)
     _credit_goals(cell, credit_facts)
     return cell
 
@@ -278,9 +299,17 @@ def _calls_after_first_refusal(arrivals: list[dict[str, Any]]) -> int:
 
 
 def _common_goals(cell: Cell, ledger: Ledgered) -> None:
+    """Nothing misread and nothing lost: the goals every cell shares.
+
+    A run that stopped with ``AuthenticationFailed`` misread a quota answer as
+    a bad credential even when it recorded no row for the refused items.
+    """
     wrong = sum(ledger.misclassified.values())
-    detail = ", ".join(f"{status}: {n}" for status, n in ledger.misclassified.items()) or "none"
-    cell.goals.append(("0 misclassified rows", wrong == 0, f"{wrong} ({detail})"))
+    detail = ", ".join(f"{status}: {n}" for status, n in ledger.misclassified.items()) or "no rows"
+    aborted = (cell.ended.error or "").startswith("AuthenticationFailed")
+    if aborted:
+        detail += "; the run stopped as if the credentials were bad"
+    cell.goals.append(("0 misclassified", wrong == 0 and not aborted, f"{wrong} rows ({detail})"))
     cell.goals.append(("0 items lost", ledger.lost == 0, f"{ledger.lost} lost, {ledger.not_ok} not ok"))
 
 
@@ -299,19 +328,20 @@ def _rate_goals(cell: Cell) -> None:
 
 
 def _credit_goals(cell: Cell, credit: Credit) -> None:
-    per_worker = credit.calls_after_refusal / (cell.workers or 1)
+    per_worker = credit.calls_after_refusal / cell.workers
+    error = cell.ended.error
     cell.goals.append(
         (
             "the run stops with an error naming quota or credit",
-            bool(cell.error and CREDIT_WORDS.search(cell.error)),
-            cell.error or "the run ended without an error",
+            bool(error and not cell.ended.cut and CREDIT_WORDS.search(error)),
+            error or "the run ended without an error",
         )
     )
     cell.goals.append(
         (
             f"<= {GOAL_CALLS_AFTER_REFUSAL} calls per worker after the first refusal",
             per_worker <= GOAL_CALLS_AFTER_REFUSAL,
-            f"{credit.calls_after_refusal} calls / {cell.workers or '?'} workers = {per_worker:.1f}",
+            f"{credit.calls_after_refusal} calls / {cell.workers} workers = {per_worker:.1f}",
         )
     )
     _common_goals(cell, cell.ledger)
@@ -319,9 +349,9 @@ def _credit_goals(cell: Cell, credit: Credit) -> None:
     cell.goals.append(
         (
             "after /_topup a rerun finishes every item",
-            credit.rerun_error is None and after.lost == 0 and after.not_ok == 0,
+            credit.rerun.error is None and after.lost == 0 and after.not_ok == 0,
             f"{cell.items - after.not_ok} of {cell.items} ok, {after.lost} lost; "
-            f"{credit.rerun_error or 'the rerun ended without an error'}",
+            f"{credit.rerun.error or 'the rerun ended without an error'}",
         )
     )
 
@@ -363,11 +393,15 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
     if s.goodput is not None:
         outcome.row("  goodput / real quota (server)", f"{s.goodput:.3f} ({s.ok} 200s over {s.seconds:.1f} s)")
     outcome.row("  refused by the service", f"{s.refused_share:.1%} ({s.refused} of {s.calls} calls)")
-    outcome.row("  run ended", cell.error or "without an error")
-    outcome.row("  workers", str(cell.workers or "?"))
+    outcome.row("  run ended", cell.ended.error or "without an error")
+    outcome.row("  workers", str(cell.workers))
+    outcome.row("  items lost / not ok (ledger)", f"{cell.ledger.lost} / {cell.ledger.not_ok}")
     if cell.credit is not None:
         outcome.row("  calls after the first refusal", str(cell.credit.calls_after_refusal))
-        outcome.row("  rerun after /_topup", f"{cell.credit.topup:,} tokens; {cell.credit.rerun_error or 'no error'}")
+        outcome.row(
+            "  rerun after /_topup",
+            f"{cell.credit.topup:,} tokens; {cell.credit.rerun.error or 'ended without an error'}",
+        )
     for text, met, detail in cell.goals:
         outcome.goal(f"{cell.key}: {text}", met, detail)
     key = cell.key
@@ -375,7 +409,7 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
     outcome.metrics[f"{key}_refused_share"] = s.refused_share
     outcome.metrics[f"{key}_lost"] = cell.ledger.lost
     outcome.metrics[f"{key}_misclassified"] = sum(cell.ledger.misclassified.values())
-    outcome.metrics[f"{key}_error"] = cell.error
+    outcome.metrics[f"{key}_error"] = cell.ended.error
 
 
 if __name__ == "__main__":

@@ -396,9 +396,9 @@ class Reply:
     holds exactly the values the limit was enforced on. ``cut_after`` makes the
     server write only that many body bytes (under a full Content-Length) and
     then reset the connection — the "connection dropped mid-body" fault.
-    ``refused`` marks the limiter's own refusals, whatever status a service's
-    dialect gives them (GitHub's quota answers 403), so ``/_stats`` can tell
-    them from admitted requests.
+    ``refused`` marks a refusal by the service's own limits (its limiter, the
+    LLM's credit), whatever status its dialect gives it (GitHub's quota
+    answers 403), so ``/_stats`` can tell refusals from admitted requests.
     """
 
     status: int

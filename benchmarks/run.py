@@ -15,6 +15,7 @@ import time
 from benchmarks import (
     closed_loop,
     compaction,
+    conventions,
     crash_cost,
     failed_query,
     overhead,
@@ -26,7 +27,17 @@ from benchmarks.common import Outcome, machine_line, write_json
 
 BENCHMARKS = {
     module.NAME: module.run
-    for module in (overhead, planning, failed_query, compaction, crash_cost, utilisation, closed_loop, real_limit)
+    for module in (
+        overhead,
+        planning,
+        failed_query,
+        compaction,
+        crash_cost,
+        utilisation,
+        closed_loop,
+        real_limit,
+        conventions,
+    )
 }
 
 

@@ -222,7 +222,7 @@ def test_keep_alive_arrivals_and_per_peer_stats(api: ServiceHandle) -> None:
         assert http.get("/items/after-post").status_code == 200
     arrivals = api.arrivals()
     assert [a["item"] for a in arrivals] == ["k0", "k1", "k2", "k3", "k4", None, "after-post"]
-    assert set(arrivals[0]) == {"t", "path", "item", "status", "peer", "tokens"}
+    assert set(arrivals[0]) == {"t", "path", "item", "status", "peer", "tokens", "refused"}
     assert arrivals[0]["path"] == "/items/k0" and arrivals[0]["tokens"] == 0
     stats = api.stats()
     assert stats["peers"] == 1

@@ -9,8 +9,11 @@ limit" is judged by the service, never by the client's own bookkeeping.
         ...  # hit api.url
         assert api.stats()["busiest_1s"] <= 50
 
-See ``http_api`` (JSON API, batch endpoint, website, fault prefixes) and
-``llm`` (OpenAI-compatible chat completions with tokens/min and requests/min).
+See ``http_api`` (JSON API, batch endpoint, website, fault prefixes, and
+providers' limit dialects: ``start_http_api(dialect="github", quota=60,
+quota_window_s=2)``, ``"discord"``, ``"shopify"``) and ``llm`` (OpenAI-compatible
+chat completions with tokens/min and requests/min, and a prepaid credit:
+``start_llm(credit_tokens=5000)``).
 """
 
 from pipeline.localservices._common import ServiceHandle, start_http_api, start_llm

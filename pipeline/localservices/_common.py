@@ -4,9 +4,10 @@ Each service is a stdlib ``ThreadingHTTPServer`` run in its own subprocess, so
 it never shares a GIL with the client under test and its clock-keeping is not
 slowed down by the load it is measuring. What is common to all of them lives
 here: the arrival log that is the server-side source of truth for "did the
-client respect the limit", the limiters that enforce it (a sliding window, and
-a fixed-window quota) and the OpenAI / IETF rate-limit headers that report
-their state, the busiest-window arithmetic used by ``/_stats``, the deterministic faults
+client respect the limit", the limiters that enforce it (a sliding window, a
+fixed-window quota and a leaky bucket) and the OpenAI / IETF rate-limit headers
+that report their state, the busiest-window and bucket-replay arithmetic used by
+``/_stats``, the deterministic faults
 chosen by a key's prefix (:class:`Faults`), the request/response plumbing
 (keep-alive, Content-Length always set, admin endpoints under ``/_``) and the
 parent-side ``ServiceHandle`` that launches a service and reads its READY line.
@@ -37,6 +38,7 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from email.message import Message
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Protocol
@@ -85,8 +87,26 @@ def busiest_window(times: Iterable[float], window_s: float, weights: Iterable[fl
     return best
 
 
+def leaky_bucket_peak(times: Iterable[float], leak_rate: float) -> Fraction:
+    """Fullest a leaky bucket gets when each arrival adds 1 and it drains ``leak_rate`` per second.
+
+    Replays the arrivals in exact rational arithmetic, as :class:`LeakyBucket`
+    does on the very same timestamps, so the admitted arrivals of a bucket of
+    size B replay to at most B, bit for bit: the bucket's own account checked
+    from the arrival log alone.
+    """
+    level, last, peak = Fraction(0), None, Fraction(0)
+    rate = Fraction(leak_rate)
+    for t in sorted(times):
+        if last is not None:
+            level = max(Fraction(0), level - rate * (Fraction(t) - Fraction(last)))
+        level, last = level + 1, t
+        peak = max(peak, level)
+    return peak
+
+
 class Admission(NamedTuple):
-    """Outcome of ``try_admit`` on a :class:`SlidingWindowLimiter` or a :class:`FixedWindowQuota`.
+    """Outcome of ``try_admit`` on a :class:`Limiter`.
 
     ``t`` is the timestamp the limiter used; callers record the arrival with
     exactly this value. ``wait`` is 0 when admitted, else the seconds until
@@ -181,11 +201,17 @@ class FixedWindowQuota:
     the moment the quota was made or last cleared. Within a window nothing is
     refused until a budget is spent; then every request waits for the window
     to end. Same interface as :class:`SlidingWindowLimiter`.
+
+    ``aligned`` starts the first window at the whole second before that
+    moment (so the first window is shorter), as providers that report their
+    reset as integer epoch seconds do: with whole-second windows every window
+    then ends exactly on the epoch second the header states, unrounded.
     """
 
-    def __init__(self, window_s: float, limits: dict[str, float]) -> None:
+    def __init__(self, window_s: float, limits: dict[str, float], *, aligned: bool = False) -> None:
         self.window_s = window_s
         self.limits = dict(limits)
+        self.aligned = aligned
         self._lock = threading.Lock()
         self._last_t = 0.0
         self.clear()
@@ -212,8 +238,59 @@ class FixedWindowQuota:
     def clear(self) -> None:
         """Start a fresh window now (used by ``/_reset``)."""
         with self._lock:
-            self._start, self._window = time.time(), 0.0
+            now = time.time()
+            self._start, self._window = float(math.floor(now)) if self.aligned else now, 0.0
             self._used = dict.fromkeys(self.limits, 0.0)
+
+
+class LeakyBucket:
+    """A request bucket of ``size`` that leaks ``leak_rate`` per second, as Shopify's REST Admin API limits.
+
+    Each admitted request adds its cost; the level drains continuously, never
+    below 0. A request that would take the level over ``size`` is refused and
+    adds nothing. The level is kept as an exact fraction of the float
+    timestamps, so :func:`leaky_bucket_peak` replaying the arrival log gets
+    the same levels, and no rounding lets a request in over the brim.
+
+    As a :class:`Limiter`: ``limits`` is ``{"requests": size}``; ``window_s``
+    is the time a full bucket takes to drain (``size / leak_rate``);
+    ``remaining`` is the whole requests that would fit now (``floor(size -
+    level)``, so ``size - remaining`` is the level rounded up); ``reset_s`` is
+    the time until the bucket is empty; ``wait`` is the time until this
+    request would fit.
+    """
+
+    def __init__(self, size: int, leak_rate: float) -> None:
+        self.size = size
+        self.leak_rate = leak_rate
+        self.window_s = size / leak_rate
+        self.limits: dict[str, float] = {"requests": size}
+        self._rate = Fraction(leak_rate)
+        self._lock = threading.Lock()
+        self._last_t = 0.0
+        self._level = Fraction(0)
+
+    def try_admit(self, costs: dict[str, float]) -> Admission:
+        """Drain the bucket to now, then add ``costs["requests"]`` if it fits under the brim."""
+        cost = Fraction(costs.get("requests", 0.0))
+        with self._lock:
+            now = max(time.time(), self._last_t)
+            self._level = max(Fraction(0), self._level - self._rate * (Fraction(now) - Fraction(self._last_t)))
+            self._last_t = now
+            if cost > self.size:
+                wait = float("inf")
+            elif self._level + cost > self.size:
+                wait = float((self._level + cost - self.size) / self._rate)
+            else:
+                wait = 0.0
+                self._level += cost
+            remaining = {"requests": float(math.floor(self.size - self._level))}
+            return Admission(now, wait, remaining, float(self._level / self._rate))
+
+    def clear(self) -> None:
+        """Empty the bucket (used by ``/_reset``)."""
+        with self._lock:
+            self._level = Fraction(0)
 
 
 def go_duration(seconds: float) -> str:
@@ -319,6 +396,9 @@ class Reply:
     holds exactly the values the limit was enforced on. ``cut_after`` makes the
     server write only that many body bytes (under a full Content-Length) and
     then reset the connection — the "connection dropped mid-body" fault.
+    ``refused`` marks a refusal by the service's own limits (its limiter, the
+    LLM's credit), whatever status its dialect gives it (GitHub's quota
+    answers 403), so ``/_stats`` can tell refusals from admitted requests.
     """
 
     status: int
@@ -329,6 +409,7 @@ class Reply:
     item: str | None = None
     tokens: int = 0
     cut_after: int | None = None
+    refused: bool = False
 
 
 def json_reply(status: int, payload: Any, headers: dict[str, str] | None = None, **facts: Any) -> Reply:
@@ -385,6 +466,7 @@ class Service:
                 "status": reply.status,
                 "peer": request.peer,
                 "tokens": reply.tokens,
+                "refused": reply.refused,
             }
         )
         return reply
@@ -637,6 +719,10 @@ class ServiceHandle:
         """``POST /_reset``: forget arrivals, limiter budgets and fault counters."""
         self._call("POST", "/_reset")
 
+    def post_admin(self, path: str, payload: Any) -> Any:
+        """POST ``payload`` as JSON to a service's own admin endpoint, e.g. the LLM's ``/_topup``."""
+        return self._call("POST", path, payload)
+
     def stop(self) -> None:
         """Terminate the subprocess and wait for it; safe to call twice."""
         _terminate(self.process)
@@ -651,8 +737,9 @@ class ServiceHandle:
     def __repr__(self) -> str:
         return f"ServiceHandle({self.url!r}, pid={self.process.pid})"
 
-    def _call(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        data = json.dumps(payload).encode() if payload is not None else b"" if method == "POST" else None
+        request = urllib.request.Request(self.url + path, method=method, data=data)
         with self._opener.open(request, timeout=10) as response:
             return json.load(response)
 
@@ -731,7 +818,9 @@ def start_http_api(**options: Any) -> ServiceHandle:
 
     Options are the flags of ``python -m pipeline.localservices.http_api``
     with dashes written as underscores; switches take ``True``, e.g.
-    ``start_http_api(quota=100, quota_window_s=60, retry_after_date=True)``.
+    ``start_http_api(quota=100, quota_window_s=60, retry_after_date=True)``,
+    and a provider's dialect is ``start_http_api(dialect="github", quota=60,
+    quota_window_s=2)`` or ``start_http_api(dialect="shopify", bucket=40, leak_rate=2.0)``.
     """
     return launch_service(f"{__package__}.http_api", options)
 
@@ -740,6 +829,7 @@ def start_llm(**options: Any) -> ServiceHandle:
     """Start the OpenAI-compatible LLM, e.g. ``start_llm(tpm=6000, rpm=120, window_s=10)``.
 
     Options are the flags of ``python -m pipeline.localservices.llm`` with
-    dashes written as underscores.
+    dashes written as underscores; ``start_llm(credit_tokens=5000)`` runs out
+    of prepaid credit after 5,000 tokens (``handle.post_admin("/_topup", {"tokens": n})`` adds more).
     """
     return launch_service(f"{__package__}.llm", options)

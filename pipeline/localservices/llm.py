@@ -2,7 +2,7 @@
 
     python -m pipeline.localservices.llm --port 0 --tpm 6000 --rpm 120 \\
         [--window-s 60] [--key SECRET] [--completion-tokens 16] [--latency-ms 20] \\
-        [--state-file PATH]
+        [--credit-tokens N] [--state-file PATH]
 
 It prints ``READY http://127.0.0.1:<port>`` once listening. It lets the
 token-budget logic of a client be judged by the server, not by the client's
@@ -39,6 +39,20 @@ are per window, whatever its length.
 
 ``--key SECRET`` requires ``Authorization: Bearer SECRET`` (else 401).
 
+Out of credit (``--credit-tokens N``, OpenAI's prepaid balance running dry;
+https://platform.openai.com/docs/guides/error-codes/api-errors): every
+admitted request's total_tokens is also charged against a balance of N. Once
+the balance cannot cover a request, that request and every later one, however
+small, get ``429`` without ``Retry-After`` (waiting does not help) and
+``{"error": {"message": "You exceeded your current quota, please check your
+plan and billing details. For more information on this error, read the docs:
+https://platform.openai.com/docs/guides/error-codes/api-errors.", "type":
+"insufficient_quota", "param": null, "code": "insufficient_quota"}}``, until
+``POST /_topup`` with ``{"tokens": N}`` adds N to the balance (answering
+``{"credit_left": ...}``; a body without a positive integer is a 400). The
+balance is checked after the faults and before the rate budgets, so a request
+refused for credit charges neither; ``/_reset`` restores the starting balance.
+
 Faults, chosen by the prefix of the last message's text (deterministic), so
 a prompt file can exercise a client's error handling: the prefixes of
 ``http_api`` items (``e500-``, ``e503-``, ``e404-``, ``e400-``, ``throttle-``,
@@ -50,15 +64,22 @@ and a healed ``heal{N}-`` give is admitted and charged as usual. ``heal{N}``
 counts hits per exact prompt text; ``--state-file`` keeps the counts across
 restarts, and ``/_reset`` clears them.
 
-Admin: ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``.
+``/_stats``: ``count``, ``by_status``, ``accepted_requests`` / ``accepted_tokens`` (200s),
+``busiest_window_tokens`` / ``busiest_window_requests`` (accepted, in the busiest sliding
+window) against ``tpm`` / ``rpm`` per ``window_s``, ``refused`` (429s of the rate
+budgets and of the credit; each arrival in ``/_arrivals`` says ``refused``), ``credit_left`` (``None`` without ``--credit-tokens``), ``refused_for_credit``,
+``first_t`` / ``last_t``.
+
+Admin: ``GET /_stats``, ``GET /_arrivals``, ``POST /_reset``, ``POST /_topup``.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.localservices._common import (
     Admission,
@@ -77,6 +98,10 @@ from pipeline.localservices._common import (
 from pipeline.tokens import content_text, prompt_tokens
 
 CHAT_PATH = "/v1/chat/completions"
+OUT_OF_CREDIT = (
+    "You exceeded your current quota, please check your plan and billing details. For more information on this "
+    "error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
+)
 
 
 def _error(
@@ -120,6 +145,53 @@ def _parse_chat(request: Request) -> tuple[dict[str, Any] | None, str]:
     return body, ""
 
 
+class Credit:
+    """A prepaid token balance that, once it could not cover a request, refuses everything until topped up.
+
+    Sticky on purpose: OpenAI refuses every call of an account out of credit,
+    a small one included, so a client cannot sneak cheap calls through and
+    must stop. ``tokens=None`` is unlimited. ``spend`` holds the balance's lock
+    around the rate limiter's decision, so concurrent requests can never
+    together spend more than the balance.
+    """
+
+    def __init__(self, tokens: int | None) -> None:
+        self.initial = tokens
+        self._lock = threading.Lock()
+        self.clear()
+
+    def spend(self, tokens: int, admit: Callable[[], Admission]) -> Admission | None:
+        """``admit()`` and, if admitted, charge ``tokens``; ``None`` when the balance cannot cover them."""
+        with self._lock:
+            if self.left is not None and (self._dry or tokens > self.left):
+                self._dry = True
+                self.refused += 1
+                return None
+            admission = admit()
+            if admission.wait == 0 and self.left is not None:
+                self.left -= tokens
+            return admission
+
+    def topup(self, tokens: int) -> int | None:
+        """Add ``tokens`` and lift the refusal (the next request that does not fit sets it again)."""
+        with self._lock:
+            if self.left is not None:
+                self.left += tokens
+            self._dry = False
+            return self.left
+
+    def clear(self) -> None:
+        """Back to the starting balance (used by ``/_reset``)."""
+        with self._lock:
+            self.left, self._dry, self.refused = self.initial, False, 0
+
+
+def _out_of_credit() -> Reply:
+    reply = _error(429, OUT_OF_CREDIT, "insufficient_quota", "insufficient_quota")
+    reply.refused = True
+    return reply
+
+
 class LocalLlm(Service):
     """State shared by handler threads: the token/request limiter and settings."""
 
@@ -132,6 +204,7 @@ class LocalLlm(Service):
         completion_tokens: int,
         latency_ms: float,
         state_file: str | None = None,
+        credit_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.limiter = SlidingWindowLimiter(window_s, {"tokens": tpm, "requests": rpm})
@@ -140,6 +213,19 @@ class LocalLlm(Service):
         self.completion_tokens = completion_tokens
         self.latency_s = latency_ms / 1000
         self.faults = Faults(_fault_error, state_file)
+        self.credit = Credit(credit_tokens)
+
+    def admin(self, request: Request) -> Reply:
+        """The shared admin endpoints, plus ``POST /_topup`` ``{"tokens": N}`` to add credit."""
+        if (request.method, request.path) != ("POST", "/_topup"):
+            return super().admin(request)
+        try:
+            tokens = request.json().get("tokens")
+        except (ValueError, AttributeError):
+            tokens = None
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            return json_reply(400, {"error": 'body must be {"tokens": N} with N a positive integer'})
+        return json_reply(200, {"credit_left": self.credit.topup(tokens)})
 
     def handle(self, request: Request) -> Reply:
         if not request.bearer_ok(self.key):
@@ -157,7 +243,11 @@ class LocalLlm(Service):
         requested = body.get("max_tokens", body.get("max_completion_tokens")) or self.completion_tokens
         usage = {"prompt_tokens": prompt_tokens(messages), "completion_tokens": min(requested, self.completion_tokens)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        admission = self.limiter.try_admit({"tokens": usage["total_tokens"], "requests": 1})
+        admission = self.credit.spend(
+            usage["total_tokens"], lambda: self.limiter.try_admit({"tokens": usage["total_tokens"], "requests": 1})
+        )
+        if admission is None:
+            return _out_of_credit()
         if admission.wait > 0:
             return self._rejected(admission, usage["total_tokens"])
         time.sleep(self.latency_s)
@@ -201,6 +291,7 @@ class LocalLlm(Service):
                 "rate_limit_exceeded",
                 headers,
             )
+            reply.refused = True
         reply.t = admission.t
         return reply
 
@@ -219,15 +310,19 @@ class LocalLlm(Service):
             "window_s": self.window_s,
             "tpm": self.tpm,
             "rpm": self.rpm,
+            "refused": sum(1 for a in arrivals if a["refused"]),
+            "credit_left": self.credit.left,
+            "refused_for_credit": self.credit.refused,
             "first_t": min((a["t"] for a in arrivals), default=None),
             "last_t": max((a["t"] for a in arrivals), default=None),
         }
 
     def reset(self) -> None:
-        """Clear arrivals, both budgets and the fault heal counters."""
+        """Clear arrivals, both budgets and the fault heal counters; restore the starting credit."""
         super().reset()
         self.limiter.clear()
         self.faults.clear()
+        self.credit.clear()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,9 +334,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key", default=None, help="require Authorization: Bearer KEY")
     parser.add_argument("--completion-tokens", type=int, default=16)
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--credit-tokens", type=int, default=None, help="prepaid tokens; spent, every call is insufficient_quota"
+    )
     args = parser.parse_args(argv)
     service = LocalLlm(
-        args.tpm, args.rpm, args.window_s, args.key, args.completion_tokens, args.latency_ms, args.state_file
+        args.tpm,
+        args.rpm,
+        args.window_s,
+        args.key,
+        args.completion_tokens,
+        args.latency_ms,
+        args.state_file,
+        args.credit_tokens,
     )
     serve(service, args.port, args.watch_stdin)
 

@@ -181,10 +181,19 @@ def test_items_come_back_in_the_order_they_are_due():
 
 def test_at_a_chunks_end_long_waits_go_to_the_retry_round_short_ones_are_sat_out():
     policy = ThrottlePolicy(PACING)
+    for _ in range(18):  # two throttles in twenty first tries: rare, about their items
+        policy.on_success(None, first_try=True, now=0.0)
     policy.on_throttle("soon", 1, throttle(wait=END_OF_CHUNK_WAIT_S / 2, scope=ITEM), now=0.0)
     policy.on_throttle("later", 1, throttle(wait=5.0, scope=ITEM), now=0.0)
     assert policy.leave_to_retry_round(now=0.0) == ["later"]
     assert len(policy) == 1 and policy.due(END_OF_CHUNK_WAIT_S) == "soon"
+
+
+def test_at_a_chunks_end_a_throttling_service_is_waited_for_not_handed_to_the_round():
+    policy = ThrottlePolicy(PACING)
+    policy.on_success(None, first_try=True, now=0.0)
+    policy.on_throttle("a", 1, throttle(wait=5.0), now=0.0)  # one throttle in two first tries: the service
+    assert policy.leave_to_retry_round(now=0.0) == [] and policy.next_due() == 5.0
 
 
 # -- the credential guard ----------------------------------------------------------------------

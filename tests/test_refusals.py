@@ -496,8 +496,13 @@ def test_the_verdict_carries_the_quota_the_headers_loop_reads() -> None:
     ok = httpx.Response(200, headers={"X-RateLimit-Remaining": "4", "X-RateLimit-Reset": str(int(NOW) + 2)})
     verdict = read(response_answer(ok, NOW))
     assert verdict.signal.requests.rate == 2.0, "GitHub's remaining over its epoch reset: 4 calls in 2 s"
-    shopify = read(response_answer(httpx.Response(200, headers={"X-Shopify-Shop-Api-Call-Limit": "39/40"}), NOW))
-    assert shopify.signal.requests.rate == 2.0, "the bucket drains 2 calls/s: that is the pace it allows"
+
+    def bucket_rate(used: int) -> float:
+        response = httpx.Response(200, headers={"X-Shopify-Shop-Api-Call-Limit": f"{used}/40"})
+        return read(response_answer(response, NOW)).signal.requests.rate
+
+    assert bucket_rate(20) == 2.0, "half full: the drain rate, 2 calls/s on a standard plan"
+    assert bucket_rate(39) < 0.11 and bucket_rate(1) == 78.0, "nearly full: a trickle; nearly empty: a burst"
 
 
 def test_the_readme_table_names_every_row() -> None:

@@ -30,7 +30,7 @@ from pipeline.limits import ServiceLimit
 from pipeline.localservices.site import add_site, start_site
 from pipeline.report import busiest_window
 from pipeline.spec import BackfillSpec, Service
-from pipeline.workloads import ByDomain
+from pipeline.workloads import ByDomain, ScrapeWork, WorkloadConfigError
 from pipeline.workloads.robots import (
     PARSE_LIMIT_BYTES,
     ROBOTS_TTL_S,
@@ -301,7 +301,5 @@ def test_groups_are_matched_by_the_product_token(user_agent: str, token: str) ->
 
 
 def test_a_user_agent_without_a_product_token_is_refused() -> None:
-    from pipeline.workloads import ScrapeWork, WorkloadConfigError
-
     with pytest.raises(WorkloadConfigError, match=r"ScrapeWork.user_agent: .*does not start with a product token"):
         ScrapeWork(user_agent="/1.0 (+https://example.com)")

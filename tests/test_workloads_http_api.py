@@ -74,7 +74,9 @@ def test_faults_become_the_right_rows(runner, http_api: ServiceHandle) -> None:
     assert outcome("e500-a") == ("http_500", False, True)
     assert outcome("e503-a") == ("http_503", False, True)
     assert outcome("throttle-a") == ("http_429", False, True)
-    assert rows["throttle-a"]["tries"] == 4, "Retry-After waited out 3 times in the chunk, then left to a retry round"
+    assert rows["throttle-a"]["tries"] == 4, (
+        "alone in its chunk, every call throttled: the service paces it, so it waits"
+    )
     assert outcome("e404-a") == ("http_404", False, False)
     assert outcome("e400-a") == ("http_400", False, False)
     assert outcome("badjson-a") == ("bad_payload", False, False)

@@ -47,10 +47,12 @@ Formats read
                                (:func:`reset_seconds`). Twitter/X spells it
                                ``x-rate-limit-*``
     ``X-Shopify-Shop-Api-Call-Limit: 39/40``
-                               Shopify's leaky bucket: used/size. It drains at
-                               ``SHOPIFY_LEAK_PER_S`` (the standard plan's 2 calls/s),
-                               so the rate it allows is that drain, with the free
-                               slots as the only burst
+                               Shopify's leaky bucket: used/size. The free slots are the
+                               remaining budget, and the bucket's time to drain (used /
+                               ``SHOPIFY_LEAK_PER_S``, the standard plan's 2 calls/s) its
+                               reset: a nearly empty bucket allows a burst, a half-full one
+                               the drain rate, a fuller one less, so workers settle where
+                               the bucket stops filling, whatever its real drain rate
 
 Where one response carries several dialects, the first of OpenAI, Anthropic,
 IETF, the X-RateLimit family and Shopify that says anything about a quota gives all of that quota, so limit,
@@ -237,7 +239,7 @@ def _shopify(headers: dict[str, str]) -> Quota:
     if used_n is None or not size_n:
         return Quota()
     free = max(0.0, size_n - used_n)
-    return Quota(limit=size_n, remaining=free, reset_s=max(free, 1.0) / SHOPIFY_LEAK_PER_S)
+    return Quota(limit=size_n, remaining=free, reset_s=max(used_n, 1.0) / SHOPIFY_LEAK_PER_S)
 
 
 def reset_seconds(value: str | None, now: float) -> float | None:

@@ -25,7 +25,8 @@ either the service's patience or the run's speed:
 * **Does the worker wait too?** Yes when the service said its budget is spent
   (a call now would be refused as well), and when two throttles come in a row.
 
-At the end of a chunk, an item whose wait is longer than
+At the end of a chunk, while throttles are rare (``RARE_THROTTLES``: about
+items, not the service), an item whose wait is longer than
 ``END_OF_CHUNK_WAIT_S`` goes to the retry round rather than keeping the
 worker (and, for the last chunk, the attempt) idle until it is due.
 
@@ -49,7 +50,14 @@ from pipeline.pacing.aimd import Aimd
 from pipeline.pacing.schedule import Pacing
 from pipeline.refusals import SERVICE, Meaning
 
-__all__ = ["DEFAULT_WAIT_S", "END_OF_CHUNK_WAIT_S", "ISOLATED_AFTER", "Step", "ThrottlePolicy"]
+__all__ = [
+    "DEFAULT_WAIT_S",
+    "END_OF_CHUNK_WAIT_S",
+    "ISOLATED_AFTER",
+    "RARE_THROTTLES",
+    "Step",
+    "ThrottlePolicy",
+]
 
 ISOLATED_AFTER = 5
 """Calls (first tries) that went through since the worker's last throttle for a new throttle, of a scope the
@@ -57,9 +65,15 @@ service did not say, to count as about its item. At a real limit below the pace,
 apart; hot keys among many items come hundreds apart. Five lets a 2% hot-key rate pass without a cut."""
 
 END_OF_CHUNK_WAIT_S = 0.5
-"""At a chunk's end, a throttled item due later than this goes to the retry round. Shorter waits are cheaper
-to sit out than a retry round's start-up; longer ones would idle the worker (and the attempt's end) for an
-item the service singled out."""
+"""At a chunk's end, a throttled item due later than this goes to the retry round (when throttles are rare, see
+``RARE_THROTTLES``). Shorter waits are cheaper to sit out than a retry round's start-up; longer ones would idle
+the worker (and the attempt's end) for an item the service singled out."""
+
+RARE_THROTTLES = 0.1
+"""Throttles are about items, not the service, while at most this share of first tries was throttled. Then an
+item still waiting at a chunk's end goes to the retry round. When throttles are common the service is pacing
+the whole run, the items are not at fault, and sending them to the round would only spend attempts: the worker
+waits as the service asked."""
 
 DEFAULT_WAIT_S = 1.0
 """The wait after a throttle that named none (RFC 6585 leaves Retry-After optional): one common window."""
@@ -79,12 +93,25 @@ class ThrottlePolicy:
     Pure: it is handed ``now`` and reads no clock. Items are opaque to it.
     """
 
-    __slots__ = ("_pacing", "aimd", "_clean_calls", "_in_a_row", "_quiet_until", "_suspects", "_deferred", "_order")
+    __slots__ = (
+        "_pacing",
+        "aimd",
+        "_clean_calls",
+        "_first_tries",
+        "_first_throttles",
+        "_in_a_row",
+        "_quiet_until",
+        "_suspects",
+        "_deferred",
+        "_order",
+    )
 
     def __init__(self, pacing: Pacing, factor: float = 1.0):
         self._pacing = pacing
         self.aimd = Aimd(factor)
-        self._clean_calls = 0  # a fresh worker has no evidence for its pace yet
+        self._clean_calls = 0  # first tries through since the last throttle: a fresh worker has no evidence yet
+        self._first_tries = 0  # first tries settled, and how many of them were throttled (``RARE_THROTTLES``)
+        self._first_throttles = 0
         self._in_a_row = False
         self._quiet_until = -1.0  # one cut per refusal episode: not again until the wait it asked is over
         self._suspects: set[int] = set()  # items whose throttle did not cut: their retry tells whose fault it was
@@ -105,6 +132,7 @@ class ThrottlePolicy:
         """
         self._in_a_row = False
         self._clean_calls += first_try
+        self._first_tries += first_try
         if not first_try and id(item) in self._suspects:
             self._suspects.clear()  # the other throttles of that moment are the same episode: one cut for all
             if now >= self._quiet_until:
@@ -128,6 +156,8 @@ class ThrottlePolicy:
         about_service = self._about_service(failure, tries)
         if tries == 1:
             self._clean_calls = 0
+            self._first_tries += 1
+            self._first_throttles += 1
         hold = wait if self._service_said_wait(failure) or (failure.scope is None and in_a_row) else 0.0
         if about_service and now >= self._quiet_until:
             self.aimd.on_throttle()
@@ -166,7 +196,12 @@ class ThrottlePolicy:
         return self._deferred[0][0] if self._deferred else None
 
     def leave_to_retry_round(self, now: float) -> list[Any]:
-        """At a chunk's end: take back the items not due within ``END_OF_CHUNK_WAIT_S`` (their rows go to the round)."""
+        """At a chunk's end: take back the items the retry round should have (their rows are written then).
+
+        Only while throttles are rare (about items): those not due within ``END_OF_CHUNK_WAIT_S``.
+        """
+        if self._first_throttles > RARE_THROTTLES * self._first_tries:
+            return []
         keep = [entry for entry in self._deferred if entry[0] <= now + END_OF_CHUNK_WAIT_S]
         left = [entry[2] for entry in self._deferred if entry[0] > now + END_OF_CHUNK_WAIT_S]
         heapq.heapify(keep)

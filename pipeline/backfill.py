@@ -10,7 +10,6 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,10 +20,11 @@ from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
-from pipeline.manifests import ManifestError, ManifestStore, check_name
+from pipeline.manifests import ManifestError, ManifestStore, check_name, result_table
+from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport, attempt_report
-from pipeline.runner import ChunkResult, make_chunk_function
+from pipeline.runner import Chunk, ChunkResult, make_chunk_function
 from pipeline.work import Work
 
 
@@ -139,6 +139,12 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanRe
     """
     if attempt < 1:
         raise ValueError(f"a retry round is attempt 1 or later, got {attempt}.")
+    if stopped_for_credit(store, backfill.name, attempt - 1):
+        raise ManifestError(
+            f"{backfill.name}: attempt {attempt - 1} stopped because the service's account ran out of credit. "
+            f"Run attempt {attempt - 1} again once the account is topped up (it calls only the items it did not "
+            f"finish); plan attempt {attempt} after that."
+        )
     path = store.plan_path(backfill.name, attempt)
     if store.exists(path):  # a round is planned once: rerunning it resumes its chunks, not new ones
         plan = store.read_table(path)
@@ -187,26 +193,31 @@ def run_attempt(
             f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}",
         )
     scan = store.scan_chunks(backfill.name, attempt)
+    stopped = stopped_for_credit(store, backfill.name, attempt) if scan.finished else {}
+    finished = scan.finished - stopped.keys()
     chunks = iter_chunks(
         plan,
         backfill=backfill.name,
         attempt=attempt,
         run_id=run_id,
         pacing=execution.pacing,
-        skip=scan.finished,
+        skip=finished,
         first_wave=execution.max_parallelism,
     )
+    credit = _CreditWatch()
+    chunks = (_left_by_credit(chunk, stopped) for chunk in credit.until_dry(chunks))
     total_chunks = chunk_count(plan)
-    done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(scan.finished), pa.int32()))).as_py() or 0)
-    progress = Progress(len(scan.finished), total_chunks, done_items, plan.num_rows, 0)
+    done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(finished), pa.int32()))).as_py() or 0)
+    progress = Progress(len(finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
     credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
-    results = executor.map(function, chunks, execution.max_parallelism)
-    for result in results:
+    for result in executor.map(function, chunks, execution.max_parallelism):
         if result.out_of_credit is not None:
-            _stop_out_of_credit(backfill, results, result.out_of_credit)
+            credit.said = credit.said or result.out_of_credit
+            _write_chunk(store, result, stopped)
+            continue
         for ready in credentials.admit(result):
-            store.write_chunk(ready)
+            _write_chunk(store, ready, stopped)
             progress = Progress(
                 progress.chunks_done + 1,
                 total_chunks,
@@ -218,30 +229,82 @@ def run_attempt(
             if on_progress:
                 on_progress(progress)
     for refused in credentials.held_back:  # the run ended before it could tell: record them after all
-        store.write_chunk(refused)
+        _write_chunk(store, refused, stopped)
+    if credit.said is not None:
+        raise _out_of_credit(backfill, credit.said)
     compaction = compact_attempt(store, backfill.name, attempt)
     with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
         report = attempt_report(ledger, backfill.name, attempt, run_id)
         counts = ledger.counts(backfill.name)
     advice = advise(report, declared.limit, declared.estimates)
-    return RunResult(report, counts, len(scan.finished), scan.unreadable, execution, compaction, advice)
+    return RunResult(report, counts, len(finished), scan.unreadable, execution, compaction, advice)
 
 
-def _stop_out_of_credit(backfill: Backfill, results: Iterator[ChunkResult], said: str) -> NoReturn:
-    """Start no more chunks and say why. The chunks that were running end at their next refused call.
+class _CreditWatch:
+    """Stops handing out chunks once one ran dry: the account is empty for every worker.
 
-    Chunks that ran out of credit are not written, so none of their items is
-    recorded failed (let alone dead): a rerun of this attempt after a top-up
-    does them, and skips every chunk written before.
+    The chunks already running end at their next refused call; each chunk
+    that ran dry is written with the rows it finished and an ``out_of_credit``
+    row for every other item, so nothing is failed for good and no finished
+    call is paid for twice: a rerun of the attempt after a top-up calls only
+    those items (``stopped_for_credit``) and the chunks never started.
     """
-    close = getattr(results, "close", None)
-    if callable(close):
-        close()  # the executor cancels the chunks not started and waits for the running ones
-    raise OutOfCredit(
+
+    def __init__(self) -> None:
+        self.said: str | None = None  # what the service said, once a chunk ran dry
+
+    def until_dry(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        for chunk in chunks:
+            if self.said is not None:
+                return
+            yield chunk
+
+
+def _out_of_credit(backfill: Backfill, said: str) -> OutOfCredit:
+    return OutOfCredit(
         f"{backfill.name}: {backfill.service} says the account is out of credit or quota: {said} "
         "Paceline stopped the run instead of retrying into an empty account. Top up the account (or raise "
-        "its spending limit), then run this attempt again: finished chunks are kept, the rest are done then."
+        "its spending limit), then run this attempt again: it calls only the items not done yet."
     )
+
+
+def stopped_for_credit(store: ManifestStore, backfill: str, attempt: int) -> dict[int, pa.Table]:
+    """Chunks of an attempt that an empty account stopped: chunk id -> the rows they did finish.
+
+    Only chunk files can hold them (an attempt is compacted once all its chunks
+    are done), and only ``chunk_id`` and ``status`` are read to find them.
+    """
+    files = store.attempt_files(backfill, attempt).chunks
+    if not files:
+        return {}
+    marks = store.dataset(list(files.values())).to_table(
+        columns=["chunk_id"], filter=pc.field("status") == OUT_OF_CREDIT
+    )
+    stopped = {}
+    for chunk_id in pc.unique(marks["chunk_id"]).to_pylist():
+        rows = store.read_table(files[chunk_id])
+        stopped[chunk_id] = rows.filter(pc.field("status") != OUT_OF_CREDIT)
+    return stopped
+
+
+def _left_by_credit(chunk: Chunk, stopped: dict[int, pa.Table]) -> Chunk:
+    """A chunk an empty account stopped comes back with only the items it did not finish."""
+    finished = stopped.get(chunk.chunk_id)
+    if finished is None:
+        return chunk
+    done = set(finished["item_id"].to_pylist())
+    kept = [(i, p) for i, p in zip(chunk.item_ids, chunk.payloads) if i not in done]
+    return dataclasses.replace(chunk, item_ids=[i for i, _ in kept], payloads=[p for _, p in kept])
+
+
+def _write_chunk(store: ManifestStore, result: ChunkResult, stopped: dict[int, pa.Table]) -> None:
+    """Write a chunk's manifest; a continued chunk's file also keeps the rows its first run finished."""
+    finished = stopped.get(result.chunk_id)
+    if finished is None:
+        store.write_chunk(result)
+    else:
+        path = store.chunk_path(result.backfill, result.attempt, result.chunk_id)
+        store.write_table(path, pa.concat_tables([finished, result_table(result)]))
 
 
 def advice_for(backfill: Backfill, store: ManifestStore, attempt: int) -> list[Advice]:

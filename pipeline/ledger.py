@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.manifests import MANIFEST_SCHEMA, ManifestStore
+from pipeline.outcomes import OUT_OF_CREDIT
 
 VIEWS = ("results", "latest", "failed", "dead", "summary")
 
@@ -61,7 +62,8 @@ class Ledger:
         self.con.execute("SET lock_configuration = true")
 
     def _create_views(self) -> None:
-        left = f"attempt + 1 < {int(self.max_attempts)}"
+        # An item an empty account stopped spent no attempt: it is never dead, whatever its attempt.
+        left = f"(attempt + 1 < {int(self.max_attempts)} OR status = '{OUT_OF_CREDIT}')"
         self.con.execute("CREATE VIEW results AS SELECT * FROM manifest_rows")
         self.con.execute(f"CREATE VIEW latest AS SELECT * FROM results WHERE {_FINAL} UNION ALL {_OPEN_RETRIES}")
         self.con.execute(f"CREATE VIEW failed AS SELECT * FROM ({_OPEN_RETRIES}) WHERE {left}")

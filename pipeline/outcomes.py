@@ -24,7 +24,9 @@ from pipeline.refusals import UNRECOGNISED, Answer, Convention, Meaning, Verdict
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
 _MAX_ERROR_CHARS = 500
 _MAX_BODY_CHARS = 4000
-_STATUS_OF_MEANING = {Meaning.OUT_OF_CREDIT: "out_of_credit", Meaning.CAPACITY: "capacity"}
+OUT_OF_CREDIT = "out_of_credit"
+"""The status of an item an empty account stopped: retryable, never an attempt spent (``pipeline.ledger``)."""
+_STATUS_OF_MEANING = {Meaning.OUT_OF_CREDIT: OUT_OF_CREDIT, Meaning.CAPACITY: "capacity"}
 """Row statuses of the meanings whose HTTP status alone would mislead a reader of the manifest."""
 
 

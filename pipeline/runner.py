@@ -90,7 +90,7 @@ class ChunkResult:
     rows: list[tuple] = field(default_factory=list)
     auth_aborted: bool = False
     credential_refusals: int = 0  # rows refused for their credentials (``pipeline.refusals``), not just 401/403
-    out_of_credit: str | None = None  # what the service said when the account ran dry: the run must stop
+    out_of_credit: str | None = None  # what the service said when the account ran dry: the run stops
 
     item_id = _column(0)
     ok = _column(1)
@@ -136,6 +136,7 @@ def failed_chunk_result(chunk: Chunk, status: str, error: str, done: set[str] | 
 
 
 def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[str]) -> None:
+    """Give ``failure`` to every item of the chunk not in ``done`` (none of them was tried)."""
     now = time.time()
     for item_id in chunk.item_ids:
         if item_id not in done:
@@ -514,12 +515,15 @@ class _ChunkLoop:
         self._stopped = True
 
     def _stop_out_of_credit(self, attempt: _Try, failure: Failure) -> None:
-        """The account cannot pay: no more calls. The run stops, and a rerun after a top-up does this chunk again.
+        """The account cannot pay: no more calls, and the run stops (``backfill.run_attempt``).
 
-        Its rows are not written (``backfill.run_attempt`` drops a chunk that
-        ran out of credit), so no item is recorded failed, let alone dead.
+        Every item without a row gets an ``out_of_credit`` row, retryable and
+        never counted as an attempt spent: a rerun of this attempt after a
+        top-up calls exactly those, and keeps the rows this chunk finished.
         """
-        self._result.out_of_credit = redact(failure.error, self._secrets) or failure.status
+        failure = self._scrubbed(failure)
+        self._result.out_of_credit = failure.error
+        fill_failed(self._result, self._chunk, failure, set(self._result.item_id))
         self._stopped = True
 
     def _fill_rest(self, failure: Failure) -> None:

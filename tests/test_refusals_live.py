@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.backfill import Backfill, OutOfCredit, plan_backfill, run_attempt
+from pipeline.backfill import Backfill, OutOfCredit, plan_backfill, plan_retry, run_attempt
 from pipeline.executors import LocalExecutor
 from pipeline.items import JsonlPrompts, Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api, start_llm
-from pipeline.manifests import ManifestStore
+from pipeline.manifests import ManifestError, ManifestStore
 from pipeline.report import busiest_window
 from pipeline.workloads.http_api import HttpWork
 from pipeline.workloads.llm import LlmWork
@@ -75,12 +75,21 @@ def test_out_of_credit_stops_the_run_then_a_topped_up_rerun_finishes(tmp_path, p
         arrivals = llm.arrivals()
         first_refusal = min(a["t"] for a in arrivals if a["status"] == 429)
         after = [a for a in arrivals if a["t"] > first_refusal]
+        stopped_rows = _latest(store, "dry")
+        with pytest.raises(ManifestError, match="ran out of credit"):
+            plan_retry(backfill, store, 1)  # a retry round would call them twice: the attempt continues instead
         llm.post_admin("/_topup", {"tokens": 100_000})
-        rerun = run_attempt(backfill, store, LocalExecutor())
+        run_attempt(backfill, store, LocalExecutor())
+        rerun_calls = len(llm.arrivals()) - len(arrivals)
 
     message = str(stopped.value)
     assert "out of credit or quota" in message and "exceeded your current quota" in message and "openai" in message
     assert len(after) <= 3 * execution.max_parallelism, "at most three calls per worker after the first refusal"
+    done = [r for r in stopped_rows.values() if r["ok"]]
+    waiting = [r for r in stopped_rows.values() if r["status"] == "out_of_credit"]
+    # A row for each item of the chunks that ran: done, or waiting for credit; the chunks never started have none.
+    assert len(done) + len(waiting) == len(stopped_rows) and waiting
+    assert all(r["retryable"] for r in waiting), "nothing failed for good for want of credit"
     rows = _latest(store, "dry")
     assert len(rows) == 80 and all(r["ok"] for r in rows.values()), "the rerun after the top-up did the rest"
-    assert rerun.counts["dead"] == 0 and rerun.skipped_chunks >= 1, "chunks finished before the stop were kept"
+    assert rerun_calls == 80 - len(done), "the rerun called exactly the items not done: no answer paid for twice"

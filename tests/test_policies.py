@@ -26,9 +26,7 @@ def throttle(wait: float | None = 1.0, scope: str | None = None, meaning: Meanin
 
 
 def test_a_throttle_among_successes_is_about_its_item_the_pace_stays():
-    policy = ThrottlePolicy(PACING)
-    for _ in range(ISOLATED_AFTER):
-        policy.on_success(None, first_try=True, now=0.0)
+    policy = _after_clean_calls()
     step = policy.on_throttle("hot", 1, throttle(), now=10.0)
     assert policy.factor == 1.0
     assert (step.defer_until, step.hold_s) == (11.0, 0.0), "set aside for its Retry-After; the worker goes on"
@@ -75,28 +73,37 @@ def test_two_throttles_in_a_row_hold_the_worker():
 
 
 def test_an_item_throttled_again_on_its_retry_was_hot_the_pace_stays():
-    policy = ThrottlePolicy(PACING)
-    for _ in range(ISOLATED_AFTER):
-        policy.on_success(None, first_try=True, now=0.0)
+    policy = _after_clean_calls()
     policy.on_throttle("hot", 1, throttle(), now=0.0)
     policy.on_success(None, first_try=True, now=0.5)
     policy.on_throttle("hot", 2, throttle(), now=1.0)
     assert policy.factor == 1.0
 
 
-def test_an_isolated_throttle_whose_item_then_goes_through_was_about_the_pace():
+def _after_clean_calls(now: float = 0.0) -> ThrottlePolicy:
     policy = ThrottlePolicy(PACING)
     for _ in range(ISOLATED_AFTER):
-        policy.on_success(None, first_try=True, now=0.0)
+        policy.on_success(None, first_try=True, now=now)
+    return policy
+
+
+def test_an_isolated_throttle_whose_item_then_goes_through_was_about_the_pace():
+    policy = _after_clean_calls()
+    policy.on_throttle("doubtful", 1, throttle(), now=0.1)
+    assert policy.factor == 1.0, "isolated: the benefit of the doubt"
+    policy.on_success("doubtful", first_try=False, now=1.1)
+    assert policy.factor == pytest.approx(DECREASE), "its retry went through: the item was fine, the pace was not"
+
+
+def test_a_second_throttle_while_a_doubtful_one_waits_is_the_pace():
+    policy = _after_clean_calls()
     policy.on_throttle("doubtful", 1, throttle(), now=0.1)
     for _ in range(ISOLATED_AFTER):
         policy.on_success(None, first_try=True, now=0.2)
-    policy.on_throttle("doubtful-too", 1, throttle(), now=0.3)
-    assert policy.factor == 1.0, "both isolated: the benefit of the doubt"
+    policy.on_throttle("another", 1, throttle(), now=0.3)
+    assert policy.factor == pytest.approx(DECREASE), "two throttles within one wait: cut at once"
     policy.on_success("doubtful", first_try=False, now=1.1)
-    assert policy.factor == pytest.approx(DECREASE), "its retry went through: the item was fine, the pace was not"
-    policy.on_success("doubtful-too", first_try=False, now=1.3)
-    assert policy.factor > DECREASE, "one cut for the doubtful throttles of one moment, then probing resumes"
+    assert policy.factor > DECREASE, "and only once: the doubtful one's retry adds no second cut"
 
 
 def test_a_throttle_without_a_wait_waits_the_default_and_tries_run_out():
@@ -160,6 +167,11 @@ def test_independent_workers_find_a_real_limit_below_their_ceiling(workers: int,
     goodput, refused = _simulate(workers, real)
     assert goodput >= 0.9, "most of what the service allows is used"
     assert refused <= 0.025, "with few calls refused once converged"
+
+
+def test_a_limit_above_the_ceiling_is_never_probed_past_the_ceiling():
+    goodput, refused = _simulate(10, real=100.0)
+    assert refused == 0 and goodput == pytest.approx(1.0, abs=0.02), "all of the 90 calls/s ceiling, no more"
 
 
 def test_hot_items_cost_only_their_own_calls():

@@ -28,12 +28,13 @@ from dagster import (
 
 from assets import BackfillKeys, BackfillOptions, paceline_definitions
 from pipeline.executors import BurlaExecutor, LocalExecutor
-from pipeline.items import Values
+from pipeline.items import JsonlPrompts, Values
 from pipeline.limits import Estimates, Overrides
-from pipeline.localservices import ServiceHandle, start_http_api
+from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.report import measure_against_limit
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
+from pipeline.workloads.llm import llm_work
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource
 from resources.service import LIMIT_FIELDS
 
@@ -284,6 +285,28 @@ def test_a_bad_limit_fails_the_run_with_the_engine_message(fresh_api, instance, 
     messages = " ".join(str(e.event_specific_data.error) for e in result.all_events if e.is_failure)
     assert "requests_per_second must be a positive number" in messages
     assert fresh_api.stats()["count"] == 0
+
+
+def test_an_account_out_of_credit_fails_the_run_with_the_services_words(instance, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": {n}, "prompt": "hello number {n}"}}\n' for n in range(30)))
+    with start_llm(credit_tokens=200, latency_ms=0) as llm:
+        backfill = BackfillSpec(
+            name="dry",
+            service="llm",
+            items=JsonlPrompts(str(prompts)),
+            work=llm_work("m", max_tokens=8),
+            estimates=Estimates(seconds_per_call=0.005),
+        )
+        service = ServiceResource(name="llm", url=f"{llm.url}/v1", tokens_per_minute=60_000, requests_per_second=20)
+        defs = paceline_definitions(
+            backfills=[backfill], services=[service], store=ManifestStoreResource(root=str(tmp_path / "data"))
+        )
+        result = run(defs, instance, "dry_backfill", raise_on_error=False)
+
+    assert not result.success
+    messages = " ".join(str(e.event_specific_data.error) for e in result.all_events if e.is_failure)
+    assert "out of credit or quota" in messages and "exceeded your current quota" in messages
 
 
 def test_max_parallelism_pin_passes_the_admission_check_or_is_refused(fresh_api, instance, tmp_path):

@@ -28,6 +28,7 @@ import pytest
 from pipeline.items import Values
 from pipeline.limits import ServiceLimit
 from pipeline.localservices.site import add_site, start_site
+from pipeline.outcomes import CallAgain, Retryable
 from pipeline.report import busiest_window
 from pipeline.spec import BackfillSpec, Service
 from pipeline.workloads import ByDomain, ScrapeWork, WorkloadConfigError
@@ -232,8 +233,6 @@ def mock_client(answers: list[httpx.Response]) -> tuple[httpx.Client, list[str]]
 
 
 def test_an_unreachable_robots_txt_closes_the_site_only_until_it_is_asked_again() -> None:
-    from pipeline.outcomes import CallAgain, Retryable
-
     http, asked = mock_client([httpx.Response(503), httpx.Response(200, text="User-agent: *\nDisallow: /x\n")])
     clock = Clock()
     session = _Session(http, "PacelineBot", 1, {}, clock=clock)

@@ -139,7 +139,7 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanRe
     """
     if attempt < 1:
         raise ValueError(f"a retry round is attempt 1 or later, got {attempt}.")
-    if stopped_for_credit(store, backfill.name, attempt - 1):
+    if store.exists(store.credit_path(backfill.name, attempt - 1)):
         raise ManifestError(
             f"{backfill.name}: attempt {attempt - 1} stopped because the service's account ran out of credit. "
             f"Run attempt {attempt - 1} again once the account is topped up (it calls only the items it did not "
@@ -193,7 +193,7 @@ def run_attempt(
             f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}",
         )
     scan = store.scan_chunks(backfill.name, attempt)
-    stopped = stopped_for_credit(store, backfill.name, attempt) if scan.finished else {}
+    stopped = stopped_for_credit(store, backfill.name, attempt, scan.finished)
     finished = scan.finished - stopped.keys()
     chunks = iter_chunks(
         plan,
@@ -204,7 +204,7 @@ def run_attempt(
         skip=finished,
         first_wave=execution.max_parallelism,
     )
-    credit = _CreditWatch()
+    credit = _CreditWatch(set(stopped))
     chunks = (_left_by_credit(chunk, stopped) for chunk in credit.until_dry(chunks))
     total_chunks = chunk_count(plan)
     done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(finished), pa.int32()))).as_py() or 0)
@@ -212,8 +212,8 @@ def run_attempt(
     function = make_chunk_function(backfill.work)
     credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
     for result in executor.map(function, chunks, execution.max_parallelism):
+        credit.note(result)
         if result.out_of_credit is not None:
-            credit.said = credit.said or result.out_of_credit
             _write_chunk(store, result, stopped)
             continue
         for ready in credentials.admit(result):
@@ -230,6 +230,7 @@ def run_attempt(
                 on_progress(progress)
     for refused in credentials.held_back:  # the run ended before it could tell: record them after all
         _write_chunk(store, refused, stopped)
+    credit.record(store, backfill.name, attempt)
     if credit.said is not None:
         raise _out_of_credit(backfill, credit.said)
     compaction = compact_attempt(store, backfill.name, attempt)
@@ -241,23 +242,40 @@ def run_attempt(
 
 
 class _CreditWatch:
-    """Stops handing out chunks once one ran dry: the account is empty for every worker.
+    """Stops handing out chunks once one ran dry, and keeps the list of chunks an empty account stopped.
 
     The chunks already running end at their next refused call; each chunk
     that ran dry is written with the rows it finished and an ``out_of_credit``
     row for every other item, so nothing is failed for good and no finished
-    call is paid for twice: a rerun of the attempt after a top-up calls only
-    those items (``stopped_for_credit``) and the chunks never started.
+    call is paid for twice. Their ids are kept beside the plans
+    (``ManifestStore.credit_path``), so a rerun of the attempt after a top-up
+    finds them without reading every manifest, and calls only those items
+    (``stopped_for_credit``) and the chunks never started.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dry: set[int]) -> None:
         self.said: str | None = None  # what the service said, once a chunk ran dry
+        self.dry = dry  # chunks whose manifest holds out_of_credit rows
 
     def until_dry(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         for chunk in chunks:
             if self.said is not None:
                 return
             yield chunk
+
+    def note(self, result: ChunkResult) -> None:
+        if result.out_of_credit is None:
+            self.dry.discard(result.chunk_id)
+            return
+        self.said = self.said or result.out_of_credit
+        self.dry.add(result.chunk_id)
+
+    def record(self, store: ManifestStore, backfill: str, attempt: int) -> None:
+        path = store.credit_path(backfill, attempt)
+        if self.dry:
+            store.write_table(path, pa.table({"chunk_id": pa.array(sorted(self.dry), pa.int32())}))
+        elif store.exists(path):
+            store.remove(path)
 
 
 def _out_of_credit(backfill: Backfill, said: str) -> OutOfCredit:
@@ -268,23 +286,20 @@ def _out_of_credit(backfill: Backfill, said: str) -> OutOfCredit:
     )
 
 
-def stopped_for_credit(store: ManifestStore, backfill: str, attempt: int) -> dict[int, pa.Table]:
+def stopped_for_credit(store: ManifestStore, backfill: str, attempt: int, finished: set[int]) -> dict[int, pa.Table]:
     """Chunks of an attempt that an empty account stopped: chunk id -> the rows they did finish.
 
-    Only chunk files can hold them (an attempt is compacted once all its chunks
-    are done), and only ``chunk_id`` and ``status`` are read to find them.
+    ``finished`` are the chunks with a readable manifest (``scan_chunks``); a
+    stopped chunk whose file does not read runs again whole, as any would.
     """
-    files = store.attempt_files(backfill, attempt).chunks
-    if not files:
+    path = store.credit_path(backfill, attempt)
+    if not store.exists(path):
         return {}
-    marks = store.dataset(list(files.values())).to_table(
-        columns=["chunk_id"], filter=pc.field("status") == OUT_OF_CREDIT
-    )
-    stopped = {}
-    for chunk_id in pc.unique(marks["chunk_id"]).to_pylist():
-        rows = store.read_table(files[chunk_id])
-        stopped[chunk_id] = rows.filter(pc.field("status") != OUT_OF_CREDIT)
-    return stopped
+    ids = [i for i in store.read_table(path)["chunk_id"].to_pylist() if i in finished]
+    return {
+        i: store.read_table(store.chunk_path(backfill, attempt, i)).filter(pc.field("status") != OUT_OF_CREDIT)
+        for i in ids
+    }
 
 
 def _left_by_credit(chunk: Chunk, stopped: dict[int, pa.Table]) -> Chunk:

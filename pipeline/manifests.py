@@ -167,6 +167,10 @@ class ManifestStore:
     def plan_path(self, backfill: str, attempt: int) -> str:
         return f"{self._base}/plans/backfill={check_name(backfill)}/attempt={attempt}.parquet"
 
+    def credit_path(self, backfill: str, attempt: int) -> str:
+        """The chunks of an attempt an empty account stopped, until a rerun finishes them (outside manifests/)."""
+        return f"{self._base}/out_of_credit/backfill={check_name(backfill)}/attempt={attempt}.parquet"
+
     def failed_path(self, backfill: str) -> str:
         return f"{self._base}/failed/backfill={check_name(backfill)}.parquet"
 

@@ -76,11 +76,13 @@ def test_out_of_credit_stops_the_run_then_a_topped_up_rerun_finishes(tmp_path, p
         first_refusal = min(a["t"] for a in arrivals if a["status"] == 429)
         after = [a for a in arrivals if a["t"] > first_refusal]
         stopped_rows = _latest(store, "dry")
+        assert store.exists(store.credit_path("dry", 0)), "the stopped chunks are listed for the rerun"
         with pytest.raises(ManifestError, match="ran out of credit"):
             plan_retry(backfill, store, 1)  # a retry round would call them twice: the attempt continues instead
         llm.post_admin("/_topup", {"tokens": 100_000})
         run_attempt(backfill, store, LocalExecutor())
         rerun_calls = len(llm.arrivals()) - len(arrivals)
+        assert not store.exists(store.credit_path("dry", 0)), "and the list is gone once they are done"
 
     message = str(stopped.value)
     assert "out of credit or quota" in message and "exceeded your current quota" in message and "openai" in message

@@ -19,6 +19,7 @@ from pathlib import Path
 import burla._env_scan as env_scan
 import burla._remote_parallel_map as rpm
 import cloudpickle
+import cloudpickle.cloudpickle as cloudpickle_internals
 import httpx
 import pytest
 from burla._node import NodeDisconnected
@@ -101,8 +102,23 @@ print(result.chunk_id, sum(result.ok), len(result.item_id), "shipped" if pipelin
 
 
 def _load_like_a_worker(payload: bytes):
+    """Unpickle as a Burla worker would: a process that has never seen the project's classes.
+
+    Unpickled in the process that pickled them, cloudpickle would find each
+    class sent by value among its own and overwrite that class's methods with
+    the shipped copies, whose module globals are copies too: later tests in
+    this process would then write a worker's memory where no one reads it.
+    So the class tracker is emptied for the load, and put back after it.
+    """
     _names, _sources, function_bytes = pickle.loads(payload[len(rpm._FUNCTION_PAYLOAD_MAGIC) :])
-    return cloudpickle.loads(function_bytes)
+    tracked = cloudpickle_internals._DYNAMIC_CLASS_TRACKER_BY_ID  # the loads below takes cloudpickle's lock itself
+    saved = dict(tracked)
+    tracked.clear()
+    try:
+        return cloudpickle.loads(function_bytes)
+    finally:
+        tracked.clear()
+        tracked.update(saved)
 
 
 class FakeNodes:

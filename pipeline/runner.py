@@ -7,15 +7,17 @@ It holds the promises that matter most, so it is small and paranoid:
 * keep as many calls in flight as that pace needs at the latency measured
   (``pacing.inflight``), so a slow service still gets its target rate;
 * charge the token budget what calls really cost (``pacing.cost``);
-* honour Retry-After on 429/503 without holding the worker: a throttled item
-  waits its turn aside while the worker goes on with other items, and comes
-  back a bounded number of times;
-* replace a client that broke mid-chunk (``connection``) instead of failing
-  every item after the break;
+* read what every refusal meant once (``refusals``, through
+  ``outcomes.classify``) and hand that verdict to the policies: a throttled
+  item waits its turn aside while the worker goes on, and slows the worker
+  only when the throttle was about its pace (``policies.throttle``);
+* replace a client that broke mid-chunk, and wait for room when a database
+  refuses a login (``connection``), instead of failing the chunk's items;
 * give every item exactly one row, whatever happens, including a failing
   ``connect()`` and a runner that dies half-way;
-* stop early when the first calls all fail authentication, instead of
-  recording a million 401s.
+* stop early when the first calls all fail for their credentials
+  (``policies.credentials``), instead of recording a million 401s, and at
+  once when the account is out of credit.
 
 Nothing here imports Dagster; everything here pickles with cloudpickle.
 """

@@ -51,7 +51,10 @@ def test_latency_jitter_varies_each_sleep_within_bounds() -> None:
         slept = [float(http.get(f"/items/{n}").headers["Server-Timing"].partition("dur=")[2]) for n in range(30)]
         batch = http.post("/batch", json=[1])
     assert all(5 <= ms <= 35 for ms in slept)
-    assert max(slept) - min(slept) > 10 and len(set(slept)) == 30
+    # Each sleep is its own draw. Not "all 30 differ": two draws written to 0.001 ms coincide about one run in
+    # seventy (the birthday bound), and a test must not fail by chance. Twenty distinct values cannot happen
+    # by chance if every request slept the same fixed time.
+    assert max(slept) - min(slept) > 10 and len(set(slept)) >= 20
     assert 5 <= float(batch.headers["Server-Timing"].partition("dur=")[2]) <= 35, "batches take the same latency"
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.refusals import UNRECOGNISED, Answer, Convention, Meaning, Verdict, read, said
+from pipeline.refusals import UNRECOGNISED, Answer, Convention, Meaning, Verdict, read
 
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
 _MAX_ERROR_CHARS = 500
@@ -74,10 +74,8 @@ class Refused(Exception):
     """The service answered, and the refusal table reads the answer as a "no" (a 4xx/5xx, or Slack's 200
     ``"ok": false``). ``response`` is the answer, for ``classify``."""
 
-    def __init__(self, response: Any):
-        super().__init__(
-            f"HTTP {response.status_code} from {response.request.url}: {said(response_answer(response, 0.0))}"
-        )
+    def __init__(self, response: Any, words: str):
+        super().__init__(f"HTTP {response.status_code} from {response.request.url}: {words}")
         self.response = response
 
 
@@ -88,8 +86,9 @@ def raise_for_refusal(response: Any, conventions: tuple[Convention, ...] = ()) -
     rows) reads the response as what was asked for.
     """
     answer = response_answer(response, time.time())
-    if read(answer, conventions).meaning is not Meaning.OK:
-        raise Refused(response)
+    verdict = read(answer, conventions)
+    if verdict.meaning is not Meaning.OK:
+        raise Refused(response, verdict.said)
 
 
 @dataclass(frozen=True)

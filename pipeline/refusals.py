@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal, reset_seconds, retry_after_s
+from pipeline.pacing.headers import read_signal, reset_seconds, retry_after_s
 
 __all__ = ["CONVENTIONS", "Answer", "Convention", "Meaning", "Verdict", "read"]
 
@@ -105,13 +105,6 @@ class Verdict:
     wait_s: float | None = None
     scope: str | None = None
     said: str = ""
-    http_status: int | None = None
-    signal: ServiceSignal = NO_SIGNAL
-
-    @property
-    def throttled(self) -> bool:
-        """Slow down: the item is not at fault."""
-        return self.meaning in (Meaning.THROTTLED, Meaning.QUOTA_SPENT)
 
     @property
     def retryable(self) -> bool:
@@ -156,8 +149,6 @@ class Convention:
             self.wait_s(answer),
             scope,
             said(answer),
-            answer.http_status,
-            read_signal(answer.headers, answer.now) if answer.headers else NO_SIGNAL,
         )
 
 

@@ -385,10 +385,10 @@ class _ChunkLoop:
         self._sleep(max(0.0, due - self._clock()))
         return True
 
-    def _record_throttled(self, attempt: _Try, failure: Failure | None = None) -> None:
+    def _record_throttled(self, attempt: _Try) -> None:
         """The row of an item still throttled: failed-retryable, with its tries and the longest Retry-After."""
         now = time.time()
-        failure = self._scrubbed(failure or attempt.failure or Failure("http_429", True, "throttled", 429))
+        failure = self._scrubbed(attempt.failure or Failure("http_429", True, "throttled", 429))
         self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
 
     def _submit(self, attempt: _Try) -> None:

@@ -277,8 +277,9 @@ def test_a_refusal_and_a_success_read_the_same_headers_the_same_way() -> None:
     headers = {"x-ratelimit-remaining-requests": "4", "x-ratelimit-reset-requests": "2s"}
     assert read_signal(_response(200, headers).headers, NOW).requests.rate == 2.0
     refused = _response(429, {**headers, "Retry-After": "Thu, 21 Aug 2025 12:40:05 GMT"})
-    verdict = read(response_answer(refused, NOW))
-    assert verdict.signal.requests.rate == 2.0 and verdict.signal.retry_after_s == 5.0 and verdict.wait_s == 5.0
+    signal = read_signal(refused.headers, NOW)
+    assert signal.requests.rate == 2.0 and signal.retry_after_s == 5.0
+    assert read(response_answer(refused, NOW)).wait_s == 5.0, "the refusal's verdict waits what the headers say"
 
 
 def test_classify_reads_retry_after_through_the_same_parser() -> None:

@@ -18,8 +18,8 @@ import pytest
 from botocore.exceptions import ClientError
 from psycopg_pool import PoolTimeout
 
-from pipeline.outcomes import Failure, classify, response_answer
-from pipeline.pacing.headers import reset_seconds
+from pipeline.outcomes import Failure, classify
+from pipeline.pacing.headers import read_signal, reset_seconds
 from pipeline.refusals import CONVENTIONS, ITEM, SERVICE, Answer, Convention, Meaning, read
 
 NOW = 1_691_589_563.0  # 30 minutes before GitHub's documented reset, 1691591363
@@ -492,14 +492,12 @@ def test_a_work_adds_its_own_row_and_it_is_asked_first() -> None:
     assert read(Answer(http_status=418)).meaning is Meaning.PERMANENT, "without the row: a plain 4xx"
 
 
-def test_the_verdict_carries_the_quota_the_headers_loop_reads() -> None:
-    ok = httpx.Response(200, headers={"X-RateLimit-Remaining": "4", "X-RateLimit-Reset": str(int(NOW) + 2)})
-    verdict = read(response_answer(ok, NOW))
-    assert verdict.signal.requests.rate == 2.0, "GitHub's remaining over its epoch reset: 4 calls in 2 s"
+def test_the_headers_loop_reads_the_quota_of_the_x_ratelimit_family_and_shopify() -> None:
+    github = {"X-RateLimit-Remaining": "4", "X-RateLimit-Reset": str(int(NOW) + 2)}
+    assert read_signal(github, NOW).requests.rate == 2.0, "GitHub's remaining over its epoch reset: 4 calls in 2 s"
 
     def bucket_rate(used: int) -> float:
-        response = httpx.Response(200, headers={"X-Shopify-Shop-Api-Call-Limit": f"{used}/40"})
-        return read(response_answer(response, NOW)).signal.requests.rate
+        return read_signal({"X-Shopify-Shop-Api-Call-Limit": f"{used}/40"}, NOW).requests.rate
 
     assert bucket_rate(20) == 2.0, "half full: the drain rate, 2 calls/s on a standard plan"
     assert bucket_rate(39) < 0.11 and bucket_rate(1) == 78.0, "nearly full: a trickle; nearly empty: a burst"

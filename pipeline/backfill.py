@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from pipeline.advice import Advice, advise, advised_limit
 from pipeline.compaction import CompactionResult, compact_attempt, explain_files
+from pipeline.errors import PacelineError
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
@@ -28,11 +29,11 @@ from pipeline.runner import Chunk, ChunkResult, make_chunk_function
 from pipeline.work import Work
 
 
-class AuthenticationFailed(RuntimeError):
+class AuthenticationFailed(PacelineError):
     """The service refused our credentials: stop before recording a million failures."""
 
 
-class OutOfCredit(RuntimeError):
+class OutOfCredit(PacelineError):
     """The service's account cannot pay for more calls: stop, and leave the items for a rerun after a top-up."""
 
 

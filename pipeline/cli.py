@@ -1,7 +1,9 @@
-"""The ``paceline`` command: demo, plan, query, status, compact.
+"""The ``paceline`` command line: plan a limit, run the demo, and read what the manifests say.
 
-Errors are one line that says what is wrong and what to do; a traceback is
-only shown with ``--debug``.
+Every ``PacelineError`` (a declaration that cannot hold, a store that cannot
+be read, a query that does not parse) is the user's to fix, so it is one line
+that says what is wrong and what to do; ``--debug`` shows its traceback.
+Anything else is a bug, and keeps its traceback so it can be reported.
 """
 
 from __future__ import annotations
@@ -17,30 +19,22 @@ from pathlib import Path
 import duckdb
 
 from pipeline.advice import advise
-from pipeline.backfill import AuthenticationFailed, Backfill, OutOfCredit, plan_backfill, plan_retry, run_attempt
+from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
 from pipeline.compaction import compact, explain_files
 from pipeline.console import ProgressBar, format_table
+from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import LocalExecutor
-from pipeline.items import ItemsError, Values
+from pipeline.items import Values
 from pipeline.ledger import VIEWS, Ledger
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.localservices import start_http_api
-from pipeline.manifests import ManifestError, ManifestStore
+from pipeline.manifests import ManifestStore
 from pipeline.report import attempt_report, measured_by_attempt
 from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
-_USER_ERRORS = (
-    LimitError,
-    ItemsError,
-    ManifestError,
-    AuthenticationFailed,
-    OutOfCredit,
-    duckdb.Error,
-    ValueError,
-    OSError,
-)
+DESCRIPTION = "Run and inspect backfills that keep to a service's limits."
 # LimitError speaks the Python API (it is raised for code too); ``plan`` names the flag that sets
 # each field instead. Only names that mean one flag are listed, so no message gets the wrong flag.
 _PLAN_FLAGS = {
@@ -52,12 +46,16 @@ _PLAN_FLAGS = {
 _PLAN_NAMES = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, _PLAN_FLAGS)) + r")(?!\w)")
 
 
+class QueryError(PacelineError):
+    """SQL the ledger could not run: DuckDB's own message, and the views there are to query."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.command(args)
-    except _USER_ERRORS as error:
+    except PacelineError as error:
         if args.debug:
             raise
         print(f"paceline: error: {_one_line(error)}", file=sys.stderr)
@@ -70,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paceline", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(prog="paceline", description=DESCRIPTION)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a user error too (a bug always shows one)"
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = _command(commands, "demo", cmd_demo, "run a backfill against the bundled rate-limited service")
@@ -163,7 +163,11 @@ def cmd_query(args: argparse.Namespace) -> int:
                 "backfill first (for example `paceline demo`).",
                 file=sys.stderr,
             )
-        print(format_table(ledger.query(args.sql)))
+        try:
+            table = ledger.query(args.sql)
+        except duckdb.Error as error:
+            raise QueryError(f"{error} (the views are {', '.join(VIEWS)})") from error
+        print(format_table(table))
     return 0
 
 
@@ -221,7 +225,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.items < 1:
-        raise ValueError(f"--items must be at least 1, got {args.items}.")
+        raise ConfigError(f"--items must be at least 1, got {args.items}.")
     limit = ServiceLimit("demo_api", requests_per_second=args.limit_rps, safety=args.safety)
     if Path(args.root, "manifests", "backfill=demo_api").is_dir():
         shutil.rmtree(Path(args.root, "manifests", "backfill=demo_api"))
@@ -229,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     store = ManifestStore(args.root)
     real = args.real_limit or args.limit_rps
     if not real > 0:
-        raise ValueError(f"--real-limit must be a positive rate, got {args.real_limit}.")
+        raise ConfigError(f"--real-limit must be a positive rate, got {args.real_limit}.")
     told = (
         f"declared {args.limit_rps:g} req/s, but it enforces {real:g}"
         if real != args.limit_rps

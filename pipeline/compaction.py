@@ -58,6 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import PacelineError
 from pipeline.limits import ExecutionPlan
 from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, ManifestStore, compacted_name
 
@@ -227,7 +228,7 @@ def _overlap(a: range, b: range) -> bool:
     return a.start < b.stop and b.start < a.stop
 
 
-class _UnreadableChunk(Exception):
+class _UnreadableChunk(PacelineError):
     def __init__(self, path: str):
         super().__init__(path)
         self.path = path

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import PacelineError
 from pipeline.outcomes import Failure, Permanent, classify
 from pipeline.pacing.memory import recall_crowding, remember_crowding
 from pipeline.refusals import Meaning
@@ -122,7 +123,7 @@ class CapacityBackoff:
 DEFAULT_BACKOFF = CapacityBackoff()
 
 
-class ConnectionLost(Exception):
+class ConnectionLost(PacelineError):
     """The client could not be opened or replaced; ``failure`` says why (the status of the chunk's rows)."""
 
     def __init__(self, failure: Failure):

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import cloudpickle
 
+from pipeline.errors import PacelineError
 from pipeline.runner import Chunk, ChunkResult, failed_chunk_result
 
 ChunkFunction = Callable[[Chunk], ChunkResult]
@@ -27,7 +28,7 @@ class Executor(Protocol):
         """Run ``fn`` over ``chunks`` with at most ``max_parallelism`` at once, yielding as they finish."""
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(PacelineError):
     """An executor that cannot start (wrong thread, Burla not signed in)."""
 
 

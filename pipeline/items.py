@@ -20,10 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.errors import ConfigError
+
 ITEM_SCHEMA = pa.schema([("item_id", pa.string()), ("payload", pa.string())])
 
 
-class ItemsError(ValueError):
+class ItemsError(ConfigError):
     """Input that cannot become items; the message names the file, line and fix."""
 
 

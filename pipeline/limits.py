@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.errors import ConfigError
 from pipeline.pacing.schedule import DEFAULT_MAX_IN_FLIGHT, DEFAULT_SECONDS_PER_CALL, Pacing
 
 JITTER_HEADROOM = 0.02
 """Per-worker ceilings are hard (no safety factor), so pacing keeps this margin below them."""
 
 
-class LimitError(ValueError):
+class LimitError(ConfigError):
     """A declaration or an override that cannot be run safely.
 
     The message always names the field, the numbers and the fix, because it is

@@ -41,6 +41,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.errors import PacelineError
 from pipeline.runner import ChunkResult
 
 MANIFEST_SCHEMA = pa.schema(
@@ -77,7 +78,7 @@ FOOTER_THREADS = 8  # footers are small reads; on S3 each is a request worth ove
 MAX_NAME_CHARS = 255 - len("backfill=") - len(".parquet")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(PacelineError):
     """A manifest store that cannot be used; the message says which file and what to do."""
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import PacelineError
 from pipeline.refusals import UNRECOGNISED, Answer, Convention, Meaning, Verdict, read
 
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError", "SerializationFailure", "DeadlockDetected"})
@@ -30,7 +31,14 @@ _STATUS_OF_MEANING = {Meaning.OUT_OF_CREDIT: OUT_OF_CREDIT, Meaning.CAPACITY: "c
 """Row statuses of the meanings whose HTTP status alone would mislead a reader of the manifest."""
 
 
-class Throttled(Exception):
+class CallSignal(PacelineError):
+    """Raised inside ``Work.call`` to say what a failure means (or to ask for the item again).
+
+    The runner turns each into the item's row, so none ever reaches a user.
+    """
+
+
+class Throttled(CallSignal):
     """The service asked us to slow down; ``retry_after`` is in seconds, if it said."""
 
     def __init__(self, message: str = "throttled", retry_after: float | None = None, http_status: int = 429):
@@ -39,7 +47,7 @@ class Throttled(Exception):
         self.http_status = http_status
 
 
-class Retryable(Exception):
+class Retryable(CallSignal):
     """A failure a later retry round may heal (the service was down, a timeout)."""
 
     def __init__(self, message: str, status: str = "retryable"):
@@ -47,7 +55,7 @@ class Retryable(Exception):
         self.status = status
 
 
-class Permanent(Exception):
+class Permanent(CallSignal):
     """A failure retrying will not fix (bad input, a missing record)."""
 
     def __init__(self, message: str, status: str = "permanent"):
@@ -55,7 +63,7 @@ class Permanent(Exception):
         self.status = status
 
 
-class CallAgain(Exception):
+class CallAgain(CallSignal):
     """The call spent its paced slot on a prerequisite (a site's robots.txt): call the item again.
 
     The runner puts the item back at the head of the chunk, without counting a
@@ -70,7 +78,7 @@ class CallAgain(Exception):
         self.after_s = after_s
 
 
-class Refused(Exception):
+class Refused(CallSignal):
     """The service answered, and the refusal table reads the answer as a "no" (a 4xx/5xx, or Slack's 200
     ``"ok": false``). ``response`` is the answer, for ``classify``."""
 

@@ -1,10 +1,12 @@
 """The paceline command: output a user reads, and one-line errors."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
+from pipeline import cli
 from pipeline.cli import main
 
 
@@ -70,3 +72,37 @@ def test_plan_names_the_flag_not_the_python_field(capsys):
     assert "Add --tokens-per-item (for example 600), or declare --rpm or --max-workers as well." in err
     assert "Estimates(" not in err and "tokens_per_item" not in err
     assert main(["plan", "--tpm", "60000", "--tokens-per-item", "600"]) == 0
+
+
+def test_help_is_plain_text_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out, "the help is read in a terminal, not rendered as reST"
+    commands = {action.dest for action in _subcommands()}
+    assert commands == {"demo", "plan", "query", "advise", "status", "compact"}
+    for name in commands:
+        assert f"\n    {name} " in out, f"--help lists {name}"
+
+
+def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(cli, "derive_plan", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["plan", "--rps", "100"])
+
+
+def test_a_bad_query_is_one_line_that_names_the_views(tmp_path, capsys):
+    assert main(["query", "--root", str(tmp_path), "SELEC 1"]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("paceline: error: ")]
+    assert 'syntax error at or near "SELEC"' in error
+    assert "the views are results, latest, failed, dead, summary" in error
+
+
+def _subcommands():
+    parser = cli._parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands._choices_actions

@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.errors import ConfigError
 from pipeline.spec import Service
 from pipeline.work import Item
 
 
-class WorkloadConfigError(ValueError):
+class WorkloadConfigError(ConfigError):
     """A workload declared with a value that cannot work; raised before any call."""
 
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import cloudpickle
 
-from pipeline.runner import Chunk, ChunkResult, failed_chunk_result
+from pipeline.chunks import Chunk, ChunkResult, failed_chunk_result
 
 ChunkFunction = Callable[[Chunk], ChunkResult]
 

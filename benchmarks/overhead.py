@@ -39,12 +39,13 @@ import cloudpickle
 
 from benchmarks.common import Outcome, main, median, spread, stopwatch, write_ids
 from pipeline.backfill import Backfill, plan_backfill, run_attempt
+from pipeline.chunks import Chunk
 from pipeline.executors import LocalExecutor
 from pipeline.items import TextLines
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ServiceLimit, derive_plan
 from pipeline.manifests import ManifestStore, result_table
-from pipeline.runner import Chunk, run_chunk
+from pipeline.runner import run_chunk
 from pipeline.work import FunctionWork
 
 NAME = "overhead"

@@ -34,6 +34,7 @@ import os
 import statistics
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,13 +44,13 @@ from benchmarks.baseline_aiolimiter import run_baseline
 from benchmarks.common import Outcome, main
 from pipeline.advice import THROTTLED_SHARE
 from pipeline.backfill import Backfill, RunResult, plan_backfill, plan_retry, run_attempt
-from pipeline.executors import LocalExecutor
+from pipeline.chunks import Chunk, ChunkResult
+from pipeline.executors import ChunkFunction, LocalExecutor
 from pipeline.items import Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ServiceLimit
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestStore
-from pipeline.pacing import memory
 from pipeline.report import busiest_window
 from pipeline.workloads.http_api import HttpWork
 
@@ -165,6 +166,25 @@ class Cell:
     tail: Tail
 
 
+class _LastFactors:
+    """The local executor, keeping the AIMD factor each chunk's worker had when the chunk ended.
+
+    The last ``max_parallelism`` of them stand for the workers' factors at
+    the end of the run: the chunks that ended last, about one per worker.
+    """
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.factors: list[float] = []
+
+    def map(self, fn: ChunkFunction, chunks: Iterable[Chunk], max_parallelism: int) -> Iterator[ChunkResult]:
+        for result in LocalExecutor().map(fn, chunks, max_parallelism):
+            if result.learned is not None:
+                self.factors.append(result.learned.pace_factor)
+            yield result
+
+
 def _items(count: int, heal: int) -> list[str]:
     heal_every = count // (heal + 1) if heal else 0
     return [
@@ -179,13 +199,14 @@ def run_cell(label: str, server: dict[str, Any], real_rps: float, seconds: float
     load_before = os.getloadavg()[0]
     limit = ServiceLimit("api", requests_per_second=DECLARED_RPS, safety=SAFETY)
     store = ManifestStore(os.path.join(root, label))
-    run_id = f"{label}-{uuid.uuid4().hex[:8]}"  # workers recall what they learned per run id: never reuse one
+    run_id = f"{label}-{uuid.uuid4().hex[:8]}"
+    executor = _LastFactors()
     with start_http_api(latency_ms=LATENCY_MS, **server) as api:
         work = HttpWork(url_template="{base}/items/{id}", base=api.url)
         backfill = Backfill(label, Values.of(items), work, limit, Estimates())
         plan_backfill(backfill, store)
-        first = run_attempt(backfill, store, LocalExecutor(), run_id=run_id)
-        factors = sorted(learned.pace_factor for (run, _), learned in list(memory._learned.items()) if run == run_id)
+        first = run_attempt(backfill, store, executor, run_id=run_id)
+        factors = sorted(executor.factors[-first.execution.max_parallelism :])
         arrivals = api.arrivals()
         retry = _retry_round(backfill, store, first)
         ok_times = np.sort(np.array([a["t"] for a in arrivals if a["status"] == 200 and a.get("item")]))

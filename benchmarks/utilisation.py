@@ -45,7 +45,7 @@ from pipeline.localservices import start_http_api, start_llm
 from pipeline.localservices.postgres import ConnectionSampler, start_postgres
 from pipeline.manifests import ManifestStore
 from pipeline.report import busiest_window
-from pipeline.work import FunctionWork, Item, Work
+from pipeline.work import FunctionWork, Item, Work, WorkHooks
 from pipeline.workloads.http_api import HttpWork
 from pipeline.workloads.key_ranges import KeyRangeWork
 from pipeline.workloads.llm import LlmWork
@@ -185,9 +185,10 @@ def politeness(duration: float, root: str) -> Measured:
 def tagged(work: Work) -> FunctionWork:
     """The same work, its payload tagged with the worker thread, so arrivals can be grouped by worker.
 
-    Cost and usage are forwarded, so token pacing is unchanged.
+    Cost, usage and one call at a time are forwarded, so pacing is unchanged.
     """
-    usage = getattr(work, "usage", None)
+    hooks = WorkHooks.of(work)
+    usage = hooks.usage
 
     def call_and_tag(client: Any, item: Item) -> Any:
         return {"worker": threading.get_ident(), "response": work.call(client, item)}
@@ -195,8 +196,9 @@ def tagged(work: Work) -> FunctionWork:
     return FunctionWork(
         work.connect,
         call_and_tag,
-        cost_fn=getattr(work, "cost", None),
+        cost_fn=hooks.cost,
         usage_fn=(lambda payload: usage(payload["response"])) if usage else None,
+        one_call_at_a_time=hooks.one_call_at_a_time,
     )
 
 

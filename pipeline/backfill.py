@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.advice import Advice, advise, advised_limit
+from pipeline.chunks import Chunk, ChunkResult
 from pipeline.compaction import CompactionResult, compact_attempt, explain_files
 from pipeline.errors import PacelineError
 from pipeline.executors import Executor
@@ -25,7 +26,7 @@ from pipeline.manifests import ManifestError, ManifestStore, check_name, result_
 from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport, attempt_report
-from pipeline.runner import Chunk, ChunkResult, make_chunk_function
+from pipeline.runner import make_chunk_function
 from pipeline.work import Work
 
 

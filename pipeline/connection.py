@@ -23,8 +23,8 @@ connections where 3 are free cannot learn that from anyone but the server, and
 workers (threads here, processes on Burla) share nothing. So each worker
 learns it alone, as a 429 lowers a worker's pace: a refused login raises the
 worker's *crowding level* by one (its next wait doubles), and the level is
-kept in the worker's memory (``pacing.memory``, per run and worker) for its
-next chunk. A worker that found the database full resumes its backoff at that
+kept in the worker's memory (``pacing.memory.WorkerMemory``, one per worker
+and run) for its next chunk. A worker that found the database full resumes its backoff at that
 level: refused again, its next wait is already long, so it does not climb
 through the short waits (a login each) every time it opens a chunk. Each
 connect that gets in without a refusal halves the level, so freed room is used
@@ -54,9 +54,9 @@ from typing import Any
 
 from pipeline.errors import PacelineError
 from pipeline.outcomes import Failure, Permanent, classify
-from pipeline.pacing.memory import recall_crowding, remember_crowding
+from pipeline.pacing.memory import WorkerMemory
 from pipeline.refusals import Meaning
-from pipeline.work import Work
+from pipeline.work import Work, WorkHooks
 
 RECONNECT_WAITS_S = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0)
 """The first reconnect is immediate (a failover usually has a new primary at once); then back off."""
@@ -76,9 +76,6 @@ CAPACITY_LEVEL_CEILING = 8
 
 BROKEN_STATUSES = frozenset({"connection"})
 """Failure statuses that mean the transport under the client broke (reset, refused, closed)."""
-
-_CLOSED_FLAGS = ("is_closed", "closed", "broken")
-"""Attributes that clients set when they are done for: httpx ``is_closed``, psycopg ``closed``/``broken``."""
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +131,21 @@ class ConnectionLost(PacelineError):
 class ChunkClient:
     """Opens, checks and replaces the client of one chunk.
 
-    ``run_id`` scopes the crowding level kept between this worker's chunks
-    (None: nothing is remembered). ``sleep``, ``clock`` and ``rng`` are
-    injected so the waits are tested on simulated time.
+    ``memory`` is the worker's (``pacing.memory``): the crowding level is kept
+    there between this worker's chunks (None: nothing is remembered).
+    ``hooks`` are the work's, read once (``WorkHooks.of(work)`` when not
+    given). ``sleep``, ``clock`` and ``rng`` are injected so the waits are
+    tested on simulated time.
     """
 
     __slots__ = (
         "_work",
+        "_broken",
         "_sleep",
         "_clock",
         "_rng",
         "_backoff",
-        "_run_id",
+        "_memory",
         "client",
         "reconnects",
         "refused",
@@ -157,21 +157,23 @@ class ChunkClient:
         work: Work,
         sleep: Callable[[float], None] = time.sleep,
         *,
-        run_id: str | None = None,
+        memory: WorkerMemory | None = None,
+        hooks: WorkHooks | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         backoff: CapacityBackoff = DEFAULT_BACKOFF,
     ):
         self._work = work
+        self._broken = (hooks or WorkHooks.of(work)).broken
         self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
-        self._backoff, self._run_id = backoff, run_id
+        self._backoff, self._memory = backoff, memory
         self.client: Any = None
         self.reconnects = 0
         self.refused = 0  # logins refused for want of room (CAPACITY), over this chunk
         self._streak = 0
 
     def __repr__(self) -> str:
-        level = recall_crowding(self._run_id) if self._run_id else 0
+        level = self._memory.crowding if self._memory else 0
         return f"<ChunkClient reconnects={self.reconnects} refused={self.refused} crowding={level}>"
 
     def open(self) -> Any:
@@ -186,12 +188,7 @@ class ChunkClient:
 
     def broken(self, failure: Failure) -> bool:
         """Does this failure mean the client itself is gone (not just this call)?"""
-        if failure.status in BROKEN_STATUSES:
-            return True
-        check = getattr(self._work, "broken", None)
-        if callable(check):
-            return bool(check(self.client))
-        return any(getattr(self.client, flag, False) is True for flag in _CLOSED_FLAGS)
+        return failure.status in BROKEN_STATUSES or bool(self._broken(self.client))
 
     def on_success(self) -> None:
         """A call went through: the next break starts a fresh series of reconnects."""
@@ -231,7 +228,7 @@ class ChunkClient:
 
     def _connect(self) -> Any:
         """``work.connect()``, waiting (at the worker's crowding level) while the database has no room."""
-        level = recall_crowding(self._run_id) if self._run_id else 0
+        level = self._memory.crowding if self._memory else 0
         start, refusals = self._clock(), 0
         if level:  # crowded last time: give the slot this worker's last chunk held time to free (backend exit)
             self._sleep(self._backoff.wait_s(1, self._rng))
@@ -270,8 +267,8 @@ class ChunkClient:
         self._sleep(min(left, self._backoff.wait_s(level, self._rng)))
 
     def _remember(self, level: int) -> None:
-        if self._run_id is not None:
-            remember_crowding(self._run_id, level)
+        if self._memory is not None:
+            self._memory.crowding = level
 
 
 def close_quietly(client: Any) -> None:

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import cloudpickle
 
+from pipeline.chunks import Chunk, ChunkResult, failed_chunk_result
 from pipeline.errors import PacelineError
-from pipeline.runner import Chunk, ChunkResult, failed_chunk_result
 
 ChunkFunction = Callable[[Chunk], ChunkResult]
 

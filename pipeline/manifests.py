@@ -41,30 +41,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.chunks import ChunkResult
 from pipeline.errors import PacelineError
-from pipeline.runner import ChunkResult
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("backfill", pa.string()),
-        ("attempt", pa.int32()),
-        ("run_id", pa.string()),
-        ("chunk_id", pa.int32()),
-        ("item_id", pa.string()),
-        ("ok", pa.bool_()),
-        ("retryable", pa.bool_()),
-        ("status", pa.string()),
-        ("http_status", pa.int32()),
-        ("error", pa.string()),
-        ("tries", pa.int32()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("latency_ms", pa.float64()),
-        ("tokens", pa.float64()),
-        ("retry_after_s", pa.float64()),
-        ("payload", pa.string()),
-    ]
-)
+from pipeline.rows import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Source
 
 _CHUNK_FILE = re.compile(r"^chunk-(\d+)\.parquet$")
 _COMPACTED_FILE = re.compile(r"^compacted-(\d+)-(\d+)\.parquet$")
@@ -119,33 +98,25 @@ def compacted_name(chunks: range) -> str:
 
 
 def result_table(result: ChunkResult) -> pa.Table:
-    """A chunk's rows as an Arrow table in the manifest schema."""
-    columns = result.columns()
-    started = pa.array(columns["started_at"], pa.float64())
-    finished = pa.array(columns["finished_at"], pa.float64())
+    """A chunk's rows as an Arrow table in the manifest schema (``pipeline.rows``)."""
+    values = result.columns()
     n = len(result)
-    return pa.table(
-        {
-            "backfill": pa.array([result.backfill] * n, pa.string()),
-            "attempt": pa.array([result.attempt] * n, pa.int32()),
-            "run_id": pa.array([result.run_id] * n, pa.string()),
-            "chunk_id": pa.array([result.chunk_id] * n, pa.int32()),
-            "item_id": pa.array(columns["item_id"], pa.string()),
-            "ok": pa.array(columns["ok"], pa.bool_()),
-            "retryable": pa.array(columns["retryable"], pa.bool_()),
-            "status": pa.array(columns["status"], pa.string()),
-            "http_status": pa.array(columns["http_status"], pa.int32()),
-            "error": pa.array(columns["error"], pa.string()),
-            "tries": pa.array(columns["tries"], pa.int32()),
-            "started_at": _timestamps(started),
-            "finished_at": _timestamps(finished),
-            "latency_ms": pc.multiply(pc.subtract(finished, started), 1000.0),
-            "tokens": pa.array(columns["tokens"], pa.float64()),
-            "retry_after_s": pa.array(columns["retry_after_s"], pa.float64()),
-            "payload": pa.array(columns["payload"], pa.string()),
-        },
-        schema=MANIFEST_SCHEMA,
-    )
+    started = pa.array(values["started_at"], pa.float64())
+    finished = pa.array(values["finished_at"], pa.float64())
+    built = {  # the columns that are not taken as they are
+        "started_at": _timestamps(started),
+        "finished_at": _timestamps(finished),
+        "latency_ms": pc.multiply(pc.subtract(finished, started), 1000.0),
+    }
+    arrays = []
+    for column in MANIFEST_COLUMNS:
+        if column.name in built:
+            arrays.append(built[column.name])
+        elif column.source is Source.CHUNK:
+            arrays.append(pa.array([getattr(result, column.name)] * n, column.type))
+        else:
+            arrays.append(pa.array(values[column.name], column.type))
+    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
 
 
 class ManifestStore:

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.chunks import Chunk
 from pipeline.pacing.schedule import Pacing
-from pipeline.runner import Chunk
 
 PLAN_SCHEMA = pa.schema(
     [("chunk_id", pa.int32()), ("item_id", pa.string()), ("payload", pa.string()), ("group", pa.string())]

@@ -32,133 +32,53 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from pipeline.chunks import Chunk, ChunkResult, fill_failed
 from pipeline.connection import ChunkClient, ConnectionLost
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.headers import ServiceSignal
 from pipeline.pacing.inflight import InFlightLimit
-from pipeline.pacing.listen import listen, take_heard
-from pipeline.pacing.memory import Learned, recall, remember
+from pipeline.pacing.listen import Listener
+from pipeline.pacing.memory import Learned, WorkerMemory
 from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.policies.credentials import CredentialGuard
 from pipeline.policies.throttle import ThrottlePolicy
-from pipeline.work import Item, Work, work_secrets
-
-
-@dataclass
-class Chunk:
-    """A list of items for one worker. Not a tuple: Burla would unpack it."""
-
-    backfill: str
-    attempt: int
-    run_id: str
-    chunk_id: int
-    item_ids: list[str]
-    payloads: list[str | None]
-    pacing: Pacing = field(default_factory=Pacing)
-    start_delay_s: float = 0.0  # staggered start-up: the first wave of chunks does not call all at once
-
-    def items(self) -> list[Item]:
-        return [Item(i, p) for i, p in zip(self.item_ids, self.payloads)]
-
-
-ROW_FIELDS = (
-    "item_id", "ok", "retryable", "status", "http_status", "error", "tries",
-    "started_at", "finished_at", "payload", "tokens", "retry_after_s",
-)  # fmt: skip
-
-
-def _column(index: int) -> property:
-    return property(lambda self: [row[index] for row in self.rows], doc=f"the {ROW_FIELDS[index]} of every row")
-
-
-@dataclass
-class ChunkResult:
-    """One row per item of a chunk.
-
-    Rows are plain tuples in ``ROW_FIELDS`` order: the cheapest thing to build
-    per item and to pickle back from a worker. The result names its own chunk,
-    because Burla returns results in no particular order and without their
-    input index.
-    """
-
-    backfill: str
-    attempt: int
-    run_id: str
-    chunk_id: int
-    rows: list[tuple] = field(default_factory=list)
-    auth_aborted: bool = False
-    credential_refusals: int = 0  # rows refused for their credentials (``pipeline.refusals``), not just 401/403
-    out_of_credit: str | None = None  # what the service said when the account ran dry: the run stops
-
-    item_id = _column(0)
-    ok = _column(1)
-    status = _column(3)
-    http_status = _column(4)
-    error = _column(5)
-    retryable = _column(2)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def columns(self) -> dict[str, list]:
-        """All rows as columns, in one pass (for the manifest writer)."""
-        if not self.rows:
-            return {name: [] for name in ROW_FIELDS}
-        return dict(zip(ROW_FIELDS, map(list, zip(*self.rows))))
-
-    def add_ok(
-        self, item_id: str, started: float, finished: float, tries: int, payload: str | None, tokens: float | None
-    ) -> None:
-        self.rows.append((item_id, True, False, "ok", None, None, tries, started, finished, payload, tokens, None))
-
-    def add_failure(
-        self,
-        item_id: str,
-        started: float,
-        finished: float,
-        tries: int,
-        failure: Failure,
-        retry_after: float | None = None,
-    ) -> None:
-        self.rows.append((
-            item_id, False, failure.retryable, failure.status, failure.http_status, failure.error, tries,
-            started, finished, None, None, retry_after,
-        ))  # fmt: skip
-
-
-def failed_chunk_result(chunk: Chunk, status: str, error: str, done: set[str] | None = None) -> ChunkResult:
-    """Every item (not already done) failed and retryable: used when a chunk could not run."""
-    result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
-    fill_failed(result, chunk, Failure(status, True, error), done or set())
-    return result
-
-
-def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[str]) -> None:
-    """Give ``failure`` to every item of the chunk not in ``done`` (none of them was tried)."""
-    now = time.time()
-    for item_id in chunk.item_ids:
-        if item_id not in done:
-            result.add_failure(item_id, now, now, 0, failure)
+from pipeline.work import Item, Work, WorkHooks
 
 
 def make_chunk_function(work: Work) -> Callable[[Chunk], ChunkResult]:
-    """The function executors map over chunks; it carries the work by value."""
+    """The function executors map over chunks; it carries the work, and its workers' memories, by value.
+
+    Each chunk it runs takes a worker memory no other running chunk holds,
+    and gives it back when it ends: the next chunk starts from what the last
+    one learned. An executor that loads the function once per worker (Burla)
+    gives each worker its own; one that calls it from several threads (the
+    local executor) gets one memory per live chunk, never shared by two.
+    """
+    idle: list[WorkerMemory] = []  # list.pop and list.append are atomic: no lock on a worker's path
 
     def run_paceline_chunk(chunk: Chunk) -> ChunkResult:
-        return run_chunk(work, chunk)
+        try:
+            memory = idle.pop()
+        except IndexError:
+            memory = WorkerMemory()
+        try:
+            return run_chunk(work, chunk, memory)
+        finally:
+            idle.append(memory)
 
     return run_paceline_chunk
 
 
-def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
-    """Run one chunk and return exactly one row per item."""
+def run_chunk(work: Work, chunk: Chunk, memory: WorkerMemory | None = None) -> ChunkResult:
+    """Run one chunk and return exactly one row per item; ``memory`` is the worker's, kept for its next chunk."""
     result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
-    secrets = work_secrets(work)
-    connection = ChunkClient(work, run_id=chunk.run_id)
+    memory = (memory or WorkerMemory()).of_run(chunk.run_id)
+    hooks = WorkHooks.of(work)
+    secrets = hooks.secrets
+    connection = ChunkClient(work, memory=memory, hooks=hooks)
     try:
         connection.open()
     except ConnectionLost as lost:  # no room in the database for the whole wait budget
@@ -170,7 +90,7 @@ def run_chunk(work: Work, chunk: Chunk) -> ChunkResult:
         message = redact(classify(error).error, secrets) or ""
         fill_failed(result, chunk, Failure("connect_failed", retryable, message), set())
         return result
-    loop = _ChunkLoop(work, chunk, connection, result, secrets)
+    loop = _ChunkLoop(work, hooks, chunk, connection, result, memory)
     try:
         loop.run()
     except BaseException as error:  # the runner itself died: record the rest, then let it go
@@ -198,25 +118,31 @@ class _Try:
         self.failure: Failure | None = None  # its last throttle, recorded if it never goes through
 
 
-_Outcome = tuple[_Try, Any, "Exception | None", float, float, "ServiceSignal | None"]
-"""What a call hands back: try, value, error, started, finished, what the service said in its headers."""
+class _Outcome(NamedTuple):
+    """What a call hands back to the dispatcher."""
+
+    attempt: _Try
+    value: Any
+    error: Exception | None
+    started: float
+    finished: float
+    heard: ServiceSignal | None  # what the service said in its headers (``pacing.listen``)
+
+
 _encode_json = json.JSONEncoder(default=str).encode
 
 
-def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try) -> _Outcome:
-    """Run one call and time it: the same function inline and on the chunk's call threads."""
+def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try, listener: Listener | None) -> _Outcome:
+    """Run one call and time it: the same function inline and on the chunk's call threads.
+
+    ``listener``: the one hooked on this client, whose headers the outcome carries (None: not httpx).
+    """
     started = time.time()
     try:
         value = call(client, attempt.item)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row
-        return attempt, None, error, started, time.time(), None
-    return attempt, value, None, started, time.time(), None
-
-
-def _timed_call_heard(call: Callable[[Any, Item], Any], client: Any, attempt: _Try) -> _Outcome:
-    """``_timed_call`` on an httpx client that reports its rate-limit headers (``pacing.listen``)."""
-    attempt, value, error, started, finished, _ = _timed_call(call, client, attempt)
-    return attempt, value, error, started, finished, take_heard()
+        return _Outcome(attempt, None, error, started, time.time(), listener and listener.take())
+    return _Outcome(attempt, value, None, started, time.time(), listener and listener.take())
 
 
 class _ChunkLoop:
@@ -234,25 +160,26 @@ class _ChunkLoop:
     def __init__(
         self,
         work: Work,
+        hooks: WorkHooks,
         chunk: Chunk,
         connection: ChunkClient,
         result: ChunkResult,
-        secrets: tuple[str, ...],
+        memory: WorkerMemory,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
         pacing = chunk.pacing
-        self._work, self._chunk, self._pacing = work, chunk, pacing
-        self._connection, self._result, self._secrets = connection, result, secrets
+        self._chunk, self._pacing, self._memory = chunk, pacing, memory
+        self._connection, self._result, self._secrets = connection, result, hooks.secrets
         self._clock, self._sleep = clock, sleep
         self._call = work.call
-        self._cost_fn = getattr(work, "cost", None)
-        self._usage_fn = getattr(work, "usage", None)
-        self._conventions = tuple(getattr(work, "conventions", ()))
-        learned = recall(chunk.run_id)
+        self._cost_fn = hooks.cost
+        self._usage_fn = hooks.usage
+        self._conventions = hooks.conventions
+        learned = memory.learned
         self.pacer = Pacer(pacing, clock, sleep)
         latency = learned.latency_s if learned else pacing.seconds_per_call
-        self.slots = InFlightLimit(_slot_cap(work, pacing, connection.client), latency)
+        self.slots = InFlightLimit(_slot_cap(hooks, pacing), latency)
         self.cost = TokenCost(
             learned.tokens_per_call if learned and learned.tokens_per_call else pacing.tokens_per_call
         )
@@ -261,7 +188,8 @@ class _ChunkLoop:
         self.throttle = ThrottlePolicy(pacing, learned.pace_factor if learned else 1.0)
         self.credentials = CredentialGuard(pacing.auth_fail_fast, proven=learned is not None)
         self.pacer.slow_to(self.throttle.factor)
-        self._call_fn = _timed_call_heard if listen(connection.client) else _timed_call
+        self._listener = Listener()
+        self._heard_by = self._listener if self._listener.listen(connection.client) else None
         self._fresh = deque(chunk.items())
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
@@ -300,12 +228,14 @@ class _ChunkLoop:
             attempt.tries += 1
             self._in_flight += 1
             if slots == 1 and self._in_flight == 1:
-                self._settle(self._call_fn(self._call, self._connection.client, attempt))
+                self._settle(_timed_call(self._call, self._connection.client, attempt, self._heard_by))
             else:
                 self._submit(attempt)
         if not self._stopped:
             self.pacer.finish()
-        remember(self._chunk.run_id, Learned(self.slots.latency_s, self.cost.per_call, self.throttle.factor))
+        self._memory.learned = self._result.learned = Learned(
+            self.slots.latency_s, self.cost.per_call, self.throttle.factor
+        )
 
     def _unpaced_and_plain(self) -> bool:
         """Nothing to pace, count or hear, and nothing set aside: the hot loop can take the next items."""
@@ -314,7 +244,7 @@ class _ChunkLoop:
             and self.pacer.unpaced
             and not (self.throttle or self._in_flight or self._reconnect or self._charges_tokens)
             and not self._counts_returns
-            and self._call_fn is _timed_call
+            and self._heard_by is None
         )
 
     def _run_unpaced(self) -> None:
@@ -396,11 +326,11 @@ class _ChunkLoop:
             self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix=f"paceline-chunk-{self._chunk.chunk_id}")
         self._sent[id(attempt)] = self._clock()
         client, done, gate, spacing = self._connection.client, self._done, self._gate, self.pacer.spacing()
-        timed_call = self._call_fn
+        call, listener = self._call, self._heard_by
 
         def send() -> None:
             gate.enter(spacing)
-            done.put(timed_call(self._call, client, attempt))
+            done.put(_timed_call(call, client, attempt, listener))
 
         self._pool.submit(send)
 
@@ -506,7 +436,8 @@ class _ChunkLoop:
         if self._stopped:
             return
         try:
-            self._call_fn = _timed_call_heard if listen(self._connection.replace()) else _timed_call
+            client = self._connection.replace()
+            self._heard_by = self._listener if self._listener.listen(client) else None
         except ConnectionLost as lost:
             self._fill_rest(self._scrubbed(lost.failure))
 
@@ -565,16 +496,13 @@ class _SendGate:
             self._next = now + spacing
 
 
-def _slot_cap(work: Work, pacing: Pacing, client: Any) -> int:
-    """Calls that may share the chunk's client: 1 for a connection that runs one statement at a time."""
-    if pacing.window_calls or _one_statement_at_a_time(client):
+def _slot_cap(hooks: WorkHooks, pacing: Pacing) -> int:
+    """Calls that may share the chunk's client: 1 for a client that runs one call at a time."""
+    if pacing.window_calls or hooks.one_call_at_a_time:
         return 1
-    return max(1, min(pacing.max_in_flight, getattr(work, "max_in_flight", pacing.max_in_flight)))
-
-
-def _one_statement_at_a_time(client: Any) -> bool:
-    """A DB-API connection (it has ``cursor``) interleaves transactions if two threads share it."""
-    return callable(getattr(client, "cursor", None)) and callable(getattr(client, "commit", None))
+    if hooks.max_in_flight is None:
+        return max(1, pacing.max_in_flight)
+    return max(1, min(pacing.max_in_flight, hooks.max_in_flight))
 
 
 def _reported_usage(usage: Callable[[Any], float | None] | None, value: Any) -> float | None:

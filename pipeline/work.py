@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from pipeline.refusals import Convention
 
@@ -45,9 +45,25 @@ class Item:
     __hash__ = None  # type: ignore[assignment]
 
 
-@runtime_checkable
 class Work(Protocol):
-    """What a worker does. Implementations must pickle with cloudpickle."""
+    """What a worker does: ``connect`` and ``call`` are required, every other member is an optional hook.
+
+    Implementations must pickle with cloudpickle. A class that subclasses
+    ``Work`` inherits the defaults below; one that only has the two methods
+    works too, and the runner reads it through ``WorkHooks.of``, which fills
+    in the same defaults.
+    """
+
+    one_call_at_a_time: bool = False
+    """The client runs one call at a time: a DB-API connection interleaves transactions if two threads share it."""
+    max_in_flight: int | None = None
+    """At most this many calls in flight on one client (None: as many as the pacing needs, up to its cap)."""
+    conventions: tuple[Convention, ...] = ()
+    """The service's own ways of saying no (``pipeline.refusals``), asked before the built-in ones."""
+    cost: Callable[[Item], float] | None = None
+    """Tokens an item will spend, estimated before its call (None: the runner skips the estimate entirely)."""
+    usage: Callable[[Any], float | None] | None = None
+    """Tokens a payload says its call spent, to reconcile the estimate (None: not token-priced)."""
 
     def connect(self) -> Any:
         """Open the client or connection the chunk reuses (closed by the runner)."""
@@ -55,16 +71,60 @@ class Work(Protocol):
     def call(self, client: Any, item: Item) -> Any:
         """Do one item; return a JSON-serialisable payload or raise."""
 
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never be stored or logged (empty ones are ignored)."""
+        return ()
+
+    def broken(self, client: Any) -> bool:
+        """Is ``client`` itself gone after a failed call (not just that call)? Then the runner replaces it."""
+        return client_closed(client)
+
+
+_CLOSED_FLAGS = ("is_closed", "closed", "broken")
+"""Attributes that clients set when they are done for: httpx ``is_closed``, psycopg ``closed``/``broken``."""
+
+
+def client_closed(client: Any) -> bool:
+    """The default of ``Work.broken``: the client says it is closed."""
+    return any(getattr(client, flag, False) is True for flag in _CLOSED_FLAGS)
+
 
 @dataclass(frozen=True)
-class FunctionWork:
+class WorkHooks:
+    """A work's optional hooks, read once per chunk, with ``Work``'s defaults where it has none."""
+
+    one_call_at_a_time: bool
+    max_in_flight: int | None
+    conventions: tuple[Convention, ...]
+    cost: Callable[[Item], float] | None
+    usage: Callable[[Any], float | None] | None
+    secrets: tuple[str, ...]
+    broken: Callable[[Any], bool]
+
+    @classmethod
+    def of(cls, work: Work) -> WorkHooks:
+        secrets = getattr(work, "secrets", None)
+        return cls(
+            one_call_at_a_time=bool(getattr(work, "one_call_at_a_time", Work.one_call_at_a_time)),
+            max_in_flight=getattr(work, "max_in_flight", Work.max_in_flight),
+            conventions=tuple(getattr(work, "conventions", Work.conventions)),
+            cost=getattr(work, "cost", Work.cost),
+            usage=getattr(work, "usage", Work.usage),
+            secrets=tuple(s for s in secrets() if s) if secrets else (),
+            broken=getattr(work, "broken", client_closed),
+        )
+
+
+@dataclass(frozen=True)
+class FunctionWork(Work):
     """Work made of plain functions, for backfills written in a few lines.
 
     ``cost`` estimates the tokens an item spends before the call; ``usage``
     reads what it really spent from the payload, so pacing can reconcile.
     ``secrets`` are values that must never be stored or logged.
     ``conventions`` are rows of the refusal table the service needs beyond the
-    built-in ones; they are asked first.
+    built-in ones; they are asked first. ``one_call_at_a_time`` is for a
+    client two threads must not share (a database connection).
     """
 
     connect_fn: Callable[[], Any]
@@ -73,6 +133,7 @@ class FunctionWork:
     usage_fn: Callable[[Any], float | None] | None = None
     secret_values: tuple[str, ...] = field(default=(), repr=False)
     conventions: tuple[Convention, ...] = ()  # the service's own ways of saying no (``pipeline.refusals``)
+    one_call_at_a_time: bool = False
 
     def connect(self) -> Any:
         return self.connect_fn()
@@ -92,8 +153,3 @@ class FunctionWork:
 
     def secrets(self) -> tuple[str, ...]:
         return self.secret_values
-
-
-def work_secrets(work: Work) -> tuple[str, ...]:
-    secrets = getattr(work, "secrets", None)
-    return tuple(s for s in secrets() if s) if secrets else ()

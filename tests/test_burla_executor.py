@@ -28,10 +28,11 @@ import assets  # noqa: F401 - load every project module, so Burla's scan covers 
 import pipeline.cli
 import pipeline.definitions  # noqa: F401
 import resources  # noqa: F401
+from pipeline.chunks import Chunk
 from pipeline.executors import BurlaExecutor, ExecutorError
 from pipeline.limits import Pacing
 from pipeline.localservices import start_http_api
-from pipeline.runner import Chunk, make_chunk_function
+from pipeline.runner import make_chunk_function
 from pipeline.work import FunctionWork
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

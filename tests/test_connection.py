@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.connection import CAPACITY_MAX_WAIT_S, RECONNECT_WAITS_S, CapacityBackoff, ChunkClient, ConnectionLost
 from pipeline.outcomes import Failure
-from pipeline.pacing.memory import recall_crowding
+from pipeline.pacing.memory import WorkerMemory
 from pipeline.work import FunctionWork
 from pipeline.workloads.scrape import ScrapeWork
 from tests.simclock import FakeClock
@@ -65,10 +65,10 @@ class _Crowded:
         return object()
 
 
-def _client(connect, clock: FakeClock, run_id: str | None = None, **backoff) -> ChunkClient:
+def _client(connect, clock: FakeClock, memory: WorkerMemory | None = None, **backoff) -> ChunkClient:
     work = FunctionWork(connect, lambda client, item: None)
     return ChunkClient(
-        work, clock.sleep, run_id=run_id, clock=clock, rng=random.Random(7), backoff=CapacityBackoff(**backoff)
+        work, clock.sleep, memory=memory, clock=clock, rng=random.Random(7), backoff=CapacityBackoff(**backoff)
     )
 
 
@@ -122,23 +122,23 @@ def test_a_failure_that_is_not_about_room_is_raised_at_once():
 
 
 def test_a_crowded_worker_resumes_its_backoff_at_its_level_and_recovers_by_halving():
-    clock, run = FakeClock(), f"crowd-{random.random()}"
+    clock, run = FakeClock(), WorkerMemory().of_run("crowd")
     connect = _Crowded(clock, refusals=6)
     _client(connect, clock, run).open()
-    assert recall_crowding(run) == 6
+    assert run.crowding == 6
     logins_before, waited_from = len(connect.logins), clock.now
     _client(connect, clock, run).open()
     assert len(connect.logins) == logins_before + 1, "it got in at the first login of its next chunk"
     assert 0 < clock.now - waited_from <= CapacityBackoff().ceiling_s(1), "after letting its last slot free up"
-    assert recall_crowding(run) == 3, "a connect that got in at once halves the level"
+    assert run.crowding == 3, "a connect that got in at once halves the level"
     connect.left = 1
     before = clock.now
     _client(connect, clock, run).open()
-    assert recall_crowding(run) == 4, "refused again: the backoff resumes at its level, plus one"
+    assert run.crowding == 4, "refused again: the backoff resumes at its level, plus one"
     assert clock.now - before <= CapacityBackoff().ceiling_s(1) + CapacityBackoff().ceiling_s(4)
     for _ in range(3):  # 4 -> 2 -> 1 -> 0
         _client(connect, clock, run).open()
-    assert recall_crowding(run) == 0, "the database has room again: the worker connects at once"
+    assert run.crowding == 0, "the database has room again: the worker connects at once"
 
 
 def test_a_reconnect_refused_for_room_waits_without_using_up_the_reconnects():

@@ -4,9 +4,9 @@ import os
 import time
 import types
 
+from pipeline.chunks import Chunk
 from pipeline.executors import LocalExecutor
 from pipeline.limits import Pacing
-from pipeline.runner import Chunk
 
 
 def _chunks(n: int) -> list[Chunk]:

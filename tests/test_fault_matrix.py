@@ -52,7 +52,7 @@ from pipeline.items import ItemSource, JsonlPrompts, KeyRanges, Values
 from pipeline.ledger import Ledger
 from pipeline.limits import Overrides, ServiceLimit
 from pipeline.localservices import start_http_api, start_llm
-from pipeline.work import Item, Work, work_secrets
+from pipeline.work import Item, Work, WorkHooks
 from pipeline.workloads import HttpWork, KeyRangeWork, LlmWork, S3ToPostgresWork, ScrapeWork, gzip_jsonl
 
 MAX_ATTEMPTS = 3
@@ -193,7 +193,7 @@ class Sabotaged:
 
     ``call`` raises a plain bug (``KeyError``) for items whose id contains
     ``raise-``; ``connect`` raises while the file ``connect_broken`` exists
-    (the test deletes it to repair it). Cost, usage and secrets are the work's.
+    (the test deletes it to repair it). One call at a time, cost, usage and secrets are the work's.
     """
 
     work: Work
@@ -210,15 +210,19 @@ class Sabotaged:
         return self.work.call(client, item)
 
     @property
+    def one_call_at_a_time(self) -> bool:
+        return WorkHooks.of(self.work).one_call_at_a_time
+
+    @property
     def cost(self) -> Callable[[Item], float] | None:
-        return getattr(self.work, "cost", None)
+        return WorkHooks.of(self.work).cost
 
     @property
     def usage(self) -> Callable[[Any], float | None] | None:
-        return getattr(self.work, "usage", None)
+        return WorkHooks.of(self.work).usage
 
     def secrets(self) -> tuple[str, ...]:
-        return work_secrets(self.work)
+        return WorkHooks.of(self.work).secrets
 
 
 # --------------------------------------------------------------------------

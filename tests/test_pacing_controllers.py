@@ -6,16 +6,18 @@ import threading
 import pyarrow as pa
 import pytest
 
+from pipeline import runner
+from pipeline.chunks import Chunk, ChunkResult
 from pipeline.connection import ChunkClient
 from pipeline.outcomes import CallAgain, Throttled
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.inflight import HEADROOM, InFlightLimit
-from pipeline.pacing.memory import Learned, recall, remember
+from pipeline.pacing.memory import Learned, WorkerMemory
 from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.plan import iter_chunks
 from pipeline.policies.throttle import ISOLATED_AFTER
-from pipeline.runner import Chunk, ChunkResult, _ChunkLoop
-from pipeline.work import FunctionWork
+from pipeline.runner import _ChunkLoop, make_chunk_function
+from pipeline.work import FunctionWork, WorkHooks
 from tests.simclock import FakeClock
 
 # -- in flight: Little's law ------------------------------------------------------------------
@@ -106,15 +108,38 @@ def test_staggered_workers_put_no_more_in_the_first_window_than_in_any_later_one
 
 
 def test_a_worker_remembers_for_its_next_chunk_only():
-    remember("run-a", Learned(latency_s=1.5, tokens_per_call=300))
-    assert recall("run-a") == Learned(1.5, 300)
-    seen_by_other_worker = []
-    other = threading.Thread(target=lambda: seen_by_other_worker.append(recall("run-a")))
-    other.start()
-    other.join()
-    assert seen_by_other_worker == [None], "no worker reads what another measured"
-    remember("run-b", Learned(latency_s=0.1))
-    assert recall("run-a") is None, "a worker keeps the latest run only"
+    memory = WorkerMemory().of_run("run-a")
+    memory.learned, memory.crowding = Learned(latency_s=1.5, tokens_per_call=300), 3
+    assert memory.of_run("run-a").learned == Learned(1.5, 300) and memory.crowding == 3
+    assert memory.of_run("run-b").learned is None and memory.crowding == 0, "a worker keeps the latest run only"
+
+
+def test_chunks_running_at_once_never_share_a_memory_and_the_next_resumes_from_one(monkeypatch):
+    """The chunk function hands each live chunk its own worker memory, and a later chunk what one left."""
+    both_running = threading.Barrier(2)
+    memories: dict[int, WorkerMemory] = {}
+    real_run_chunk = runner.run_chunk
+
+    def spy(work, chunk, memory):
+        memories[chunk.chunk_id] = memory
+        if chunk.chunk_id < 2:
+            both_running.wait(timeout=10)  # two chunks in flight at once, on two threads
+        return real_run_chunk(work, chunk, memory)
+
+    monkeypatch.setattr(runner, "run_chunk", spy)
+    function = make_chunk_function(FunctionWork(lambda: None, lambda client, item: None))
+    pacing = Pacing(seconds_per_call=0.25)
+    threads = [
+        threading.Thread(target=function, args=(Chunk("b", 0, "run", c, [f"{c}"], [None], pacing),)) for c in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert memories[0] is not memories[1], "no worker reads what another measured"
+    later = function(Chunk("b", 0, "run", 2, ["later"], [None], Pacing(seconds_per_call=9.0)))
+    assert memories[2] in (memories[0], memories[1]), "the next chunk takes the memory a finished one left"
+    assert later.learned.latency_s == 0.25, "so it starts from what that worker learned, not from the estimate"
 
 
 # -- throttled items do not hold the worker (the chunk loop on a simulated clock) ---------------
@@ -131,7 +156,9 @@ def _loop_on_fake_clock(items: list[str], call, pacing: Pacing) -> tuple[_ChunkL
     connection = ChunkClient(work, clock.sleep)
     connection.open()
     result = ChunkResult("b", 0, run_id, 0)
-    return _ChunkLoop(work, chunk, connection, result, (), clock, clock.sleep), result, clock
+    memory = WorkerMemory().of_run(run_id)
+    loop = _ChunkLoop(work, WorkHooks.of(work), chunk, connection, result, memory, clock, clock.sleep)
+    return loop, result, clock
 
 
 def test_an_always_throttled_item_does_not_hold_its_worker():

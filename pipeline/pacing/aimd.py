@@ -46,21 +46,19 @@ MIN_FACTOR = 0.02
 class Aimd:
     """A worker's pace as a fraction of its planned ceiling. Pure: no clock, no randomness."""
 
-    __slots__ = ("factor", "throttles")
+    __slots__ = ("factor",)
 
     def __init__(self, factor: float = 1.0):
         self.factor = _clamp(factor)
-        self.throttles = 0
 
     def on_success(self) -> None:
         self.factor = _clamp(self.factor + INCREASE)
 
     def on_throttle(self) -> None:
-        self.throttles += 1
         self.factor = _clamp(self.factor * DECREASE)
 
     def __repr__(self) -> str:
-        return f"<Aimd factor {self.factor:.3f} after {self.throttles} throttles>"
+        return f"<Aimd factor {self.factor:.3f}>"
 
 
 def _clamp(factor: float) -> float:

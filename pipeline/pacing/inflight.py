@@ -35,14 +35,13 @@ FALL = 0.05
 class InFlightLimit:
     """Little's law on a latency that rises fast and falls slowly. Pure: no clock, no threads."""
 
-    __slots__ = ("cap", "latency_s", "peak")
+    __slots__ = ("cap", "latency_s")
 
     def __init__(self, cap: int, latency_s: float):
         if cap < 1:
             raise ValueError(f"cap must be at least 1, got {cap}.")
         self.cap = cap
         self.latency_s = latency_s
-        self.peak = 1
 
     def on_sample(self, latency_s: float) -> None:
         """Fold one measured call latency into the estimate."""
@@ -59,9 +58,7 @@ class InFlightLimit:
         if pace is None or self.cap == 1:
             return 1
         needed = math.ceil(pace * max(self.latency_s, waiting_s) * HEADROOM)
-        slots = min(self.cap, max(1, needed))  # never more than the cap: the client's pool is finite
-        self.peak = max(self.peak, slots)
-        return slots
+        return min(self.cap, max(1, needed))  # never more than the cap: the client's pool is finite
 
     def __repr__(self) -> str:
-        return f"<InFlightLimit latency {self.latency_s * 1000:.1f} ms, cap {self.cap}, peak {self.peak}>"
+        return f"<InFlightLimit latency {self.latency_s * 1000:.1f} ms, cap {self.cap}>"

@@ -3,10 +3,16 @@
 Each chunk builds its controllers afresh, so without this every chunk would
 start again from the user's estimates: re-learning a 2 s latency costs the
 first seconds of every chunk, and a worker that had slowed down for a
-throttling service would open the next chunk at full speed. A worker is one
-thread of the local executor, or one process on Burla that runs chunks one
-after another, so what it learned is kept per (run, thread): the same scope
-in both places, and no worker ever reads what another measured.
+throttling service would open the next chunk at full speed.
+
+A ``WorkerMemory`` belongs to one worker: the chunk function
+(``runner.make_chunk_function``) hands each chunk it runs a memory no chunk
+running at the same time holds, and takes it back when the chunk ends. On
+the local executor that is one memory per worker thread at a time; on Burla,
+where each worker loads the chunk function once and runs chunks one after
+another, the memory travels inside the function and stays in the worker. So
+no worker ever reads what another measured, and nothing is shared between
+workers.
 
 Two things are kept, by the two parts of the runner that learn them: the
 chunk loop's ``Learned`` (latency, tokens, pace) and the connect policy's
@@ -16,9 +22,7 @@ crowding level (how many refused logins its last connect met,
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import TypeVar
 
 
 @dataclass(frozen=True)
@@ -30,33 +34,30 @@ class Learned:
     pace_factor: float = 1.0
 
 
-_Value = TypeVar("_Value")
-_learned: dict[tuple[str, int], Learned] = {}
-_crowding: dict[tuple[str, int], int] = {}
+class WorkerMemory:
+    """One worker's memory of one run: what its chunks learned and how crowded it found the database.
 
+    A worker keeps the latest run only, so its memory stays small and a new
+    run starts from the estimates:
 
-def recall(run_id: str) -> Learned | None:
-    """What this worker's previous chunk of ``run_id`` learned, if any."""
-    return _learned.get((run_id, threading.get_ident()))
+        >>> memory = WorkerMemory().of_run("run-a")
+        >>> memory.learned = Learned(latency_s=1.5)
+        >>> memory.of_run("run-b").learned is None
+        True
+    """
 
+    __slots__ = ("run_id", "learned", "crowding")
 
-def remember(run_id: str, learned: Learned) -> None:
-    """Keep ``learned`` for this worker's next chunk (the latest run only: a worker's memory stays small)."""
-    _keep(_learned, run_id, learned)
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.learned: Learned | None = None
+        self.crowding = 0  # refused logins in a row at this worker's last connect, halved by each clean one
 
+    def of_run(self, run_id: str) -> WorkerMemory:
+        """This memory for ``run_id``, emptied first if it holds another run's."""
+        if run_id != self.run_id:
+            self.run_id, self.learned, self.crowding = run_id, None, 0
+        return self
 
-def recall_crowding(run_id: str) -> int:
-    """How crowded this worker last found the database in ``run_id`` (0: it got in at once)."""
-    return _crowding.get((run_id, threading.get_ident()), 0)
-
-
-def remember_crowding(run_id: str, level: int) -> None:
-    """Keep the crowding level for this worker's next connect (the latest run only)."""
-    _keep(_crowding, run_id, level)
-
-
-def _keep(store: dict[tuple[str, int], _Value], run_id: str, value: _Value) -> None:
-    key = (run_id, threading.get_ident())
-    for old in [k for k in list(store) if k[1] == key[1] and k[0] != run_id]:
-        store.pop(old, None)
-    store[key] = value
+    def __repr__(self) -> str:
+        return f"<WorkerMemory run {self.run_id!r}: {self.learned}, crowding {self.crowding}>"

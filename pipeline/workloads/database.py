@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.outcomes import Retryable
 from pipeline.spec import Service
+from pipeline.work import Work
 from pipeline.workloads.common import WorkloadConfigError, check, check_positive, require_limit
 
 DEFAULT_APPLICATION_NAME = "paceline"
@@ -21,11 +22,15 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PostgresConfig:
+class PostgresConfig(Work):
     """Where the database is and how this backfill's connections are tagged and bounded.
 
     ``password`` is the service's secret (kept out of the DSN, ``repr`` and rows).
+    A connection runs one call at a time: calls open one transaction each, and
+    two threads sharing the connection would interleave them.
     """
+
+    one_call_at_a_time: ClassVar[bool] = True
 
     dsn: str = field(repr=False)
     password: str = field(default="", repr=False)

@@ -33,7 +33,7 @@ from pipeline.items import ITEM_SCHEMA, ItemSource, normalize
 from pipeline.outcomes import Permanent, raise_for_refusal
 from pipeline.refusals import Convention
 from pipeline.spec import Service
-from pipeline.work import Item
+from pipeline.work import Item, Work
 from pipeline.workloads.common import (
     WorkloadConfigError,
     check,
@@ -50,7 +50,7 @@ _SAMPLE_ID = "sample-id"
 
 
 @dataclass(frozen=True, kw_only=True)
-class HttpClientConfig:
+class HttpClientConfig(Work):
     """What every HTTP workload needs: headers, a bearer token and a timeout, one client per chunk."""
 
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold an API key

@@ -1,0 +1,110 @@
+"""A chunk and its result: what the planner makes, executors carry and the manifest store writes.
+
+They live apart from the runner so that the planner, the executors and the
+store depend on these two types, not on the code a worker runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pipeline.outcomes import Failure
+from pipeline.pacing.memory import Learned
+from pipeline.pacing.schedule import Pacing
+from pipeline.rows import ROW_FIELDS
+from pipeline.work import Item
+
+
+@dataclass
+class Chunk:
+    """A list of items for one worker. Not a tuple: Burla would unpack it."""
+
+    backfill: str
+    attempt: int
+    run_id: str
+    chunk_id: int
+    item_ids: list[str]
+    payloads: list[str | None]
+    pacing: Pacing = field(default_factory=Pacing)
+    start_delay_s: float = 0.0  # staggered start-up: the first wave of chunks does not call all at once
+
+    def items(self) -> list[Item]:
+        return [Item(i, p) for i, p in zip(self.item_ids, self.payloads)]
+
+
+def _column(name: str) -> property:
+    index = ROW_FIELDS.index(name)
+    return property(lambda self: [row[index] for row in self.rows], doc=f"the {name} of every row")
+
+
+@dataclass
+class ChunkResult:
+    """One row per item of a chunk.
+
+    Rows are plain tuples in ``ROW_FIELDS`` order (``pipeline.rows``): the
+    cheapest thing to build per item and to pickle back from a worker; only
+    ``add_ok`` and ``add_failure`` build them. The result names its own
+    chunk, because Burla returns results in no particular order and without
+    their input index.
+    """
+
+    backfill: str
+    attempt: int
+    run_id: str
+    chunk_id: int
+    rows: list[tuple] = field(default_factory=list)
+    auth_aborted: bool = False
+    credential_refusals: int = 0  # rows refused for their credentials (``pipeline.refusals``), not just 401/403
+    out_of_credit: str | None = None  # what the service said when the account ran dry: the run stops
+    learned: Learned | None = None  # the worker's closed loops when the chunk ended (latency, tokens, pace)
+
+    item_id = _column("item_id")
+    ok = _column("ok")
+    retryable = _column("retryable")
+    status = _column("status")
+    http_status = _column("http_status")
+    error = _column("error")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def columns(self) -> dict[str, list]:
+        """All rows as columns, in one pass (for the manifest writer)."""
+        if not self.rows:
+            return {name: [] for name in ROW_FIELDS}
+        return dict(zip(ROW_FIELDS, map(list, zip(*self.rows))))
+
+    def add_ok(
+        self, item_id: str, started: float, finished: float, tries: int, payload: str | None, tokens: float | None
+    ) -> None:
+        self.rows.append((item_id, True, False, "ok", None, None, tries, started, finished, tokens, None, payload))
+
+    def add_failure(
+        self,
+        item_id: str,
+        started: float,
+        finished: float,
+        tries: int,
+        failure: Failure,
+        retry_after: float | None = None,
+    ) -> None:
+        self.rows.append((
+            item_id, False, failure.retryable, failure.status, failure.http_status, failure.error, tries,
+            started, finished, None, retry_after, None,
+        ))  # fmt: skip
+
+
+def failed_chunk_result(chunk: Chunk, status: str, error: str, done: set[str] | None = None) -> ChunkResult:
+    """Every item (not already done) failed and retryable: used when a chunk could not run."""
+    result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
+    fill_failed(result, chunk, Failure(status, True, error), done or set())
+    return result
+
+
+def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[str]) -> None:
+    """Give ``failure`` to every item of the chunk not in ``done`` (none of them was tried)."""
+    now = time.time()
+    for item_id in chunk.item_ids:
+        if item_id not in done:
+            result.add_failure(item_id, now, now, 0, failure)

@@ -15,14 +15,20 @@ same assets, checks, sensor, pool and resource config.
   its concurrency pool are one.
 * ``paceline.Backfill`` declares the items, the built-in workload, estimates
   and pins. It is checked against its service when the definitions load
-  (``dg check defs``): the admission check and the workload's own checks run
-  then, before any call, and errors name the YAML file, the line and the fix.
+  (``dg check defs``): its items files must exist then, the admission check
+  and the workload's own checks run then, before any call, and errors name the
+  YAML file, the line and the fix.
 * ``paceline.Runtime`` says where manifests go and where chunks run: once per
   code location (``pipeline/definitions.py`` declares its own in Python).
 
 Secrets and URLs are written as ``{{ env.NAME }}`` and become ``EnvVar("NAME")``:
 Dagster stores the variable's name, never its value. A secret written inline
-is refused.
+is refused by its line, never repeated in the error.
+
+A user's mistake is a ``YamlDeclarationError`` raised while the component
+loads or builds, so ``dg check defs`` prints its one message; an error raised
+inside a ``Resolver`` would come with a Python traceback and the YAML lines
+around it.
 """
 
 from __future__ import annotations
@@ -86,15 +92,20 @@ def _keep_env_reference(context: ResolutionContext, text: str) -> str:
     return text if env_variable(text) else context.resolve_value(text, as_type=str)
 
 
-def _secret_reference(context: ResolutionContext, text: str) -> str:
-    """``secret``: only an ``{{ env.NAME }}`` reference; the value itself is never written in YAML."""
-    if text and env_variable(text) is None:
-        raise YamlDeclarationError(
-            "secret must name the environment variable that holds it, written '{{ env.API_TOKEN }}'. "
-            "A secret written in YAML ends up in Git, in Dagster's run records and in the launchpad: "
-            "remove it from the file, export it (export API_TOKEN=...) and write secret: '{{ env.API_TOKEN }}'."
-        )
+def _as_written(context: ResolutionContext, text: str) -> str:
+    """``secret``: never rendered, so a reference stays a name and a literal is refused by ``Service.load``.
+
+    A resolver that raised would have Dagster print the YAML lines around the
+    error, the secret's among them, and a Python traceback.
+    """
     return text
+
+
+_INLINE_SECRET = (
+    "secret must name the environment variable that holds it, written '{{ env.API_TOKEN }}'. "
+    "A secret written in YAML ends up in Git, in Dagster's run records and in the launchpad: "
+    "remove it from the file, export it (export API_TOKEN=...) and write secret: '{{ env.API_TOKEN }}'."
+)
 
 
 def _from_env(text: str) -> str:
@@ -191,7 +202,7 @@ class Service(_ServiceFields, Component, Resolvable):
     secret: Annotated[
         str,
         Resolver(
-            _secret_reference,
+            _as_written,
             model_field_type=str,
             inject_before_resolve=False,
         ),
@@ -200,6 +211,14 @@ class Service(_ServiceFields, Component, Resolvable):
         description="Token, key or password, only as '{{ env.NAME }}': the value is read when the run starts "
         "and never stored. A literal secret is refused.",
     )
+
+    @classmethod
+    def load(cls, attributes: Any, context: ComponentLoadContext) -> Any:
+        """Refuse a secret written inline as soon as the YAML is read, naming its line and never its value."""
+        service = super().load(attributes, context)
+        if service.secret and env_variable(service.secret) is None:
+            raise service.refuse(("secret",), _INLINE_SECRET)
+        return service
 
     def resource(self) -> ServiceResource:
         """The same resource a Python declaration makes: only the fields written, url and secret as EnvVar."""
@@ -292,6 +311,13 @@ class Items(Model, Resolvable):
     def _exactly_one_source(self) -> Items:
         _one_of(self, _ITEM_SOURCES, "items")
         return self
+
+    def files(self) -> dict[tuple[str, ...], str]:
+        """The local files the items are read from, each by its key path in the YAML."""
+        if self.lines is not None:
+            return {("items", "lines"): self.lines}
+        written = {name: getattr(self, name) for name in ("column", "jsonl")}
+        return {("items", name, "path"): spec.path for name, spec in written.items() if spec is not None}
 
     def source(self, folder: Path) -> ItemSource:
         """The engine's item source, with relative paths taken from ``folder``."""
@@ -480,6 +506,23 @@ class Backfill(_Located, Component, Resolvable):
             )
         except ValueError as error:
             raise self.refuse((), error) from None
+
+    @classmethod
+    def load(cls, attributes: Any, context: ComponentLoadContext) -> Any:
+        """Refuse an items file that is not there as soon as the YAML is read, not when a run starts."""
+        backfill = super().load(attributes, context)
+        backfill._check_files(context.path)
+        return backfill
+
+    def _check_files(self, folder: Path) -> None:
+        for key_path, written in self.items.files().items():
+            if not Path(_under(folder, written)).is_file():
+                raise self.refuse(
+                    key_path,
+                    f"the items file {written!r} does not exist (looked for {_under(folder, written)}).",
+                    "Fix the path: a relative one is taken from this defs.yaml's folder; "
+                    "write '{{ context.project_root }}/...' for one under the project.",
+                )
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         spec = self.spec(context.path)

@@ -34,6 +34,7 @@ SECTION = README.split("## Declare it in YAML", 1)[1].split("\n## ", 1)[0]
 README_YAML = SECTION.split("```yaml\n", 1)[1].split("```", 1)[0]
 DG = Path(sys.executable).with_name("dg")
 TOKEN = "tok-yaml-8c1e5f0b3a"
+INLINE_SECRET = "sk-live-000111"
 USERS = [f"user-{n}" for n in range(40)]
 
 
@@ -210,18 +211,33 @@ BAD_YAML = {
     ),
     "secret_written_inline": (
         "check defs",
-        README_YAML.replace('"{{ env.USERS_API_TOKEN }}"', '"sk-live-000111"'),
+        README_YAML.replace('"{{ env.USERS_API_TOKEN }}"', f'"{INLINE_SECRET}"'),
         [
-            "defs.yaml:7",
+            "defs.yaml:7 (attributes.secret)",
             "secret must name the environment variable that holds it",
             "write secret: '{{ env.API_TOKEN }}'",
         ],
+    ),
+    "items_file_missing": (
+        "check defs",
+        README_YAML.replace("lines: user_ids.txt", "lines: missing_ids.txt"),
+        [
+            "users/defs.yaml:14 (attributes.items.lines)",
+            "the items file 'missing_ids.txt' does not exist",
+            "users/missing_ids.txt",
+        ],
+    ),
+    "column_file_missing": (
+        "check defs",
+        README_YAML.replace("lines: user_ids.txt", "column:\n      path: ../ids.parquet\n      column: id"),
+        ["users/defs.yaml:15 (attributes.items.column.path)", "the items file '../ids.parquet' does not exist"],
     ),
 }
 
 
 @pytest.mark.parametrize("case", BAD_YAML, ids=str)
 def test_bad_yaml_fails_dg_check_with_the_file_line_and_fix(case, tmp_path):
+    """A user's mistake reads as one message: where, what and the fix; no Python traceback, no secret."""
     command, text, expected = BAD_YAML[case]
     dg_project(tmp_path, f"bad_{case}", text)
     checked = dg(command, tmp_path)
@@ -229,6 +245,8 @@ def test_bad_yaml_fails_dg_check_with_the_file_line_and_fix(case, tmp_path):
     assert checked.returncode != 0, output
     for phrase in expected:
         assert phrase in output, f"{phrase!r} not in:\n{output}"
+    assert "Traceback" not in output, output
+    assert INLINE_SECRET not in output, "dg check printed the secret written inline"
 
 
 def test_dg_lists_the_component_types_and_checks_the_project():

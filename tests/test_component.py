@@ -6,6 +6,7 @@ location runs end to end and its sensor heals it; every bad-YAML case fails
 ``dg check`` (run as the user runs it, in a subprocess) with its message.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +20,10 @@ from dagster import Definitions, EnvVar, instance_for_test, load_from_defs_folde
 
 from assets import STORE_KEY, BackfillKeys, paceline_definitions
 from paceline import Service
+from paceline.components import EstimatesOptions, ExecutorOptions, OverridesOptions
 from pipeline.definitions import defs as location
 from pipeline.items import TextLines
-from pipeline.limits import Estimates
+from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
@@ -270,3 +272,27 @@ def test_the_readme_schema_reference_is_what_dg_prints(component):
 
 def test_a_yaml_service_declares_every_field_of_the_python_one():
     assert set(Service.model_fields) == set(ServiceResource.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("declaration", "derived"),
+    [
+        (ServiceLimit, ServiceResource),
+        (ServiceLimit, Service),
+        (Estimates, EstimatesOptions),
+        (Overrides, OverridesOptions),
+    ],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_engine_field_is_declared_once_and_derived(declaration, derived):
+    """The launchpad and YAML show the engine's own default and description, so a change is one edit."""
+    for field in dataclasses.fields(declaration):
+        shown = derived.model_fields[field.name]
+        assert shown.description == field.metadata["description"], field.name
+        assert shown.is_required() if field.name == "name" else shown.default == field.default, field.name
+
+
+def test_the_yaml_executor_options_are_the_resource_fields():
+    for name, field in ExecutorResource.model_fields.items():
+        option = ExecutorOptions.model_fields[name]
+        assert (option.default, option.description) == (field.default, field.description), name

@@ -516,10 +516,11 @@ class Backfill(_Located, Component, Resolvable):
 
     def _check_files(self, folder: Path) -> None:
         for key_path, written in self.items.files().items():
-            if not Path(_under(folder, written)).is_file():
+            path = Path(_under(folder, written))
+            if not path.is_file():
                 raise self.refuse(
                     key_path,
-                    f"the items file {written!r} does not exist (looked for {_under(folder, written)}).",
+                    f"the items file {written!r} does not exist (looked for {path}).",
                     "Fix the path: a relative one is taken from this defs.yaml's folder; "
                     "write '{{ context.project_root }}/...' for one under the project.",
                 )

@@ -43,13 +43,13 @@ class LimitError(ValueError):
     """
 
 
+DESCRIPTION = "description"
+"""The metadata key of a field's description: the Dagster resource and the YAML component read it."""
+
+
 def _declared(default: object, description: str) -> Any:
     """A field with the words a user reads beside it, kept with the field so every layer shows the same."""
     return field(default=default, metadata={DESCRIPTION: description})
-
-
-DESCRIPTION = "description"
-"""The metadata key of a field's description: the Dagster resource and the YAML component read it."""
 
 
 @dataclass(frozen=True)

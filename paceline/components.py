@@ -15,14 +15,20 @@ same assets, checks, sensor, pool and resource config.
   its concurrency pool are one.
 * ``paceline.Backfill`` declares the items, the built-in workload, estimates
   and pins. It is checked against its service when the definitions load
-  (``dg check defs``): the admission check and the workload's own checks run
-  then, before any call, and errors name the YAML file, the line and the fix.
+  (``dg check defs``): its items files must exist then, the admission check
+  and the workload's own checks run then, before any call, and errors name the
+  YAML file, the line and the fix.
 * ``paceline.Runtime`` says where manifests go and where chunks run: once per
   code location (``pipeline/definitions.py`` declares its own in Python).
 
 Secrets and URLs are written as ``{{ env.NAME }}`` and become ``EnvVar("NAME")``:
 Dagster stores the variable's name, never its value. A secret written inline
-is refused.
+is refused by its line, never repeated in the error.
+
+A user's mistake is a ``YamlDeclarationError`` raised while the component
+loads or builds, so ``dg check defs`` prints its one message; an error raised
+inside a ``Resolver`` would come with a Python traceback and the YAML lines
+around it.
 """
 
 from __future__ import annotations
@@ -44,10 +50,11 @@ from dagster import (
     Resolver,
 )
 from dagster_shared.yaml_utils.source_position import SourcePositionTree
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, create_model, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from assets import backfill_definitions, runtime_definitions, service_definitions
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
 from pipeline.items import FileColumn, ItemSource, JsonlPrompts, KeyRanges, S3Prefix, TextLines, Values
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.spec import BackfillSpec
@@ -61,6 +68,7 @@ from pipeline.workloads.s3_postgres import S3ToPostgresWork, s3_postgres_work
 from pipeline.workloads.scrape import ByDomain, ScrapeWork, scrape_work
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource
 from resources.execution import EXECUTOR_KINDS
+from resources.fields import field_like, fields_like, fields_of
 
 _ENV_REFERENCE = re.compile(
     r"^\{\{\s*env(?:\.(?P<dotted>[A-Za-z_][A-Za-z0-9_]*)|\(\s*['\"](?P<called>[A-Za-z_][A-Za-z0-9_]*)['\"]\s*\))\s*\}\}$"
@@ -84,15 +92,20 @@ def _keep_env_reference(context: ResolutionContext, text: str) -> str:
     return text if env_variable(text) else context.resolve_value(text, as_type=str)
 
 
-def _secret_reference(context: ResolutionContext, text: str) -> str:
-    """``secret``: only an ``{{ env.NAME }}`` reference; the value itself is never written in YAML."""
-    if text and env_variable(text) is None:
-        raise YamlDeclarationError(
-            "secret must name the environment variable that holds it, written '{{ env.API_TOKEN }}'. "
-            "A secret written in YAML ends up in Git, in Dagster's run records and in the launchpad: "
-            "remove it from the file, export it (export API_TOKEN=...) and write secret: '{{ env.API_TOKEN }}'."
-        )
+def _as_written(context: ResolutionContext, text: str) -> str:
+    """``secret``: never rendered, so a reference stays a name and a literal is refused by ``Service.load``.
+
+    A resolver that raised would have Dagster print the YAML lines around the
+    error, the secret's among them, and a Python traceback.
+    """
     return text
+
+
+_INLINE_SECRET = (
+    "secret must name the environment variable that holds it, written '{{ env.API_TOKEN }}'. "
+    "A secret written in YAML ends up in Git, in Dagster's run records and in the launchpad: "
+    "remove it from the file, export it (export API_TOKEN=...) and write secret: '{{ env.API_TOKEN }}'."
+)
 
 
 def _from_env(text: str) -> str:
@@ -161,32 +174,20 @@ class _Located(Model):
 # --------------------------------------------------------------------------
 
 
-def _like_resource(field: str) -> Any:
-    """The ``ServiceResource`` field's default and description: one source for YAML and the launchpad."""
-    declared = ServiceResource.model_fields[field]
-    if declared.is_required():
-        return Field(description=declared.description)
-    return Field(default=declared.default, description=declared.description)
+# The ServiceResource's fields, their defaults and descriptions (the limit's are ServiceLimit's): one
+# declaration for Python, the launchpad and YAML.
+_ServiceFields = create_model("ServiceFields", __base__=_Located, **fields_like(ServiceResource))
 
 
-class Service(_Located, Component, Resolvable):
+class Service(_ServiceFields, Component, Resolvable):
     """An external service and its limit, declared once and named by every paceline.Backfill that calls it.
 
     Becomes the ``ServiceResource`` keyed by ``name`` (also the concurrency pool
     of every backfill that calls it). Declare at least one limit.
     """
 
-    name: str = _like_resource("name")
-    requests_per_second: float | None = _like_resource("requests_per_second")
-    requests_per_minute: float | None = _like_resource("requests_per_minute")
-    tokens_per_minute: float | None = _like_resource("tokens_per_minute")
-    safe_connections: int | None = _like_resource("safe_connections")
-    concurrent_batches: int | None = _like_resource("concurrent_batches")
-    per_worker_requests_per_second: float | None = _like_resource("per_worker_requests_per_second")
-    jitter_s: float = _like_resource("jitter_s")
-    max_workers: int | None = _like_resource("max_workers")
-    max_workers_per_domain: int | None = _like_resource("max_workers_per_domain")
-    safety: float = _like_resource("safety")
+    # url and secret, declared again: YAML writes them as '{{ env.NAME }}', which becomes an EnvVar.
+
     url: Annotated[
         str,
         Resolver(
@@ -201,7 +202,7 @@ class Service(_Located, Component, Resolvable):
     secret: Annotated[
         str,
         Resolver(
-            _secret_reference,
+            _as_written,
             model_field_type=str,
             inject_before_resolve=False,
         ),
@@ -210,9 +211,14 @@ class Service(_Located, Component, Resolvable):
         description="Token, key or password, only as '{{ env.NAME }}': the value is read when the run starts "
         "and never stored. A literal secret is refused.",
     )
-    embedded: str = _like_resource("embedded")
-    demo_faults: float = _like_resource("demo_faults")
-    embedded_state_file: str = _like_resource("embedded_state_file")
+
+    @classmethod
+    def load(cls, attributes: Any, context: ComponentLoadContext) -> Any:
+        """Refuse a secret written inline as soon as the YAML is read, naming its line and never its value."""
+        service = super().load(attributes, context)
+        if service.secret and env_variable(service.secret) is None:
+            raise service.refuse(("secret",), _INLINE_SECRET)
+        return service
 
     def resource(self) -> ServiceResource:
         """The same resource a Python declaration makes: only the fields written, url and secret as EnvVar."""
@@ -305,6 +311,13 @@ class Items(Model, Resolvable):
     def _exactly_one_source(self) -> Items:
         _one_of(self, _ITEM_SOURCES, "items")
         return self
+
+    def files(self) -> dict[tuple[str, ...], str]:
+        """The local files the items are read from, each by its key path in the YAML."""
+        if self.lines is not None:
+            return {("items", "lines"): self.lines}
+        written = {name: getattr(self, name) for name in ("column", "jsonl")}
+        return {("items", name, "path"): spec.path for name, spec in written.items() if spec is not None}
 
     def source(self, folder: Path) -> ItemSource:
         """The engine's item source, with relative paths taken from ``folder``."""
@@ -456,29 +469,8 @@ _WORKLOADS: dict[str, Callable[[dict[str, Any]], Callable[[ConfiguredService], W
 # --------------------------------------------------------------------------
 
 
-class EstimatesOptions(Model):
-    seconds_per_call: float = Field(default=Estimates.seconds_per_call, description="The service's typical latency.")
-    tokens_per_item: float | None = Field(default=None, description="LLM: tokens one item uses, prompt and answer.")
-    target_chunk_seconds: float = Field(
-        default=Estimates.target_chunk_seconds, description="How long one chunk should take; sizes the chunks."
-    )
-
-
-class OverridesOptions(Model):
-    max_parallelism: int | None = Field(
-        default=None, description="Pin live workers (still admitted against the limit)."
-    )
-    per_worker_requests_per_second: float | None = Field(
-        default=None, description="Pin one worker's rate (still admitted against the limit)."
-    )
-    chunk_size: int | None = Field(default=None, description="Pin items per chunk.")
-    max_throttle_retries: int = Field(
-        default=Overrides.max_throttle_retries,
-        description="429/503 retries inside a chunk before the item is left for a round.",
-    )
-    max_retry_after_s: float = Field(
-        default=Overrides.max_retry_after_s, description="Longest Retry-After honoured in a chunk."
-    )
+EstimatesOptions = create_model("EstimatesOptions", __base__=Model, **fields_of(Estimates))
+OverridesOptions = create_model("OverridesOptions", __base__=Model, **fields_of(Overrides))
 
 
 class Backfill(_Located, Component, Resolvable):
@@ -496,7 +488,7 @@ class Backfill(_Located, Component, Resolvable):
     overrides: OverridesOptions = Field(
         default_factory=OverridesOptions, description="Values pinned instead of derived."
     )
-    max_attempts: int = Field(default=BackfillSpec.max_attempts, description="Attempt 0 plus retry rounds, at most.")
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, description="Attempt 0 plus retry rounds, at most.")
     description: str = Field(default="", description="Shown in the UI.")
 
     def spec(self, folder: Path) -> BackfillSpec:
@@ -514,6 +506,24 @@ class Backfill(_Located, Component, Resolvable):
             )
         except ValueError as error:
             raise self.refuse((), error) from None
+
+    @classmethod
+    def load(cls, attributes: Any, context: ComponentLoadContext) -> Any:
+        """Refuse an items file that is not there as soon as the YAML is read, not when a run starts."""
+        backfill = super().load(attributes, context)
+        backfill._check_files(context.path)
+        return backfill
+
+    def _check_files(self, folder: Path) -> None:
+        for key_path, written in self.items.files().items():
+            path = Path(_under(folder, written))
+            if not path.is_file():
+                raise self.refuse(
+                    key_path,
+                    f"the items file {written!r} does not exist (looked for {path}).",
+                    "Fix the path: a relative one is taken from this defs.yaml's folder; "
+                    "write '{{ context.project_root }}/...' for one under the project.",
+                )
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         spec = self.spec(context.path)
@@ -549,31 +559,19 @@ class Backfill(_Located, Component, Resolvable):
 # --------------------------------------------------------------------------
 
 
-class ExecutorOptions(Model):
-    kind: Literal[EXECUTOR_KINDS] = Field(default="local", description="'local' (threads in the step) or 'burla'.")  # type: ignore[valid-type]
-    func_cpu: int = Field(
-        default=ExecutorResource.model_fields["func_cpu"].default, description="Burla: CPUs per worker."
-    )
-    func_ram: int = Field(
-        default=ExecutorResource.model_fields["func_ram"].default, description="Burla: GB of RAM per worker."
-    )
-    grow: bool = Field(default=False, description="Burla: let the cluster add nodes.")
-    image: str = Field(default="", description="Burla: container image; empty for the cluster default.")
-    max_parallelism: int | None = Field(
-        default=None, description="Pin live workers for every backfill (still admitted)."
-    )
+_ExecutorFields = create_model("ExecutorFields", __base__=Model, **fields_like(ExecutorResource))
+
+
+class ExecutorOptions(_ExecutorFields):
+    # The ExecutorResource's fields, with kind as a choice so that dg check yaml lists the kinds.
+    kind: Literal[EXECUTOR_KINDS] = field_like(ExecutorResource, "kind")  # type: ignore[valid-type]
 
 
 class Runtime(_Located, Component, Resolvable):
     """Where manifests go and where chunks run, once per code location."""
 
-    manifest_root: str = Field(
-        default=ManifestStoreResource.model_fields["root"].default,
-        description="Folder (relative to the working directory) or s3://bucket/prefix for plans and manifests.",
-    )
-    s3_endpoint_url: str = Field(
-        default="", description="S3-compatible endpoint for an s3:// manifest_root; empty for AWS."
-    )
+    manifest_root: str = field_like(ManifestStoreResource, "root")
+    s3_endpoint_url: str = field_like(ManifestStoreResource, "s3_endpoint_url")
     executor: ExecutorOptions = Field(default_factory=ExecutorOptions, description="Local threads or Burla.")
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:

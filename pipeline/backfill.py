@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from pipeline.advice import Advice, advise, advised_limit
 from pipeline.chunks import Chunk, ChunkResult
 from pipeline.compaction import CompactionResult, compact_attempt, explain_files
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
 from pipeline.errors import PacelineError
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
@@ -52,7 +53,7 @@ class Backfill:
     limit: ServiceLimit
     estimates: Estimates = Estimates()
     overrides: Overrides = Overrides()
-    max_attempts: int = 3
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     def __post_init__(self) -> None:
         check_name(self.name)

@@ -23,6 +23,7 @@ from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
 from pipeline.compaction import compact, explain_files
 from pipeline.console import ProgressBar, format_table
+from pipeline.defaults import DEFAULT_SAFETY
 from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import LocalExecutor
 from pipeline.items import Values
@@ -77,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(commands, "demo", cmd_demo, "run a backfill against the bundled rate-limited service")
     demo.add_argument("--items", type=int, default=3000, help="how many items (default 3000)")
     demo.add_argument("--limit-rps", type=float, default=200, help="the demo service's limit (default 200/s)")
-    demo.add_argument("--safety", type=float, default=0.5, help="fraction of the limit to aim at (default 0.5)")
+    demo.add_argument(
+        "--safety",
+        type=float,
+        default=DEFAULT_SAFETY,
+        help=f"fraction of the limit to aim at (default {DEFAULT_SAFETY})",
+    )
     demo.add_argument("--root", default=str(Path(DEFAULT_ROOT) / "demo"), help="where manifests go")
     demo.add_argument(
         "--real-limit",
@@ -94,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--batches", type=int, help="concurrent batches in flight")
     plan.add_argument("--per-worker-rps", type=float, help="politeness: requests/s per worker")
     plan.add_argument("--max-workers", type=int, help="a global worker cap")
-    plan.add_argument("--safety", type=float, default=0.5)
+    plan.add_argument(
+        "--safety",
+        type=float,
+        default=DEFAULT_SAFETY,
+        help=f"fraction of the limit to aim at (default {DEFAULT_SAFETY})",
+    )
     plan.add_argument("--seconds-per-call", type=float, default=0.05, help="typical latency of one call")
     plan.add_argument("--tokens-per-item", type=float, help="estimated tokens per item")
     plan.add_argument("--items", type=int, help="number of items, to size chunks")

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
 from pipeline.manifests import MANIFEST_SCHEMA, ManifestStore
 from pipeline.outcomes import OUT_OF_CREDIT
 
@@ -48,7 +49,7 @@ VIEWS = ("results", "latest", "failed", "dead", "summary")
 class Ledger:
     """Read-only SQL over the manifests of one store (optionally one backfill)."""
 
-    def __init__(self, store: ManifestStore, max_attempts: int = 3, backfill: str | None = None):
+    def __init__(self, store: ManifestStore, max_attempts: int = DEFAULT_MAX_ATTEMPTS, backfill: str | None = None):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}.")
         self.store = store

@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+from pipeline.defaults import (
+    DEFAULT_JITTER_S,
+    DEFAULT_MAX_RETRY_AFTER_S,
+    DEFAULT_MAX_THROTTLE_RETRIES,
+    DEFAULT_SAFETY,
+    DEFAULT_TARGET_CHUNK_SECONDS,
+)
 from pipeline.errors import ConfigError
 from pipeline.pacing.schedule import DEFAULT_MAX_IN_FLIGHT, DEFAULT_SECONDS_PER_CALL, Pacing
 
@@ -36,21 +44,42 @@ class LimitError(ConfigError):
     """
 
 
+DESCRIPTION = "description"
+"""The metadata key of a field's description: the Dagster resource and the YAML component read it."""
+
+
+def _declared(default: object, description: str) -> Any:
+    """A field with the words a user reads beside it, kept with the field so every layer shows the same."""
+    return field(default=default, metadata={DESCRIPTION: description})
+
+
 @dataclass(frozen=True)
 class ServiceLimit:
-    """The external contract of one service. Declare any combination."""
+    """The external contract of one service. Declare any combination.
 
-    name: str = "service"
-    requests_per_second: float | None = None
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    safe_connections: int | None = None
-    concurrent_batches: int | None = None
-    per_worker_requests_per_second: float | None = None
-    jitter_s: float = 0.0
-    max_workers: int | None = None
-    max_workers_per_domain: int | None = None
-    safety: float = 0.5
+    The resource and the YAML component declare none of these fields again:
+    they derive theirs, types, defaults and descriptions, from this class.
+    """
+
+    name: str = _declared("service", "The service's name: resource key, concurrency pool and folder-safe label.")
+    requests_per_second: float | None = _declared(None, "Requests per second the service allows in total.")
+    requests_per_minute: float | None = _declared(None, "Requests per minute the service allows in total.")
+    tokens_per_minute: float | None = _declared(None, "LLM token budget per minute (the llm workload needs it).")
+    safe_connections: int | None = _declared(
+        None, "Connections the database tolerates (the database workloads need it)."
+    )
+    concurrent_batches: int | None = _declared(
+        None, "Batches the service accepts in flight (the batch workload needs it)."
+    )
+    per_worker_requests_per_second: float | None = _declared(
+        None, "Politeness: at most this many requests/s from any one worker, applied as written."
+    )
+    jitter_s: float = _declared(DEFAULT_JITTER_S, "Random extra wait (seconds) between one worker's calls.")
+    max_workers: int | None = _declared(None, "At most this many workers at once, applied as written.")
+    max_workers_per_domain: int | None = _declared(
+        None, "Scraping: at most this many workers on any one domain (ByDomain items)."
+    )
+    safety: float = _declared(DEFAULT_SAFETY, "Fraction of the limit a run aims at (0.5 for a first run).")
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_FIELDS:
@@ -110,9 +139,11 @@ class Estimates:
     faster than one call per latency, so it bounds per-worker throughput.
     """
 
-    seconds_per_call: float = DEFAULT_SECONDS_PER_CALL
-    tokens_per_item: float | None = None
-    target_chunk_seconds: float = 60.0
+    seconds_per_call: float = _declared(DEFAULT_SECONDS_PER_CALL, "The service's typical latency.")
+    tokens_per_item: float | None = _declared(None, "LLM: tokens one item uses, prompt and answer.")
+    target_chunk_seconds: float = _declared(
+        DEFAULT_TARGET_CHUNK_SECONDS, "How long one chunk should take; sizes the chunks."
+    )
 
     def __post_init__(self) -> None:
         if not self.seconds_per_call > 0:
@@ -131,11 +162,15 @@ class Overrides:
     declared limit is refused, never silently lowered.
     """
 
-    max_parallelism: int | None = None
-    per_worker_requests_per_second: float | None = None
-    chunk_size: int | None = None
-    max_throttle_retries: int = 3
-    max_retry_after_s: float = 60.0
+    max_parallelism: int | None = _declared(None, "Pin live workers (still admitted against the limit).")
+    per_worker_requests_per_second: float | None = _declared(
+        None, "Pin one worker's rate (still admitted against the limit)."
+    )
+    chunk_size: int | None = _declared(None, "Pin items per chunk.")
+    max_throttle_retries: int = _declared(
+        DEFAULT_MAX_THROTTLE_RETRIES, "429/503 retries inside a chunk before the item is left for a round."
+    )
+    max_retry_after_s: float = _declared(DEFAULT_MAX_RETRY_AFTER_S, "Longest Retry-After honoured in a chunk.")
 
     def __post_init__(self) -> None:
         for name in ("max_parallelism", "chunk_size"):

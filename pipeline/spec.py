@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.backfill import Backfill
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
 from pipeline.items import ItemSource
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.manifests import check_name
@@ -45,7 +46,7 @@ class BackfillSpec:
     work: Callable[[Service], Work]
     estimates: Estimates = Estimates()
     overrides: Overrides = Overrides()
-    max_attempts: int = 3
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     description: str = ""
 
     def __post_init__(self) -> None:

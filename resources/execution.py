@@ -27,12 +27,13 @@ class ExecutorResource(ConfigurableResource):
     """
 
     kind: str = Field(default="local", description="'local' (threads in the step) or 'burla'.")
-    func_cpu: int = Field(default=1, description="Burla: CPUs per worker.")
-    func_ram: int = Field(default=2, description="Burla: GB of RAM per worker.")
-    grow: bool = Field(default=False, description="Burla: let the cluster add nodes.")
+    func_cpu: int = Field(default=BurlaExecutor.func_cpu, description="Burla: CPUs per worker.")
+    func_ram: int = Field(default=BurlaExecutor.func_ram, description="Burla: GB of RAM per worker.")
+    grow: bool = Field(default=BurlaExecutor.grow, description="Burla: let the cluster add nodes.")
     image: str = Field(default="", description="Burla: container image; empty uses the cluster default.")
     max_parallelism: int | None = Field(
-        default=None, description="Pin live workers instead of deriving them from the limit."
+        default=None,
+        description="Pin live workers for every backfill instead of deriving them from the limit (still admitted).",
     )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
@@ -63,8 +64,13 @@ class ExecutorResource(ConfigurableResource):
 class ManifestStoreResource(ConfigurableResource):
     """A folder (relative to the working directory) or an ``s3://bucket/prefix`` URI."""
 
-    root: str = Field(default="data", description="Folder or s3://bucket/prefix for plans and manifests.")
-    s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint (MinIO, moto); empty for AWS.")
+    root: str = Field(
+        default="data",
+        description="Folder (relative to the working directory) or s3://bucket/prefix for plans and manifests.",
+    )
+    s3_endpoint_url: str = Field(
+        default="", description="S3-compatible endpoint (MinIO, moto) for an s3:// root; empty for AWS."
+    )
 
     def store(self) -> ManifestStore:
         return ManifestStore(self.root, self.s3_endpoint_url or None)

@@ -26,12 +26,13 @@ import atexit
 import dataclasses
 
 from dagster import ConfigurableResource, InitResourceContext
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, create_model
 
 from pipeline.limits import ServiceLimit
 from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.spec import Service
 from pipeline.workloads.demos import DemoServices, start_demo_services
+from resources.fields import fields_of
 
 _DEMO_SERVICES: list[DemoServices] = []
 
@@ -49,38 +50,19 @@ _EMBEDDED_BASE_PATH = {"http_api": "", "llm": "/v1"}  # the LLM is OpenAI-compat
 LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceLimit))
 
 
-class ServiceResource(ConfigurableResource):
-    """A service limit (the ``ServiceLimit`` fields), where the service is, and its secret."""
+_ServiceLimitFields = create_model(
+    "ServiceLimitFields", __base__=ConfigurableResource, **fields_of(ServiceLimit, required={"name"})
+)
 
-    name: str = Field(description="The service's name: resource key, concurrency pool and folder-safe label.")
-    requests_per_second: float | None = Field(
-        default=None, description="Requests per second the service allows in total."
-    )
-    requests_per_minute: float | None = Field(
-        default=None, description="Requests per minute the service allows in total."
-    )
-    tokens_per_minute: float | None = Field(
-        default=None, description="LLM token budget per minute (the llm workload needs it)."
-    )
-    safe_connections: int | None = Field(
-        default=None, description="Connections the database tolerates (the database workloads need it)."
-    )
-    concurrent_batches: int | None = Field(
-        default=None, description="Batches the service accepts in flight (the batch workload needs it)."
-    )
-    per_worker_requests_per_second: float | None = Field(
-        default=None, description="Politeness: at most this many requests/s from any one worker, applied as written."
-    )
-    jitter_s: float = Field(
-        default=ServiceLimit.jitter_s, description="Random extra wait (seconds) between one worker's calls."
-    )
-    max_workers: int | None = Field(default=None, description="At most this many workers at once, applied as written.")
-    max_workers_per_domain: int | None = Field(
-        default=None, description="Scraping: at most this many workers on any one domain (ByDomain items)."
-    )
-    safety: float = Field(
-        default=ServiceLimit.safety, description="Fraction of the limit a run aims at (0.5 for a first run)."
-    )
+
+class ServiceResource(_ServiceLimitFields):
+    """A service limit, where the service is, and its secret.
+
+    The limit fields (``requests_per_second``, ``safety``...) are ``ServiceLimit``'s
+    own, with its defaults and descriptions (``name`` is required); each is a
+    launchpad key of its own.
+    """
+
     url: str = Field(default="", description="Base URL of the service; empty starts the embedded one.")
     secret: str = Field(default="", description='Token or key; set it with EnvVar("...").')
     embedded: str = Field(

@@ -6,6 +6,7 @@ location runs end to end and its sensor heals it; every bad-YAML case fails
 ``dg check`` (run as the user runs it, in a subprocess) with its message.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +20,10 @@ from dagster import Definitions, EnvVar, instance_for_test, load_from_defs_folde
 
 from assets import STORE_KEY, BackfillKeys, paceline_definitions
 from paceline import Service
+from paceline.components import EstimatesOptions, ExecutorOptions, OverridesOptions
 from pipeline.definitions import defs as location
 from pipeline.items import TextLines
-from pipeline.limits import Estimates
+from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
@@ -34,6 +36,7 @@ SECTION = README.split("## Declare it in YAML", 1)[1].split("\n## ", 1)[0]
 README_YAML = SECTION.split("```yaml\n", 1)[1].split("```", 1)[0]
 DG = Path(sys.executable).with_name("dg")
 TOKEN = "tok-yaml-8c1e5f0b3a"
+INLINE_SECRET = "sk-live-000111"
 USERS = [f"user-{n}" for n in range(40)]
 
 
@@ -210,18 +213,33 @@ BAD_YAML = {
     ),
     "secret_written_inline": (
         "check defs",
-        README_YAML.replace('"{{ env.USERS_API_TOKEN }}"', '"sk-live-000111"'),
+        README_YAML.replace('"{{ env.USERS_API_TOKEN }}"', f'"{INLINE_SECRET}"'),
         [
-            "defs.yaml:7",
+            "defs.yaml:7 (attributes.secret)",
             "secret must name the environment variable that holds it",
             "write secret: '{{ env.API_TOKEN }}'",
         ],
+    ),
+    "items_file_missing": (
+        "check defs",
+        README_YAML.replace("lines: user_ids.txt", "lines: missing_ids.txt"),
+        [
+            "users/defs.yaml:14 (attributes.items.lines)",
+            "the items file 'missing_ids.txt' does not exist",
+            "users/missing_ids.txt",
+        ],
+    ),
+    "column_file_missing": (
+        "check defs",
+        README_YAML.replace("lines: user_ids.txt", "column:\n      path: ../ids.parquet\n      column: id"),
+        ["users/defs.yaml:15 (attributes.items.column.path)", "the items file '../ids.parquet' does not exist"],
     ),
 }
 
 
 @pytest.mark.parametrize("case", BAD_YAML, ids=str)
 def test_bad_yaml_fails_dg_check_with_the_file_line_and_fix(case, tmp_path):
+    """A user's mistake reads as one message: where, what and the fix; no Python traceback, no secret."""
     command, text, expected = BAD_YAML[case]
     dg_project(tmp_path, f"bad_{case}", text)
     checked = dg(command, tmp_path)
@@ -229,6 +247,8 @@ def test_bad_yaml_fails_dg_check_with_the_file_line_and_fix(case, tmp_path):
     assert checked.returncode != 0, output
     for phrase in expected:
         assert phrase in output, f"{phrase!r} not in:\n{output}"
+    assert "Traceback" not in output, output
+    assert INLINE_SECRET not in output, "dg check printed the secret written inline"
 
 
 def test_dg_lists_the_component_types_and_checks_the_project():
@@ -252,3 +272,27 @@ def test_the_readme_schema_reference_is_what_dg_prints(component):
 
 def test_a_yaml_service_declares_every_field_of_the_python_one():
     assert set(Service.model_fields) == set(ServiceResource.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("declaration", "derived"),
+    [
+        (ServiceLimit, ServiceResource),
+        (ServiceLimit, Service),
+        (Estimates, EstimatesOptions),
+        (Overrides, OverridesOptions),
+    ],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_engine_field_is_declared_once_and_derived(declaration, derived):
+    """The launchpad and YAML show the engine's own default and description, so a change is one edit."""
+    for field in dataclasses.fields(declaration):
+        shown = derived.model_fields[field.name]
+        assert shown.description == field.metadata["description"], field.name
+        assert shown.is_required() if field.name == "name" else shown.default == field.default, field.name
+
+
+def test_the_yaml_executor_options_are_the_resource_fields():
+    for name, field in ExecutorResource.model_fields.items():
+        option = ExecutorOptions.model_fields[name]
+        assert (option.default, option.description) == (field.default, field.description), name

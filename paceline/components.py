@@ -55,6 +55,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from assets import backfill_definitions, runtime_definitions, service_definitions
 from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
+from pipeline.errors import ConfigError
 from pipeline.items import FileColumn, ItemSource, JsonlPrompts, KeyRanges, S3Prefix, TextLines, Values
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.spec import BackfillSpec
@@ -77,7 +78,7 @@ _DATABASE_SAMPLE_URL = "postgresql://service.invalid/database"
 _HTTP_SAMPLE_URL = "http://service.invalid"
 
 
-class YamlDeclarationError(ValueError):
+class YamlDeclarationError(ConfigError):
     """A YAML declaration that cannot run; the message names the file, the line, the field and the fix."""
 
 
@@ -123,7 +124,7 @@ def _one_of(model: Model, options: Iterable[str], attribute: str) -> str:
     """The one option written among ``options``; none or several is refused with the list to choose from."""
     given = [name for name in options if getattr(model, name) is not None]
     if len(given) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"{attribute} needs exactly one of {', '.join(options)}, got {', '.join(given) or 'none'}. "
             "Write one of them."
         )

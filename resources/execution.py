@@ -12,6 +12,7 @@ import dataclasses
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
 
+from pipeline.errors import ConfigError
 from pipeline.executors import BurlaExecutor, Executor, LocalExecutor
 from pipeline.limits import Overrides
 from pipeline.manifests import ManifestStore
@@ -50,7 +51,7 @@ class ExecutorResource(ConfigurableResource):
 
     def _check_kind(self) -> None:
         if self.kind not in EXECUTOR_KINDS:
-            raise ValueError(
+            raise ConfigError(
                 f"executor kind {self.kind!r} is not known: set kind to one of {', '.join(EXECUTOR_KINDS)}."
             )
 

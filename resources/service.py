@@ -28,6 +28,7 @@ import dataclasses
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr, create_model
 
+from pipeline.errors import ConfigError
 from pipeline.limits import ServiceLimit
 from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.spec import Service
@@ -108,7 +109,7 @@ class ServiceResource(_ServiceLimitFields):
 
     def _check_reachable(self) -> None:
         if not self.url and self.embedded not in EMBEDDED_SERVICES:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: url is empty and embedded is {self.embedded!r}. Set url to the service's "
                 f"base URL, or embedded to one of {', '.join(EMBEDDED_SERVICES)} to run against the "
                 "bundled local service."

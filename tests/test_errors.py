@@ -6,7 +6,11 @@ import pkgutil
 
 import pytest
 
+import assets
+import paceline
 import pipeline
+import resources
+from paceline.components import YamlDeclarationError
 from pipeline.errors import ConfigError, PacelineError
 from pipeline.items import ItemsError
 from pipeline.limits import LimitError
@@ -17,10 +21,11 @@ from pipeline.workloads.common import WorkloadConfigError
 NOT_PACELINE = ("pipeline.localservices",)
 
 
-def _engine_modules():
-    for info in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
-        if not info.name.startswith(NOT_PACELINE):
-            yield importlib.import_module(info.name)
+def _paceline_modules():
+    for package in (pipeline, assets, resources, paceline):
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            if not info.name.startswith(NOT_PACELINE):
+                yield importlib.import_module(info.name)
 
 
 def _exceptions_defined_in(module):
@@ -29,18 +34,25 @@ def _exceptions_defined_in(module):
             yield value
 
 
-@pytest.mark.parametrize("module", list(_engine_modules()), ids=lambda module: module.__name__)
-def test_every_engine_exception_is_a_paceline_error(module):
+@pytest.mark.parametrize("module", list(_paceline_modules()), ids=lambda module: module.__name__)
+def test_every_exception_paceline_defines_is_a_paceline_error(module):
     for error in _exceptions_defined_in(module):
         assert issubclass(error, PacelineError), f"{module.__name__}.{error.__name__} must derive from PacelineError"
 
 
 def test_the_check_sees_the_exceptions_it_judges():
-    found = {error.__name__ for module in _engine_modules() for error in _exceptions_defined_in(module)}
-    assert {"LimitError", "ManifestError", "OutOfCredit", "Throttled", "ConnectionLost"} <= found
+    found = {error.__name__ for module in _paceline_modules() for error in _exceptions_defined_in(module)}
+    assert {
+        "LimitError",
+        "ManifestError",
+        "OutOfCredit",
+        "Throttled",
+        "ConnectionLost",
+        "YamlDeclarationError",
+    } <= found
 
 
-@pytest.mark.parametrize("error", [LimitError, ItemsError, WorkloadConfigError])
+@pytest.mark.parametrize("error", [LimitError, ItemsError, WorkloadConfigError, YamlDeclarationError])
 def test_a_bad_declaration_is_a_config_error_and_still_a_value_error(error):
     # Pydantic (Dagster's config) turns a ValueError raised in a validator into a config error naming the field.
     assert issubclass(error, ConfigError) and issubclass(error, ValueError)

@@ -58,7 +58,7 @@ def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys)
     assert "demo_api" in status and "in_flight_per_worker" in status, "status says what the service did"
     assert main(["advise", "--root", str(tmp_path), "--backfill", "demo_api"]) == 0
     advice = capsys.readouterr().out
-    assert "demo_api, attempt 0:" in advice and "seconds_per_call=0.0" in advice, "the measured ~40 ms latency"
+    assert "demo_api, attempt 0 of 3:" in advice and "seconds_per_call=0.0" in advice, "the measured ~40 ms latency"
     assert main(["advise", "--root", str(tmp_path), "--backfill", "other"]) == 0
     assert "No manifests" in capsys.readouterr().out
 

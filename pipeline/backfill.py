@@ -97,8 +97,8 @@ class RunResult:
     unreadable_manifests: list[str]
     execution: ExecutionPlan
     compaction: CompactionResult
+    attempt_rows: int  # rows in the attempt's manifests, all its runs together
     advice: list[Advice] = field(default_factory=list)
-    attempt_rows: int = 0  # rows in the attempt's manifests, all its runs together
 
     @property
     def max_retry_after(self) -> float:
@@ -252,7 +252,7 @@ def run_attempt(
         counts = after.counts(backfill.name)
         rows = after.attempt_rows(backfill.name, attempt)
     advice = advise(report, declared.limit, declared.estimates)
-    return RunResult(report, counts, len(finished), scan.unreadable, execution, compaction, advice, rows)
+    return RunResult(report, counts, len(finished), scan.unreadable, execution, compaction, rows, advice)
 
 
 @contextlib.contextmanager

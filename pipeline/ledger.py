@@ -7,7 +7,7 @@ results    every row of every manifest (all attempts)
 latest     the latest row per (backfill, item): a later attempt wins
 failed     latest row failed, retryable, and attempts left: the retry source
 dead       latest row failed for good: permanent, or attempts exhausted
-summary    counts per backfill
+summary    counts and max_attempts per backfill
 =========  ===============================================================
 
 Reading the least. Two facts hold for every manifest Paceline writes: an

@@ -15,8 +15,13 @@ the service: with the pool limited to 1 (``concurrency: pools: default_limit: 1`
 in ``dagster.yaml``), two backfills of one service never call it at the same
 time, so together they cannot exceed its limit. A pool caps how many steps call at once; the pacing inside a step is
 what keeps the rate.
+
+Each asset carries its ``kinds`` for the UI: ``parquet`` for what it writes,
+``duckdb`` for what the ledger computes, and where chunks run (``python`` for
+the local executor's threads, ``burla``).
 """
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,19 +40,20 @@ from dagster import (
     in_process_executor,
 )
 
-from assets.checks import backfill_checks
+from assets.checks import check_results, check_specs
 from assets.keys import EXECUTOR_KEY, STORE_KEY, BackfillKeys, attempt_of
 from assets.metadata import failed_metadata, plan_metadata, run_metadata
 from assets.retry import retry_sensor
 from pipeline.advice import advise
-from pipeline.backfill import Backfill, Progress, plan_backfill, plan_retry, run_attempt
+from pipeline.backfill import Backfill, Progress, open_ledger, plan_backfill, plan_retry, run_attempt
 from pipeline.ledger import Ledger
+from pipeline.limits import ServiceLimit
 from pipeline.manifests import ManifestError, ManifestStore
-from pipeline.report import attempt_report
 from pipeline.spec import BackfillSpec
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource, overridable
 
 PROGRESS_EVERY_S = 5.0
+RUNS_ON = {"local": "python", "burla": "burla"}  # executor kind -> the asset kind that shows where chunks run
 
 
 @dataclass(frozen=True)
@@ -65,16 +71,23 @@ class BackfillOptions:
     clock: Callable[[], float] = time.time  # the sensor's cool-down clock; tests move it instead of sleeping
 
 
-def backfill_definitions(spec: BackfillSpec, options: BackfillOptions = BackfillOptions()) -> Definitions:
-    """The assets, checks, jobs and sensor of one backfill (resources are supplied separately)."""
+def backfill_definitions(
+    spec: BackfillSpec, options: BackfillOptions = BackfillOptions(), executor: str = "local"
+) -> Definitions:
+    """The assets, checks, jobs and sensor of one backfill (resources are supplied separately).
+
+    ``executor`` is the kind of executor the code location declares; it only
+    labels the assets that run chunks (a launchpad override still decides).
+    """
     keys = BackfillKeys.of(spec.name)
     rounds = DynamicPartitionsDefinition(name=f"{spec.name}_retry_rounds")
     needs = {spec.service, STORE_KEY, EXECUTOR_KEY}
+    runs_on = RUNS_ON.get(executor, executor)
     assets = [
         _chunk_plan(spec, keys, needs),
-        _manifests(spec, keys, needs),
-        _retry_manifests(spec, keys, needs, rounds),
-        _failed_items(spec, keys),
+        _manifests(spec, keys, needs, runs_on),
+        _retry_manifests(spec, keys, needs, rounds, runs_on),
+        _failed_items(spec, keys, options.failure_rate_warn),
     ]
     first_pass = define_asset_job(
         f"{spec.name}_backfill",
@@ -90,12 +103,7 @@ def backfill_definitions(spec: BackfillSpec, options: BackfillOptions = Backfill
     sensor = retry_sensor(
         spec, keys, rounds, retry.name, options.cooldown_s, options.sensor_interval_s, status, options.clock
     )
-    return Definitions(
-        assets=assets,
-        asset_checks=backfill_checks(spec, keys, options.failure_rate_warn),
-        jobs=[first_pass, retry],
-        sensors=[sensor],
-    )
+    return Definitions(assets=assets, jobs=[first_pass, retry], sensors=[sensor])
 
 
 def paceline_definitions(
@@ -112,10 +120,11 @@ def paceline_definitions(
     backfill declared either way becomes the same definitions.
     """
     _check_services(backfills, {service.name for service in services})
+    executor = executor or ExecutorResource()
     return Definitions.merge(
-        *(backfill_definitions(spec, options) for spec in backfills),
+        *(backfill_definitions(spec, options, executor.kind) for spec in backfills),
         service_definitions(services),
-        runtime_definitions(store or ManifestStoreResource(), executor or ExecutorResource()),
+        runtime_definitions(store or ManifestStoreResource(), executor),
     )
 
 
@@ -156,6 +165,7 @@ def _chunk_plan(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]) -> Asse
         key=keys.plan,
         group_name=spec.name,
         required_resource_keys=needs,
+        kinds={"parquet"},
         description=f"The chunk plan of {spec.name}: every item and its chunk, written before any call.",
     )
     def chunk_plan(context: AssetExecutionContext) -> MaterializeResult:
@@ -165,13 +175,14 @@ def _chunk_plan(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]) -> Asse
     return chunk_plan
 
 
-def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]) -> AssetsDefinition:
+def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str], runs_on: str) -> AssetsDefinition:
     @asset(
         key=keys.manifests,
         group_name=spec.name,
         deps=[keys.plan],
         pool=spec.service,
         required_resource_keys=needs,
+        kinds={"parquet", runs_on},
         description=(
             f"Attempt 0 of {spec.name}: one Parquet manifest per finished chunk. "
             "Re-materializing resumes: chunks with a manifest are skipped."
@@ -184,7 +195,7 @@ def _manifests(spec: BackfillSpec, keys: BackfillKeys, needs: set[str]) -> Asset
 
 
 def _retry_manifests(
-    spec: BackfillSpec, keys: BackfillKeys, needs: set[str], rounds: DynamicPartitionsDefinition
+    spec: BackfillSpec, keys: BackfillKeys, needs: set[str], rounds: DynamicPartitionsDefinition, runs_on: str
 ) -> AssetsDefinition:
     @asset(
         key=keys.retry,
@@ -193,6 +204,7 @@ def _retry_manifests(
         pool=spec.service,
         partitions_def=rounds,
         required_resource_keys=needs,
+        kinds={"parquet", runs_on},
         description=(
             f"Retry rounds of {spec.name}, one partition per round (attempt-1, attempt-2...): only the "
             "items whose latest row failed and can be retried. A later success wins in the ledger."
@@ -204,29 +216,36 @@ def _retry_manifests(
     return retry_manifests
 
 
-def _failed_items(spec: BackfillSpec, keys: BackfillKeys) -> AssetsDefinition:
+def _failed_items(spec: BackfillSpec, keys: BackfillKeys, failure_rate_warn: float) -> AssetsDefinition:
     @asset(
         key=keys.failed,
         group_name=spec.name,
         deps=[keys.manifests, keys.retry],
-        required_resource_keys={STORE_KEY},
+        required_resource_keys={spec.service, STORE_KEY},
+        kinds={"duckdb", "parquet"},
+        check_specs=check_specs(keys, failure_rate_warn),
         description=(
             f"The items of {spec.name} whose latest row failed and may be retried (the ledger's "
-            "`failed` view), as Parquet. The retry sensor reads failed_count from here."
+            "`failed` view), as Parquet. The retry sensor reads failed_count from here; the checks "
+            "judge the same ledger."
         ),
     )
     def failed_items(context: AssetExecutionContext) -> MaterializeResult:
         store = _store(context.resources)
+        limit: ServiceLimit = getattr(context.resources, spec.service).limit()
+        planned = store.read_table(store.plan_path(spec.name, 0)).select(["item_id"])
         with Ledger(store, spec.max_attempts, spec.name) as ledger:
             failed = ledger.failed_items(spec.name)
             retry_after = ledger.max_retry_after(spec.name)
             counts = ledger.counts(spec.name)
-            # The declaration is not at hand here (no service resource), so the advice gives every measured value.
-            advice = advise(attempt_report(ledger, spec.name, counts["last_attempt"], None))
+            # Every measured value, as `paceline advise` gives it; each run's own metadata compares with the limit.
+            advice = advise(ledger.attempt_report(spec.name, counts["last_attempt"], None))
+            checks = check_results(ledger, spec.name, planned, limit, failure_rate_warn)
         path = store.failed_path(spec.name)
         store.write_table(path, failed)
         return MaterializeResult(
-            metadata=failed_metadata(failed, counts, spec.max_attempts, retry_after, store.uri(path), advice)
+            metadata=failed_metadata(failed, counts, spec.max_attempts, retry_after, store.uri(path), advice),
+            check_results=checks,
         )
 
     return failed_items
@@ -242,17 +261,22 @@ def _run(context: AssetExecutionContext, spec: BackfillSpec, attempt: int) -> Ma
             f"{spec.name}: there is no chunk plan at {store.uri(plan)}. Materialize {spec.name}/chunk_plan "
             f"first (the {spec.name}_backfill job runs both)."
         )
-    if attempt > 0:
-        plan_retry(backfill, store, attempt)  # planned once; a rerun of the round resumes that plan
     executor = getattr(context.resources, EXECUTOR_KEY).executor()
     progress = ProgressLog(context, spec.name, attempt)
-    result = run_attempt(backfill, store, executor, attempt, run_id=context.run.run_id, on_progress=progress)
+    # A retry round reads the rounds before it once: what to retry, and how fast (the round before's advice).
+    with open_ledger(backfill, store) if attempt > 0 else contextlib.nullcontext() as before:
+        if before is not None:
+            plan_retry(backfill, store, attempt, before)  # planned once; a rerun of the round resumes that plan
+        result = run_attempt(
+            backfill, store, executor, attempt, run_id=context.run.run_id, on_progress=progress, ledger=before
+        )
     if result.unreadable_manifests:
         context.log.warning(
             f"{len(result.unreadable_manifests)} unreadable manifest(s) were re-run and replaced, "
             f"e.g. {result.unreadable_manifests[0]}"
         )
-    return MaterializeResult(metadata=run_metadata(result, backfill.limit))
+    manifests = store.uri(store.attempt_dir(spec.name, attempt))
+    return MaterializeResult(metadata=run_metadata(result, backfill.limit, manifests, partitioned=attempt > 0))
 
 
 class ProgressLog:

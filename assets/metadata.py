@@ -2,7 +2,9 @@
 
 Item lists stay in Parquet; metadata carries what a person needs to judge a
 run at a glance and what the retry sensor needs to decide (``failed_count``,
-``next_attempt``, ``max_retry_after``).
+``next_attempt``, ``max_retry_after``). Each table an asset writes also gets
+Dagster's own ``dagster/row_count`` (``dagster/partition_row_count`` for a
+retry round) and ``dagster/uri``, where it lives (a local path or ``s3://``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from pipeline.backfill import PlanResult, RunResult
 from pipeline.chart import rate_chart
 from pipeline.limits import ServiceLimit
 
+# Dagster's own labels (its TableMetadataSet and UriMetadataSet): the UI shows them as the table's size and place.
+ROW_COUNT = "dagster/row_count"
+PARTITION_ROW_COUNT = "dagster/partition_row_count"
+URI = "dagster/uri"
 PREVIEW_ROWS = 10
 _PREVIEW_CHARS = 80
 _ERROR_SCHEMA = TableSchema(
@@ -42,11 +48,16 @@ def plan_metadata(planned: PlanResult) -> dict[str, Any]:
         "target_rate_per_s": _float(execution.target_rate),
         "derivation": MetadataValue.md("\n".join(f"- {line}" for line in execution.explanation)),
         "plan_path": MetadataValue.path(planned.path),
+        **_table(planned.plan.num_rows, planned.path),
     }
 
 
-def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
-    """What one run did: counts, rate against target and limit, latency, errors, the chart."""
+def run_metadata(result: RunResult, limit: ServiceLimit, uri: str, partitioned: bool) -> dict[str, Any]:
+    """What one run did: counts, rate against target and limit, latency, errors, the chart.
+
+    ``uri`` is the attempt's manifest folder; ``partitioned`` says the attempt
+    is one partition (a retry round) of its asset, so its rows count as the partition's.
+    """
     report = result.report
     target = result.execution.target_rate
     declared = limit.global_rate()
@@ -79,7 +90,7 @@ def run_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, Any]:
     }
     if report.max_tokens_per_minute is not None:
         metadata["busiest_tokens_per_minute"] = MetadataValue.float(round(report.max_tokens_per_minute, 1))
-    return metadata
+    return {**metadata, **_table(result.attempt_rows, uri, PARTITION_ROW_COUNT if partitioned else ROW_COUNT)}
 
 
 def advice_markdown(advice: list[Advice]) -> MetadataValue:
@@ -107,6 +118,7 @@ def failed_metadata(
         MAX_RETRY_AFTER: MetadataValue.float(max_retry_after),
         "preview": MetadataValue.md(markdown_preview(failed)),
         "path": MetadataValue.path(path),
+        **_table(failed.num_rows, path),
     }
 
 
@@ -123,6 +135,11 @@ def markdown_preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> str:
     if table.num_rows > rows:
         lines.append(f"\n…and {table.num_rows - rows:,} more in the Parquet file.")
     return "\n".join(lines)
+
+
+def _table(rows: int, uri: str, row_label: str = ROW_COUNT) -> dict[str, MetadataValue]:
+    """How many rows a written table holds and where it lives (a local path or an s3:// URI)."""
+    return {row_label: MetadataValue.int(rows), URI: MetadataValue.text(uri)}
 
 
 def _short(value: object) -> str:

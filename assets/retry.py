@@ -14,6 +14,9 @@ a round failed (an account out of credit stops a run; launching the next
 round into it would only repeat the refusal); a crashed
 round is resumed by re-running its partition (its chunk plan is reused). The
 sensor waits a cool-down of at least the longest Retry-After the service sent.
+Whether and when to run the next round is ``pipeline.retries.next_round``,
+the decision ``paceline demo`` makes too; the sensor adds what only Dagster
+knows (a run of the round still in flight).
 The retry run reuses the resource config (store root, limit, executor) of the
 run that produced the failures, so a launchpad override carries over.
 """
@@ -45,6 +48,7 @@ from assets.keys import (
     BackfillKeys,
     round_key,
 )
+from pipeline.retries import Stop, next_round
 from pipeline.spec import BackfillSpec
 
 PARTITION_TAG = "dagster/partition"  # set by Dagster on every partitioned run
@@ -89,26 +93,22 @@ def retry_sensor(
                 f"{spec.name}: the latest failed_items materialization has no {' or '.join(missing)}. "
                 f"Materialize {spec.name}/failed_items again with this version of Paceline."
             )
-        failed = int(_value(metadata, FAILED_COUNT))
-        attempt = int(_value(metadata, NEXT_ATTEMPT))
-        if failed == 0:
-            return SkipReason(f"{spec.name}: nothing to retry.")
-        if attempt >= spec.max_attempts:
-            return SkipReason(f"{spec.name}: {spec.max_attempts} attempts used; remaining failures are final.")
-        partition = round_key(attempt)
-        failed_round = _last_run_failed(context.instance, job_name)
-        if failed_round:
-            return SkipReason(
-                f"{spec.name}: the last retry run ({failed_round}) failed, for example because the service's "
-                "account ran out of credit. Rounds are not launched into a failing service: fix the cause, "
-                "then re-execute that run; the sensor takes over again once a round succeeds."
-            )
+        decision = next_round(
+            failed=int(_value(metadata, FAILED_COUNT)),
+            next_attempt=int(_value(metadata, NEXT_ATTEMPT)),
+            max_attempts=spec.max_attempts,
+            last_round_failed=_last_run_failed(context.instance, job_name),
+            retry_after_s=_value(metadata, MAX_RETRY_AFTER),
+            cooldown_s=cooldown_s,
+            waited_s=clock() - record.timestamp,
+        )
+        if isinstance(decision, Stop):
+            return SkipReason(f"{spec.name}: {decision.reason}")
+        attempt, partition = decision.attempt, round_key(decision.attempt)
         if _round_in_flight(context.instance, job_name, partition):
             return SkipReason(f"{spec.name}: a run of {partition} is queued or running.")
-        wait = max(cooldown_s, _value(metadata, MAX_RETRY_AFTER))
-        remaining = record.timestamp + wait - clock()
-        if remaining > 0:
-            return SkipReason(f"{spec.name}: cooling down {remaining:.0f} s more before {partition}.")
+        if decision.wait_s > 0:
+            return SkipReason(f"{spec.name}: cooling down {decision.wait_s:.0f} s more before {partition}.")
         request = RunRequest(
             run_key=f"{spec.name}:{partition}:{record.storage_id}",
             partition_key=partition,

@@ -6,6 +6,7 @@ Dagster code, so a backfill can also run from a script or a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, d
 from pipeline.manifests import ManifestError, ManifestStore, check_name, result_table
 from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
-from pipeline.report import AttemptReport, attempt_report
+from pipeline.report import AttemptReport
 from pipeline.runner import make_chunk_function
 from pipeline.work import Work
 
@@ -99,6 +100,7 @@ class RunResult:
     unreadable_manifests: list[str]
     execution: ExecutionPlan
     compaction: CompactionResult
+    attempt_rows: int  # rows in the attempt's manifests, all its runs together
     advice: list[Advice] = field(default_factory=list)
 
     @property
@@ -116,8 +118,13 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     execution = explain_files(execution, chunk_count(plan))
     path = store.plan_path(backfill.name, 0)
     _refuse_a_different_plan_over_manifests(backfill, store, path, plan)
-    store.write_table(path, plan)
+    store.write_plan(backfill.name, 0, plan, backfill.max_attempts)
     return PlanResult(plan, normalized, execution, store.uri(path), 0)
+
+
+def open_ledger(backfill: Backfill, store: ManifestStore) -> Ledger:
+    """The ledger of one backfill, read with its ``max_attempts``: open it once per round and pass it on."""
+    return Ledger(store, backfill.max_attempts, backfill.name)
 
 
 def _refuse_a_different_plan_over_manifests(
@@ -135,10 +142,13 @@ def _refuse_a_different_plan_over_manifests(
     )
 
 
-def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanResult:
+def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int, ledger: Ledger | None = None) -> PlanResult:
     """Plan attempt ``attempt`` from the items whose latest row is failed and retryable.
 
-    If the round was planned already (a crashed round being resumed), its plan is kept.
+    If the round was planned already (a crashed round being resumed), its plan
+    is kept. ``ledger`` is the backfill's ledger before the round
+    (``open_ledger``), to be passed on to ``run_attempt``; without it one is
+    opened here.
     """
     if attempt < 1:
         raise ValueError(f"a retry round is attempt 1 or later, got {attempt}.")
@@ -153,8 +163,8 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanRe
         plan = store.read_table(path)
         execution = backfill.execution_plan(max(plan.num_rows, 1))
         return PlanResult(plan, NormalizeReport(plan.num_rows, 0, 0), execution, store.uri(path), attempt)
-    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
-        failed = ledger.failed_items(backfill.name)
+    with _given_or_opened(ledger, backfill, store) as before:
+        failed = before.failed_items(backfill.name)
     original = store.read_table(store.plan_path(backfill.name, 0))
     payloads = original.select(["item_id", "payload", "group"])
     items = failed.select(["item_id"]).join(payloads, "item_id", join_type="left outer")
@@ -163,7 +173,7 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int) -> PlanRe
         items = items.drop_columns(["group"])
     execution = backfill.execution_plan(max(items.num_rows, 1))
     plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
-    store.write_table(path, plan)
+    store.write_plan(backfill.name, attempt, plan, backfill.max_attempts)
     return PlanResult(plan, NormalizeReport(items.num_rows, 0, 0), execution, store.uri(path), attempt)
 
 
@@ -174,6 +184,7 @@ def run_attempt(
     attempt: int = 0,
     run_id: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    ledger: Ledger | None = None,
 ) -> RunResult:
     """Run every unfinished chunk of an attempt and write each manifest as it finishes, then compact them.
 
@@ -181,20 +192,22 @@ def run_attempt(
     skipped (resume); unreadable manifests are reported and their chunks run
     again. Once every chunk is written, compaction merges the attempt's chunk
     files into a few large ones, so the ledger's questions stop costing one
-    file each.
+    file each. A retry round paces itself from the round before, read from
+    ``ledger`` (the one its plan came from) or from one opened here.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     plan = store.read_table(store.plan_path(backfill.name, attempt))
     declared = backfill
     if attempt > 0:
-        backfill = paced_from_round_before(backfill, store, attempt)
+        with _given_or_opened(ledger, backfill, store) as before:
+            backfill = paced_from_round_before(backfill, before, attempt)
     execution = backfill.execution_plan(max(plan.num_rows, 1))
     if backfill.limit != declared.limit:
-        execution.explanation.insert(
-            0,
+        paced = (
             f"paced from the advice of attempt {attempt - 1}, which was throttled "
-            f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}",
+            f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}"
         )
+        execution = dataclasses.replace(execution, explanation=[paced, *execution.explanation])
     scan = store.scan_chunks(backfill.name, attempt)
     stopped = stopped_for_credit(store, backfill.name, attempt, scan.finished)
     finished = scan.finished - stopped.keys()
@@ -237,11 +250,22 @@ def run_attempt(
     if credit.said is not None:
         raise _out_of_credit(backfill, credit.said)
     compaction = compact_attempt(store, backfill.name, attempt)
-    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
-        report = attempt_report(ledger, backfill.name, attempt, run_id)
-        counts = ledger.counts(backfill.name)
+    with open_ledger(backfill, store) as after:  # the round's own rows: written after any ledger before it
+        report = after.attempt_report(backfill.name, attempt, run_id)
+        counts = after.counts(backfill.name)
+        rows = after.attempt_rows(backfill.name, attempt)
     advice = advise(report, declared.limit, declared.estimates)
-    return RunResult(report, counts, len(finished), scan.unreadable, execution, compaction, advice)
+    return RunResult(report, counts, len(finished), scan.unreadable, execution, compaction, rows, advice)
+
+
+@contextlib.contextmanager
+def _given_or_opened(ledger: Ledger | None, backfill: Backfill, store: ManifestStore) -> Iterator[Ledger]:
+    """The caller's ledger (left open for its next question), or one opened and closed here."""
+    if ledger is not None:
+        yield ledger
+        return
+    with open_ledger(backfill, store) as opened:
+        yield opened
 
 
 class _CreditWatch:
@@ -325,16 +349,15 @@ def _write_chunk(store: ManifestStore, result: ChunkResult, stopped: dict[int, p
         store.write_table(path, pa.concat_tables([finished, result_table(result)]))
 
 
-def advice_for(backfill: Backfill, store: ManifestStore, attempt: int) -> list[Advice]:
+def advice_for(backfill: Backfill, ledger: Ledger, attempt: int) -> list[Advice]:
     """What attempt ``attempt`` (all its runs) measured, as the declaration to use next time."""
-    with Ledger(store, backfill.max_attempts, backfill.name) as ledger:
-        report = attempt_report(ledger, backfill.name, attempt, None)
+    report = ledger.attempt_report(backfill.name, attempt, None)
     return advise(report, backfill.limit, backfill.estimates)
 
 
-def paced_from_round_before(backfill: Backfill, store: ManifestStore, attempt: int) -> Backfill:
+def paced_from_round_before(backfill: Backfill, ledger: Ledger, attempt: int) -> Backfill:
     """A retry round paces itself from the round before, so it does not repeat the storm that failed its items."""
-    limit = advised_limit(advice_for(backfill, store, attempt - 1), backfill.limit)
+    limit = advised_limit(advice_for(backfill, ledger, attempt - 1), backfill.limit)
     return backfill if limit == backfill.limit else dataclasses.replace(backfill, limit=limit)
 
 

@@ -13,17 +13,18 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import duckdb
 
 from pipeline.advice import advise
-from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.backfill import Backfill, RunResult, open_ledger, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
 from pipeline.compaction import compact, explain_files
 from pipeline.console import ProgressBar, format_table
-from pipeline.defaults import DEFAULT_SAFETY
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_SAFETY
 from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import LocalExecutor
 from pipeline.items import Values
@@ -31,7 +32,7 @@ from pipeline.ledger import VIEWS, Ledger
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestStore
-from pipeline.report import attempt_report, measured_by_attempt
+from pipeline.retries import NextRound, next_round
 from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
@@ -44,6 +45,10 @@ _PLAN_FLAGS = {
     "requests_per_minute": "--rpm",
     "max_workers": "--max-workers",
 }
+_MAX_ATTEMPTS_HELP = (
+    f"attempts before a failed item is dead (default: each backfill's own, stored with its plan, else "
+    f"{DEFAULT_MAX_ATTEMPTS})"
+)
 _PLAN_NAMES = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, _PLAN_FLAGS)) + r")(?!\w)")
 
 
@@ -115,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     query = _command(commands, "query", cmd_query, f"run SQL on the ledger views ({', '.join(VIEWS)})")
     query.add_argument("sql")
     query.add_argument("--root", default=DEFAULT_ROOT)
-    query.add_argument("--max-attempts", type=int, default=3)
+    query.add_argument("--max-attempts", type=int, help=_MAX_ATTEMPTS_HELP)
 
     advise_ = _command(commands, "advise", cmd_advise, "what each attempt measured, and what to declare next time")
     advise_.add_argument("--root", default=DEFAULT_ROOT)
@@ -124,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     status = _command(commands, "status", cmd_status, "summarise the backfills in a manifest store")
     status.add_argument("--root", default=DEFAULT_ROOT)
     status.add_argument("--backfill", help="only this backfill")
-    status.add_argument("--max-attempts", type=int, default=3)
+    status.add_argument("--max-attempts", type=int, help=_MAX_ATTEMPTS_HELP)
 
     compaction = _command(
         commands, "compact", cmd_compact, "merge each attempt's chunk manifests into a few large files (safe to rerun)"
@@ -196,17 +201,14 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with Ledger(ManifestStore(args.root), args.max_attempts, args.backfill) as ledger:
-        summary = ledger.query("SELECT * FROM summary")
+        summary = ledger.summary()
         if summary.num_rows == 0:
             print(f"No manifests under {args.root}. Run a backfill first (for example `paceline demo`).")
             return 0
         print(format_table(summary))
         print("\nWhat the service did (all runs of each attempt):")
-        print(format_table(measured_by_attempt(ledger)))
-        errors = ledger.query(
-            "SELECT backfill, status, count(*) AS items FROM latest WHERE NOT ok "
-            "GROUP BY ALL ORDER BY items DESC LIMIT 10"
-        )
+        print(format_table(ledger.measured_by_attempt()))
+        errors = ledger.why_not_ok()
         if errors.num_rows:
             print("\nWhy items are not ok (latest row per item):")
             print(format_table(errors))
@@ -215,18 +217,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_advise(args: argparse.Namespace) -> int:
     with Ledger(ManifestStore(args.root), backfill=args.backfill) as ledger:
-        attempts = ledger.query("SELECT DISTINCT backfill, attempt FROM results ORDER BY ALL").to_pylist()
+        attempts = ledger.attempts()
         if not attempts:
             print(
                 f"No manifests under {args.root}{' for ' + args.backfill if args.backfill else ''}. "
                 "Run a backfill first (for example `paceline demo`)."
             )
             return 0
-        for row in attempts:
-            report = attempt_report(ledger, row["backfill"], row["attempt"], None)
+        for backfill, attempt in attempts:
+            report = ledger.attempt_report(backfill, attempt, None)
             calls = report.rows + report.throttled_calls
             print(
-                f"{row['backfill']}, attempt {row['attempt']}: {report.rows:,} items called, "
+                f"{backfill}, attempt {attempt} of {ledger.max_attempts(backfill)}: {report.rows:,} items called, "
                 f"{report.throttled_calls:,} throttled calls ({report.throttled_calls / max(calls, 1):.1%})"
             )
             for advice in advise(report):
@@ -262,22 +264,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
         planned = plan_backfill(backfill, store)
         print(f"\nPlan: {planned.plan.num_rows:,} items in {planned.chunks} chunks ({planned.path})")
         print("  " + planned.execution.describe().replace("\n", "\n  "))
-        failed = _demo_attempt(backfill, store, 0, service)
-        attempt = 1
-        while attempt < backfill.max_attempts and failed:
-            retry = plan_retry(backfill, store, attempt)
-            print(f"\nRetry round {attempt}: {retry.plan.num_rows:,} failed items")
-            failed = _demo_attempt(backfill, store, attempt, service)
-            attempt += 1
+        result = _demo_attempt(backfill, store, 0, service)
+        while True:
+            decision = next_round(
+                result.counts["failed"],
+                result.report.attempt + 1,
+                backfill.max_attempts,
+                retry_after_s=result.max_retry_after,
+            )
+            if not isinstance(decision, NextRound):
+                break
+            if decision.wait_s:
+                print(f"\nWaiting {decision.wait_s:g} s: the service asked for it (Retry-After).")
+                time.sleep(decision.wait_s)
+            with open_ledger(backfill, store) as before:
+                retry = plan_retry(backfill, store, decision.attempt, before)
+                print(f"\nRetry round {decision.attempt}: {retry.plan.num_rows:,} failed items")
+                result = _demo_attempt(backfill, store, decision.attempt, service, before)
     _print_next_steps(store)
     return 0
 
 
-def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, service: object) -> int:
-    """Run one attempt and print what happened; returns how many items are left to retry."""
+def _demo_attempt(
+    backfill: Backfill, store: ManifestStore, attempt: int, service: object, before: Ledger | None = None
+) -> RunResult:
+    """Run one attempt (a retry round paced from the ledger ``before`` it) and print what happened."""
     bar = ProgressBar(f"attempt {attempt}")
     try:
-        result = run_attempt(backfill, store, LocalExecutor(), attempt, on_progress=bar)
+        result = run_attempt(backfill, store, LocalExecutor(), attempt, on_progress=bar, ledger=before)
     finally:
         bar.close()
     report, counts = result.report, result.counts
@@ -305,7 +319,7 @@ def _demo_attempt(backfill: Backfill, store: ManifestStore, attempt: int, servic
     if attempt == 0 and len(report.per_second) > 2:
         print()
         print(rate_chart(report.per_second, limit, target))
-    return counts["failed"]
+    return result
 
 
 def _print_next_steps(store: ManifestStore) -> None:

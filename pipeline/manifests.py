@@ -50,6 +50,8 @@ _COMPACTED_FILE = re.compile(r"^compacted-(\d+)-(\d+)\.parquet$")
 _PLAN_FILE = re.compile(r"^/plans/backfill=([^/]+)/attempt=(\d+)\.parquet$")
 _TEMP_FILE = re.compile(r"^\.(\d+)-[0-9a-f]+\.tmp$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# Parquet schema metadata of a chunk plan: the max_attempts the backfill was declared with when planned.
+_MAX_ATTEMPTS_KEY = b"paceline.max_attempts"
 FOOTER_THREADS = 8  # footers are small reads; on S3 each is a request worth overlapping
 # A name becomes the folder ``backfill=<name>`` and the file ``backfill=<name>.parquet`` (failed items);
 # Linux, macOS and Windows stop a file name at 255 bytes. Dagster stores keys, run keys and partition
@@ -184,6 +186,35 @@ class ManifestStore:
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
+
+    def write_plan(self, backfill: str, attempt: int, plan: pa.Table, max_attempts: int) -> str:
+        """Write an attempt's chunk plan with the backfill's ``max_attempts`` in its schema metadata.
+
+        ``max_attempts`` decides which failed rows are dead, so a reader that
+        only has the store (``paceline status``) needs it as much as the rows.
+        """
+        path = self.plan_path(backfill, attempt)
+        metadata = {**(plan.schema.metadata or {}), _MAX_ATTEMPTS_KEY: str(max_attempts).encode()}
+        self.write_table(path, plan.replace_schema_metadata(metadata))
+        return path
+
+    def planned_max_attempts(self, backfill: str | None = None) -> dict[str, int]:
+        """Backfill -> the ``max_attempts`` its latest chunk plan was written with (one footer read each).
+
+        The latest plan carries the latest declaration. A backfill whose plan
+        predates the stored value is left out: its reader applies the default.
+        """
+        latest = dict(self.planned_attempts(backfill))  # sorted: the last attempt of each backfill wins
+        found = {}
+        for name, attempt in latest.items():
+            path = self.plan_path(name, attempt)
+            try:
+                metadata = pq.read_schema(path, filesystem=self.fs).metadata or {}
+            except (OSError, pa.ArrowInvalid) as error:
+                raise ManifestError(f"cannot read {self.uri(path)}: {error}") from None
+            if _MAX_ATTEMPTS_KEY in metadata:
+                found[name] = int(metadata[_MAX_ATTEMPTS_KEY])
+        return found
 
     def remove(self, path: str) -> None:
         """Delete a file; one already gone is fine (another compaction removed it)."""

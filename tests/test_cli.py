@@ -7,7 +7,14 @@ import sys
 import pytest
 
 from pipeline import cli
+from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.cli import main
+from pipeline.executors import LocalExecutor
+from pipeline.items import Values
+from pipeline.limits import ServiceLimit
+from pipeline.manifests import ManifestStore
+from pipeline.outcomes import Retryable
+from pipeline.work import FunctionWork
 
 
 def test_plan_prints_the_derivation(capsys):
@@ -47,12 +54,16 @@ def test_installed_console_script_runs():
     assert out.returncode == 0 and "demo" in out.stdout and "status" in out.stdout
 
 
-def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys, monkeypatch):
+    listings = []  # each ledger lists the store once
+    list_files = ManifestStore.manifest_files
+    monkeypatch.setattr(ManifestStore, "manifest_files", lambda store, *a: listings.append(a) or list_files(store, *a))
     assert main(["demo", "--items", "300", "--limit-rps", "400", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Plan: 300 items" in out
     assert "busiest second seen by the service" in out
     assert "Retry round 1" in out  # the demo service fails a few ids once; the retry heals them
+    assert len(listings) == 1 + 2 * out.count("Retry round"), "attempt 0's rows; each round's before and after"
     final = [line for line in out.splitlines() if line.strip().startswith("items:")][-1]
     assert "0 failed" in final
     assert main(["status", "--root", str(tmp_path)]) == 0
@@ -60,7 +71,7 @@ def test_demo_runs_end_to_end_and_reports_what_the_service_saw(tmp_path, capsys)
     assert "demo_api" in status and "in_flight_per_worker" in status, "status says what the service did"
     assert main(["advise", "--root", str(tmp_path), "--backfill", "demo_api"]) == 0
     advice = capsys.readouterr().out
-    assert "demo_api, attempt 0:" in advice and "seconds_per_call=0.0" in advice, "the measured ~40 ms latency"
+    assert "demo_api, attempt 0 of 3:" in advice and "seconds_per_call=0.0" in advice, "the measured ~40 ms latency"
     assert main(["advise", "--root", str(tmp_path), "--backfill", "other"]) == 0
     assert "No manifests" in capsys.readouterr().out
 
@@ -106,3 +117,44 @@ def _subcommands():
     parser = cli._parser()
     (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
     return commands._choices_actions
+
+
+def test_status_advise_and_query_read_max_attempts_stored_with_the_plan(tmp_path, capsys):
+    """Declared with 5 attempts, an item still failing after attempt 2 is retryable, not dead, for every reader."""
+
+    def call(client, item):
+        if item.id == "3":
+            raise Retryable("service unavailable", "http_503")
+        return {"id": item.id}
+
+    backfill = Backfill(
+        "five",
+        Values.of(range(6)),
+        FunctionWork(lambda: None, call),
+        ServiceLimit("svc", requests_per_second=5000),
+        max_attempts=5,
+    )
+    store = ManifestStore(str(tmp_path))
+    plan_backfill(backfill, store)
+    for attempt in range(3):
+        if attempt:
+            plan_retry(backfill, store, attempt)
+        run_attempt(backfill, store, LocalExecutor(), attempt)
+    root = ["--root", str(tmp_path)]
+
+    assert main(["status", *root]) == 0
+    assert _rows(capsys.readouterr().out)[:2] == [
+        ["backfill", "items", "ok", "failed", "dead", "last_attempt", "max_attempts"],
+        ["five", "6", "5", "1", "0", "2", "5"],
+    ]
+    assert main(["advise", *root]) == 0
+    assert "five, attempt 2 of 5:" in capsys.readouterr().out
+    assert main(["query", *root, "SELECT failed, dead, max_attempts FROM summary"]) == 0
+    assert _rows(capsys.readouterr().out)[1] == ["1", "0", "5"]
+    assert main(["query", *root, "--max-attempts", "3", "SELECT failed, dead, max_attempts FROM summary"]) == 0
+    assert _rows(capsys.readouterr().out)[1] == ["0", "1", "3"], "a --max-attempts given wins"
+
+
+def _rows(table: str) -> list[list[str]]:
+    """The cells of a table printed by ``format_table`` (no cell holds a space here), row by row, rule left out."""
+    return [line.split() for line in table.splitlines() if line.strip() and set(line) != {"-", " "}]

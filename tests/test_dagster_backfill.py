@@ -31,6 +31,7 @@ from pipeline.executors import BurlaExecutor, LocalExecutor
 from pipeline.items import JsonlPrompts, Values
 from pipeline.limits import Estimates, Overrides
 from pipeline.localservices import ServiceHandle, start_http_api, start_llm
+from pipeline.manifests import ManifestStore
 from pipeline.report import measure_against_limit
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
@@ -134,13 +135,17 @@ def test_plan_manifests_failed_items_then_retry_heals(fresh_api, instance, tmp_p
     plan = metadata(instance, keys.plan)
     assert (plan["item_count"], plan["chunk_count"], plan["chunk_size"]) == (44, 5, 10)
     assert "req/s target" in plan["derivation"]
+    assert (plan["dagster/row_count"], plan["dagster/uri"]) == (44, plan["plan_path"])
     done = metadata(instance, keys.manifests)
     assert (done["ok_count"], done["failed_count"], done["dead_count"]) == (40, 3, 1)
+    assert done["dagster/row_count"] == 44
+    assert done["dagster/uri"] == str(tmp_path / "data" / "manifests" / "backfill=e2e" / "attempt=0")
     assert {row.data["status"] for row in done["errors"].records} == {"http_500", "http_404"}
     assert done["busiest_1s"] <= SERVER_RPS and "limit 100.0/s" in done["rate_chart"]
     failed = metadata(instance, keys.failed)
     assert (failed["failed_count"], failed["dead_count"], failed["next_attempt"]) == (3, 1, 1)
     assert sorted(pq.read_table(failed["path"])["item_id"].to_pylist()) == HEALING
+    assert (failed["dagster/row_count"], failed["dagster/uri"]) == (3, failed["path"])
     assert "heal1-a" in failed["preview"]
     assert checks(first) == {"no_item_lost": True, "limit_held": True, "failure_rate": False}  # 4/44 > 5%: a warning
     assert {e.check_name: e.severity.value for e in first.get_asset_check_evaluations()}["failure_rate"] == "WARN"
@@ -151,11 +156,46 @@ def test_plan_manifests_failed_items_then_retry_heals(fresh_api, instance, tmp_p
     retry = run(defs, instance, "e2e_retry", partition_key="attempt-1")
 
     retried = metadata(instance, keys.retry)
-    assert retried["calls_this_run"] == len(HEALING)
+    assert retried["calls_this_run"] == len(HEALING) == retried["dagster/partition_row_count"]
+    assert retried["dagster/uri"].endswith("backfill=e2e/attempt=1")
     after = metadata(instance, keys.failed)
     assert (after["failed_count"], after["dead_count"], after["ok_count"]) == (0, 1, 43)
     assert pq.read_table(after["path"]).num_rows == 0
     assert checks(retry)["no_item_lost"] and checks(retry)["limit_held"]
+
+
+def test_assets_say_what_they_are_and_the_checks_belong_to_failed_items(api, tmp_path):
+    keys = BackfillKeys.of("kinds")
+    local = location(api, str(tmp_path), spec("kinds", PLAIN))
+    service = ServiceResource(name="test_api", url=api.url, requests_per_second=SERVER_RPS)
+    on_burla = paceline_definitions([spec("kinds", PLAIN)], [service], executor=ExecutorResource(kind="burla"))
+
+    def kinds(defs: Definitions, key: AssetKey) -> set[str]:
+        return set(defs.resolve_assets_def(key).get_asset_spec(key).kinds)
+
+    assert kinds(local, keys.plan) == {"parquet"}
+    assert kinds(local, keys.manifests) == kinds(local, keys.retry) == {"parquet", "python"}
+    assert kinds(on_burla, keys.manifests) == kinds(on_burla, keys.retry) == {"parquet", "burla"}
+    assert kinds(local, keys.failed) == {"duckdb", "parquet"}
+    failed = local.resolve_assets_def(keys.failed)
+    assert {spec.name for spec in failed.check_specs} == {"no_item_lost", "limit_held", "failure_rate"}
+
+
+def test_one_ledger_per_round_and_per_refresh(fresh_api, instance, tmp_path, monkeypatch):
+    """Each ledger lists the store and reads every footer: a round opens one before and one after, a refresh one."""
+    listings = []
+    list_files = ManifestStore.manifest_files
+    monkeypatch.setattr(ManifestStore, "manifest_files", lambda store, *a: listings.append(a) or list_files(store, *a))
+    defs = location(fresh_api, str(tmp_path / "data"), spec("counted", PLAIN[:10] + HEALING))
+
+    run(defs, instance, "counted_backfill")
+    assert len(listings) == 2, "attempt 0's own rows; failed_items and its three checks"
+
+    listings.clear()
+    instance.add_dynamic_partitions("counted_retry_rounds", ["attempt-1"])
+    retry = run(defs, instance, "counted_retry", partition_key="attempt-1")
+    assert len(listings) == 3, "the rounds before (what to retry, how fast); the round's rows; failed_items"
+    assert checks(retry) == {"no_item_lost": True, "limit_held": True, "failure_rate": True}
 
 
 def test_sensor_loop_converges_with_the_runs_own_config(fresh_api, instance, tmp_path):

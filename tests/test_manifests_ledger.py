@@ -232,3 +232,30 @@ def test_resume_removes_temp_files_of_dead_writers_only(tmp_path):
     alive.write_bytes(b"a file still being written")
     assert store.scan_chunks("b", 0).finished == set()
     assert not dead.exists() and alive.exists()
+
+
+def test_each_backfill_is_read_with_the_max_attempts_stored_with_its_plan(tmp_path):
+    """Two backfills in one store, declared with 2 and 5 attempts, and one planned before plans carried it."""
+    store = ManifestStore(str(tmp_path))
+    for name, max_attempts in (("two", 2), ("five", 5), ("older", 3)):
+        backfill = dataclasses.replace(_flaky_backfill({"3"}), name=name, max_attempts=max_attempts)
+        plan_backfill(backfill, store)
+        run_attempt(backfill, store, LocalExecutor())
+        plan_retry(backfill, store, 1)
+        run_attempt(backfill, store, LocalExecutor(), attempt=1)
+    old = store.plan_path("older", 1)
+    store.write_table(old, store.read_table(old).replace_schema_metadata(None))  # as an older Paceline wrote it
+
+    assert store.planned_max_attempts() == {"two": 2, "five": 5}
+    with Ledger(store) as ledger:
+        assert [ledger.max_attempts(name) for name in ("two", "five", "older")] == [2, 5, 3]
+        assert ledger.counts("two")["dead"] == 1 and ledger.counts("two")["failed"] == 0
+        assert ledger.counts("five")["failed"] == 1 and ledger.counts("five")["dead"] == 0
+        assert ledger.counts("older")["failed"] == 1
+        assert ledger.summary().select(["backfill", "max_attempts"]).to_pylist() == [
+            {"backfill": "five", "max_attempts": 5},
+            {"backfill": "older", "max_attempts": 3},
+            {"backfill": "two", "max_attempts": 2},
+        ]
+    with Ledger(store, 2) as ledger:  # given, it applies to every backfill
+        assert ledger.counts("five")["dead"] == 1 and ledger.max_attempts("five") == 2

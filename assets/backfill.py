@@ -46,6 +46,7 @@ from assets.metadata import failed_metadata, plan_metadata, run_metadata
 from assets.retry import retry_sensor
 from pipeline.advice import advise
 from pipeline.backfill import Backfill, Progress, open_ledger, plan_backfill, plan_retry, run_attempt
+from pipeline.errors import ConfigError
 from pipeline.ledger import Ledger
 from pipeline.limits import ServiceLimit
 from pipeline.manifests import ManifestError, ManifestStore
@@ -153,7 +154,7 @@ def runtime_definitions(store: ManifestStoreResource, executor: ExecutorResource
 def _check_services(backfills: Sequence[BackfillSpec], resources: set[str]) -> None:
     for spec in backfills:
         if spec.service not in resources:
-            raise ValueError(
+            raise ConfigError(
                 f"backfill {spec.name!r} uses service {spec.service!r}, but no ServiceResource has "
                 f"name={spec.service!r}. Add ServiceResource(name={spec.service!r}, ...) to services "
                 f"(known: {', '.join(sorted(resources)) or 'none'})."

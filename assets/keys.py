@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from dagster import AssetKey
 
+from pipeline.errors import ConfigError
+
 STORE_KEY = "manifest_store"
 EXECUTOR_KEY = "paceline_executor"
 ROUND_PREFIX = "attempt-"
@@ -41,7 +43,7 @@ def attempt_of(partition_key: str, max_attempts: int) -> int:
     """The attempt a retry partition names, refused unless it is a retry the backfill allows."""
     number = partition_key.removeprefix(ROUND_PREFIX)
     if not partition_key.startswith(ROUND_PREFIX) or not number.isdigit() or not 1 <= int(number) < max_attempts:
-        raise ValueError(
+        raise ConfigError(
             f"retry partition {partition_key!r} is not a retry round of this backfill: use "
             f"{round_key(1)} to {round_key(max_attempts - 1)} (max_attempts is {max_attempts})."
         )

@@ -529,7 +529,7 @@ class Backfill(_Located, Component, Resolvable):
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         spec = self.spec(context.path)
         self._admit(spec, self._service(context))
-        return backfill_definitions(spec)
+        return backfill_definitions(spec, executor=_executor_kind(context))
 
     def _service(self, context: ComponentLoadContext) -> Service:
         declared = {service.name: service for service in context.component_tree.get_all_components(of_type=Service)}
@@ -566,6 +566,12 @@ _ExecutorFields = create_model("ExecutorFields", __base__=Model, **fields_like(E
 class ExecutorOptions(_ExecutorFields):
     # The ExecutorResource's fields, with kind as a choice so that dg check yaml lists the kinds.
     kind: Literal[EXECUTOR_KINDS] = field_like(ExecutorResource, "kind")  # type: ignore[valid-type]
+
+
+def _executor_kind(context: ComponentLoadContext) -> str:
+    """The executor a ``paceline.Runtime`` of this project declares: it labels the assets that run chunks."""
+    runtimes = context.component_tree.get_all_components(of_type=Runtime)
+    return runtimes[0].executor.kind if runtimes else ExecutorResource.model_fields["kind"].default
 
 
 class Runtime(_Located, Component, Resolvable):

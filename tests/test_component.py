@@ -296,3 +296,14 @@ def test_the_yaml_executor_options_are_the_resource_fields():
     for name, field in ExecutorResource.model_fields.items():
         option = ExecutorOptions.model_fields[name]
         assert (option.default, option.description) == (field.default, field.description), name
+
+
+def test_the_assets_that_run_chunks_are_labelled_with_the_yaml_runtime_executor(tmp_path, monkeypatch):
+    package = f"burla_{tmp_path.name.replace('-', '_')}"
+    dg_project(tmp_path, package, README_YAML.replace("kind: local", "kind: burla"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    defs = load_from_defs_folder(path_within_project=tmp_path)
+    keys = BackfillKeys.of("users")
+    graph = defs.resolve_asset_graph()
+    assert "burla" in graph.get(keys.manifests).kinds and "python" not in graph.get(keys.manifests).kinds
+    assert "burla" not in graph.get(keys.plan).kinds, "planning runs in the step, not on the executor"

@@ -19,7 +19,7 @@ from dagster import Definitions, EnvVar, instance_for_test, load_from_defs_folde
 
 from assets import STORE_KEY, BackfillKeys, paceline_definitions
 from paceline import Service
-from pipeline.definitions import defs as location
+from paceline.definitions import defs as location
 from pipeline.items import TextLines
 from pipeline.limits import Estimates
 from pipeline.localservices import start_http_api

@@ -15,7 +15,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 
 from assets import EXECUTOR_KEY, STORE_KEY, BackfillKeys
-from pipeline.definitions import defs
+from paceline.definitions import defs
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAGSTER = Path(sys.executable).with_name("dagster")

@@ -19,7 +19,7 @@ demo: install  ## run the demo backfill on the embedded default (local executor,
 	$(BIN)/paceline demo
 	@echo
 	@echo "Now the same backfill as Dagster materializations, kept in dagster_home/ for 'make ui' (about 30 s)..."
-	@$(BIN)/dagster job execute -m pipeline.definitions -j demo_ids_backfill > dagster_home/demo-run.log 2>&1 \
+	@$(BIN)/dagster job execute -m paceline.definitions -j demo_ids_backfill > dagster_home/demo-run.log 2>&1 \
 		&& echo "Done. Open the UI with 'make ui' (http://127.0.0.1:3000): assets demo_ids/*; its sensor retries the failed items." \
 		|| (tail -n 30 dagster_home/demo-run.log; echo "The Dagster run failed; full log: dagster_home/demo-run.log"; exit 1)
 

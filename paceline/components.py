@@ -19,7 +19,7 @@ same assets, checks, sensor, pool and resource config.
   and the workload's own checks run then, before any call, and errors name the
   YAML file, the line and the fix.
 * ``paceline.Runtime`` says where manifests go and where chunks run: once per
-  code location (``pipeline/definitions.py`` declares its own in Python).
+  code location (``paceline/definitions.py`` declares its own in Python).
 
 Secrets and URLs are written as ``{{ env.NAME }}`` and become ``EnvVar("NAME")``:
 Dagster stores the variable's name, never its value. A secret written inline

@@ -25,8 +25,8 @@ import pytest
 from burla._node import NodeDisconnected
 
 import assets  # noqa: F401 - load every project module, so Burla's scan covers them all
-import pipeline.cli
-import pipeline.definitions  # noqa: F401
+import paceline.definitions  # noqa: F401
+import pipeline.cli  # noqa: F401
 import resources  # noqa: F401
 from pipeline.chunks import Chunk
 from pipeline.executors import BurlaExecutor, ExecutorError

@@ -21,7 +21,7 @@ from dagster import Definitions, EnvVar, instance_for_test, load_from_defs_folde
 from assets import STORE_KEY, BackfillKeys, paceline_definitions
 from paceline import Service
 from paceline.components import EstimatesOptions, ExecutorOptions, OverridesOptions
-from pipeline.definitions import defs as location
+from paceline.definitions import defs as location
 from pipeline.items import TextLines
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api

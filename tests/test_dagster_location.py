@@ -12,10 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dagster import DagsterInstance, Definitions
+from dagster import DagsterInstance, Definitions, job, op
 
 from assets import EXECUTOR_KEY, STORE_KEY, BackfillKeys
-from pipeline.definitions import defs
+from paceline.definitions import defs
+from pipeline.backfill import OutOfCredit
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAGSTER = Path(sys.executable).with_name("dagster")
@@ -54,6 +55,34 @@ def test_defs_load_with_the_demo_backfill_its_jobs_sensor_and_resources():
     assert defs.resolve_job_def("demo_ids_backfill") and defs.resolve_job_def("demo_ids_retry")
     assert defs.resolve_sensor_def("demo_ids_retry_sensor").job_name == "demo_ids_retry"
     assert {"demo_api", STORE_KEY, EXECUTOR_KEY} <= set(defs.resources)
+
+
+@op
+def spend() -> None:
+    raise OutOfCredit("demo_api: your credit balance is too low")
+
+
+@job
+def out_of_credit() -> None:
+    spend()
+
+
+def test_the_instance_retries_a_crashed_run_and_not_a_failed_asset(tmp_path):
+    """The project's dagster.yaml decides at failure time, in the ``dagster/will_retry`` tag the daemon acts on."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    with DagsterInstance.from_config(str(home)) as instance:
+        failed = out_of_credit.execute_in_process(instance=instance, raise_on_error=False)
+        crashed = instance.create_run_for_job(out_of_credit, status="STARTED")
+        # What the code server reports when a run's process dies without a word (kill -9).
+        instance.report_run_failed(crashed, "Run execution process was terminated by signal 9 (SIGKILL).")
+        will_retry = {
+            name: instance.get_run_by_id(run_id).tags.get("dagster/will_retry")
+            for name, run_id in (("failed asset", failed.run_id), ("crashed", crashed.run_id))
+        }
+    assert not failed.success
+    assert will_retry == {"failed asset": "false", "crashed": "true"}
 
 
 @pytest.fixture

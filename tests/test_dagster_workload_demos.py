@@ -4,7 +4,7 @@ import pytest
 from dagster import DagsterInstance
 
 from assets import STORE_KEY
-from pipeline.definitions import defs
+from paceline.definitions import defs
 from pipeline.workloads.demos import DEMO_SPECS
 
 

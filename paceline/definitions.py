@@ -10,9 +10,11 @@ UI (with the daemon, so the retry sensor runs)::
 
 Headless, the first pass (plan, attempt 0, failed items and their checks)::
 
-    DAGSTER_HOME=$PWD/dagster_home dagster job execute -m pipeline.definitions -j demo_ids_backfill
+    DAGSTER_HOME=$PWD/dagster_home dagster job execute -m paceline.definitions -j demo_ids_backfill
 
-This is the only module of ``pipeline`` that imports Dagster. The demo calls
+It sits at the top of the layers (``paceline`` → ``assets`` → ``resources`` →
+``pipeline``), where Dagster looks for ``<root_module>/definitions.py``: the engine
+below never imports it, so workers on Burla need no Dagster. The demo calls
 the bundled rate-limited HTTP API, which the ``demo_api`` resource starts for
 the duration of each run with the declared 200 requests/s as the server's own
 limit: no account, no network. Its deliberate faults fail an id on its first

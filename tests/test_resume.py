@@ -57,6 +57,14 @@ def api():
         yield service
 
 
+def _wait_for_arrivals(api, count: int, deadline_s: float = 60.0) -> None:
+    """Wait for the server to have seen ``count`` calls: progress, not a guess at the child's start-up time."""
+    deadline = time.monotonic() + deadline_s
+    while api.stats()["count"] < count:
+        assert time.monotonic() < deadline, f"the run made fewer than {count} calls in {deadline_s:g} s"
+        time.sleep(0.02)
+
+
 def _start(script, url, root, mode):
     return subprocess.Popen([sys.executable, str(script), url, str(root), mode], stdout=subprocess.PIPE, text=True)
 
@@ -66,7 +74,7 @@ def test_kill_minus_nine_then_resume_repeats_only_in_flight_chunks(api, tmp_path
     script.write_text(RUNNER)
     root = tmp_path / "store"
     first = _start(script, api.url, root, "plan")
-    time.sleep(2.5)  # about 250 of 600 items at 100/s
+    _wait_for_arrivals(api, 250)  # of 600 at 100/s: the kill lands mid-run however slow the start-up was
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     store = ManifestStore(str(root))
@@ -102,7 +110,8 @@ def test_repeated_kills_at_random_points_lose_and_duplicate_nothing(api, tmp_pat
     rng = random.Random(20261128)
     for trial in range(4):
         run = _start(script, api.url, root, "plan" if trial == 0 else "resume")
-        time.sleep(0.6 + rng.random() * 1.2)
+        # Each kill lands after 20..99 more calls (at most ~400 of 600 in all): mid-run, at a seeded point.
+        _wait_for_arrivals(api, api.stats()["count"] + rng.randrange(20, 100))
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
         assert store.scan_chunks("resumable", 0).unreadable == []

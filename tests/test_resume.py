@@ -57,10 +57,11 @@ def api():
         yield service
 
 
-def _wait_for_arrivals(api, count: int, deadline_s: float = 60.0) -> None:
+def _wait_for_arrivals(api, run: subprocess.Popen, count: int, deadline_s: float = 60.0) -> None:
     """Wait for the server to have seen ``count`` calls: progress, not a guess at the child's start-up time."""
     deadline = time.monotonic() + deadline_s
     while api.stats()["count"] < count:
+        assert run.poll() is None, f"the run ended (code {run.returncode}) before the server saw {count} calls"
         assert time.monotonic() < deadline, f"the run made fewer than {count} calls in {deadline_s:g} s"
         time.sleep(0.02)
 
@@ -74,13 +75,13 @@ def test_kill_minus_nine_then_resume_repeats_only_in_flight_chunks(api, tmp_path
     script.write_text(RUNNER)
     root = tmp_path / "store"
     first = _start(script, api.url, root, "plan")
-    _wait_for_arrivals(api, 250)  # of 600 at 100/s: the kill lands mid-run however slow the start-up was
+    _wait_for_arrivals(api, first, 250)  # of 600 at 100/s: the kill lands mid-run however slow the start-up was
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     store = ManifestStore(str(root))
     finished_at_kill = store.scan_chunks("resumable", 0).finished
     assert 0 < len(finished_at_kill) < ITEMS // CHUNK, "the kill should land mid-run"
-    hits_before = collections.Counter(a["item"] for a in api.arrivals())
+    hits_before = collections.Counter(a["item"] for a in api.settled_arrivals())  # with calls still on the wire
 
     second = _start(script, api.url, root, "resume")
     assert second.wait(timeout=60) == 0
@@ -111,7 +112,7 @@ def test_repeated_kills_at_random_points_lose_and_duplicate_nothing(api, tmp_pat
     for trial in range(4):
         run = _start(script, api.url, root, "plan" if trial == 0 else "resume")
         # Each kill lands after 20..99 more calls (at most ~400 of 600 in all): mid-run, at a seeded point.
-        _wait_for_arrivals(api, api.stats()["count"] + rng.randrange(20, 100))
+        _wait_for_arrivals(api, run, api.stats()["count"] + rng.randrange(20, 100))
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
         assert store.scan_chunks("resumable", 0).unreadable == []

@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent(
         "resumable",
         Values.of(range(600)),
         FunctionWork(lambda: httpx.Client(base_url=url, timeout=5), call),
-        ServiceLimit("api", requests_per_second=200, safety=0.5),
+        ServiceLimit("api", requests_per_second=400, safety=0.5),
         Estimates(seconds_per_call=0.01),
         Overrides(chunk_size=20),
     )
@@ -53,7 +53,7 @@ ITEMS, CHUNK = 600, 20
 
 @pytest.fixture
 def api():
-    with start_http_api(rps=200) as service:
+    with start_http_api(rps=400) as service:
         yield service
 
 
@@ -75,7 +75,7 @@ def test_kill_minus_nine_then_resume_repeats_only_in_flight_chunks(api, tmp_path
     script.write_text(RUNNER)
     root = tmp_path / "store"
     first = _start(script, api.url, root, "plan")
-    _wait_for_arrivals(api, first, 250)  # of 600 at 100/s: the kill lands mid-run however slow the start-up was
+    _wait_for_arrivals(api, first, 250)  # of 600 at 200/s: the kill lands mid-run however slow the start-up was
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     store = ManifestStore(str(root))

@@ -87,7 +87,7 @@ GOAL_THROTTLE_COST = 0.03  # issue 14: 0.5 % always-throttled items cost <= 3 % 
 THROTTLE_PAIRS = 3
 
 PG_CONNECTIONS, PG_KEY_STEP, PG_QUERY_S = 10, 100, 0.04
-FAILOVER_DURATION = {False: 12.0, True: 5.0}
+FAILOVER_DURATION = {False: 12.0, True: 3.0}
 MAX_STEADY_STATE_RERUNS = 4
 
 

@@ -45,7 +45,7 @@ NAME = "compaction"
 BACKFILL = "bench"
 ITEMS = {False: 10_000_000, True: 50_000}
 FILES = {False: (1_000, 20_000, 200_000), True: (100, 1_000)}
-S3_ITEMS, S3_FILES = {False: 1_000_000, True: 10_000}, {False: 20_000, True: 200}
+S3_ITEMS, S3_FILES = {False: 1_000_000, True: 10_000}, {False: 20_000, True: 100}
 TRIAL_ITEMS, TRIAL_FILES, TRIAL_BLOCK_ROWS = (
     {False: 200_000, True: 10_000},
     {False: 4_000, True: 200},

@@ -49,7 +49,6 @@ LIMIT = ServiceLimit("api", requests_per_second=SERVER_RPS, safety=0.5)  # 100 r
 ESTIMATES = Estimates(seconds_per_call=0.05)
 RUNNING = "RUNNING"
 SEED = 20_260_101
-IN_FLIGHT_GRACE_S = 0.3  # requests already on the wire when the client died still reach the server's log
 
 
 def _get(client: httpx.Client, item: Item) -> dict:
@@ -118,13 +117,12 @@ def trial(api: ServiceHandle, root: str, items: int, rng: random.Random) -> Tria
     time.sleep(kill_after)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    time.sleep(IN_FLIGHT_GRACE_S)
+    before = collections.Counter(a["item"] for a in api.settled_arrivals())  # with requests still on the wire
     store = ManifestStore(root)
     finished = store.scan_chunks(NAME, 0).finished
     chunk_of = dict(
         zip(*store.read_table(store.plan_path(NAME, 0)).select(["item_id", "chunk_id"]).to_pydict().values())
     )
-    before = collections.Counter(a["item"] for a in api.arrivals())
     second = _spawn(api.url, root, items)
     second.communicate(timeout=120)
     if second.returncode != 0:

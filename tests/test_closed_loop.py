@@ -64,10 +64,15 @@ def test_a_slow_service_still_gets_its_target_rate_without_a_latency_estimate(tm
 
 
 def test_always_throttled_items_cost_only_their_own_calls(tmp_path):
-    """Four items the server always throttles (Retry-After: 1) among 196 that go through."""
+    """Two items the server always throttles (Retry-After: 1) among 198 that go through: 1 %, one per chunk.
+
+    At 1 % the throttle policy reads them as hot items, not as the pace: they cost their own six calls
+    (0.96 of the target, measured). At 2 % it cuts the pace too (0.76 measured): that is the policy's
+    threshold, which ``tests/test_policies.py`` and the benchmarks measure, not this test's subject.
+    """
     target = 40.0
-    items = [str(i) for i in range(196)]
-    for n, position in enumerate((20, 60, 110, 160)):  # spread through the chunks, as hot keys would be
+    items = [str(i) for i in range(198)]
+    for n, position in enumerate((50, 150)):  # one in each chunk, as hot keys would be spread
         items.insert(position, f"throttle-{n}")
     with start_http_api(rps=target * 2) as api:
         limit = ServiceLimit("api", requests_per_second=target * 2, safety=0.5)
@@ -77,15 +82,16 @@ def test_always_throttled_items_cost_only_their_own_calls(tmp_path):
             _api_work(api.url),
             limit,
             estimates=Estimates(seconds_per_call=0.01),
-            overrides=Overrides(chunk_size=100, max_throttle_retries=2, max_retry_after_s=0.25),
+            overrides=Overrides(chunk_size=100, max_throttle_retries=2, max_retry_after_s=0.5),
         )
         arrivals = api.arrivals()
-    throttled = [rows[f"throttle-{i}"] for i in range(4)]
+    throttled = [rows[f"throttle-{i}"] for i in range(2)]
     assert all((r["ok"], r["retryable"], r["tries"]) == (False, True, 3) for r in throttled), "failed-retryable"
-    assert sum(r["ok"] for r in rows.values()) == 196
-    # Holding the worker for each wait would have cost 4 items x 3 tries x 0.25 s, 0.6 of the target left
-    # for this 5 s run. (A chunk still waits at its end for a throttled item's last try.)
-    assert _server_rate([a for a in arrivals if a["status"] == 200]) >= 0.75 * target
+    assert sum(r["ok"] for r in rows.values()) == 198
+    # Holding the worker for each wait would cost 2 items x 2 waits x 0.5 s: 5 / 7 = 0.71 of the target
+    # for this 5 s run. The floor sits between that and the 0.96 measured. (A chunk still waits at its
+    # end for a throttled item's last try.)
+    assert _server_rate([a for a in arrivals if a["status"] == 200]) >= 0.8 * target
 
 
 def test_a_closed_client_is_replaced_and_only_the_call_at_the_break_fails(tmp_path):
@@ -100,7 +106,9 @@ def test_a_closed_client_is_replaced_and_only_the_call_at_the_break_fails(tmp_pa
 
 @pytest.mark.parametrize("estimate_ratio", [0.5, 2.0])
 def test_a_wrong_token_estimate_still_spends_the_budget(tmp_path, estimate_ratio):
-    tokens_per_s, window_s = 2000.0, 2.0
+    # 150 calls of 120 tokens at a 3,000 tokens/s target: about 6 s. The loop learns per call, so the
+    # rate sets only the run's length (at 1,000 tokens/s it took 18 s and reached the same share).
+    tokens_per_s, window_s = 6000.0, 2.0
     prompt = "x" * 400  # 104 prompt tokens + 16 completion = 120 per call (the server's rule)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"id": {n}, "prompt": "{prompt}"}}\n' for n in range(150)))

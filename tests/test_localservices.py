@@ -7,6 +7,7 @@ faults exactly as documented, statistics computed on the server's own log.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -112,6 +113,17 @@ def test_status_faults_repeat_every_time(http: httpx.Client, item: str, status: 
         assert response.status_code == status
         assert response.headers.get("Retry-After") == retry_after
         assert "error" in response.json()
+
+
+def test_settled_arrivals_waits_until_the_log_stops_growing(api: ServiceHandle, monkeypatch) -> None:
+    """A request logged while the caller waits (one still on the wire at a kill) is in the answer."""
+    logs = iter([["a"], ["a", "b"], ["a", "b", "c"], ["a", "b", "c"]])
+    monkeypatch.setattr(api, "arrivals", lambda: next(logs))
+    assert api.settled_arrivals(quiet_s=0.01) == ["a", "b", "c"]
+    growing = itertools.count(1)
+    monkeypatch.setattr(api, "arrivals", lambda: ["x"] * next(growing))  # a log that never settles
+    with pytest.raises(TimeoutError, match="still logged new requests"):
+        api.settled_arrivals(quiet_s=0.01, timeout_s=0.05)
 
 
 def test_badjson_fault(http: httpx.Client) -> None:

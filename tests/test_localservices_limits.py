@@ -35,6 +35,11 @@ def test_go_duration_reads_back(seconds: float, text: str) -> None:
     assert read_signal({"x-ratelimit-reset-requests": text}).requests.reset_s == pytest.approx(seconds)
 
 
+def test_go_duration_never_states_a_reset_early() -> None:
+    """A client that sleeps exactly the stated reset must find the budget back: round up, not to nearest."""
+    assert (go_duration(0.0201), go_duration(0.9994), go_duration(1.0001)) == ("21ms", "1s", "1.001s")
+
+
 def test_window_counts_rps_times_w_and_allows_a_burst_within_it() -> None:
     with start_http_api(rps=5, window_s=4) as api, client(api) as http:
         statuses = [r.status_code for r in burst(http, 30, "GET", "/items/a")]

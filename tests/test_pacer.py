@@ -23,7 +23,9 @@ def _run(pacing: Pacing, latencies: list[float]) -> tuple[list[float], list[floa
 
 
 def test_politeness_window_counts_from_returns_whatever_the_latency():
-    latencies = [random.Random(3).choice([0.001, 0.05, 0.3]) for _ in range(200)]
+    rng = random.Random(3)  # one seeded generator: a fresh Random(3) per draw would give one latency 200 times
+    latencies = [rng.choice([0.001, 0.05, 0.3]) for _ in range(200)]
+    assert len(set(latencies)) == 3
     starts, returns = _run(Pacing(min_interval_s=0.102, window_calls=10, window_s=1.0), latencies)
     # A call starts only a full window after the call ten before it *returned*: the server
     # can never see eleven calls of this worker inside one second, however late they arrive.

@@ -59,4 +59,6 @@ def test_safety_scales_the_rate(tmp_path, safety):
     limit = ServiceLimit("api", requests_per_second=40, safety=safety)
     result, server = _run(limit, items=int(80 * safety), server_rps=40, tmp_path=tmp_path)
     assert server["busiest_1s"] <= 40
-    assert 0.85 * 40 * safety <= result.report.achieved_rate <= 40 * safety * 1.1
+    # A 2 s run: one 0.3 s stall of a loaded machine costs 15 %, so the floor is 0.7. It still tells the
+    # two apart (0.7 x 40 = 28 > 20 x 1.1), and the ceiling is the promise that safety scales the pace.
+    assert 0.7 * 40 * safety <= result.report.achieved_rate <= 40 * safety * 1.1

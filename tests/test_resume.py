@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent(
         "resumable",
         Values.of(range(600)),
         FunctionWork(lambda: httpx.Client(base_url=url, timeout=5), call),
-        ServiceLimit("api", requests_per_second=200, safety=0.5),
+        ServiceLimit("api", requests_per_second=400, safety=0.5),
         Estimates(seconds_per_call=0.01),
         Overrides(chunk_size=20),
     )
@@ -53,8 +53,17 @@ ITEMS, CHUNK = 600, 20
 
 @pytest.fixture
 def api():
-    with start_http_api(rps=200) as service:
+    with start_http_api(rps=400) as service:
         yield service
+
+
+def _wait_for_arrivals(api, run: subprocess.Popen, count: int, deadline_s: float = 60.0) -> None:
+    """Wait for the server to have seen ``count`` calls: progress, not a guess at the child's start-up time."""
+    deadline = time.monotonic() + deadline_s
+    while api.stats()["count"] < count:
+        assert run.poll() is None, f"the run ended (code {run.returncode}) before the server saw {count} calls"
+        assert time.monotonic() < deadline, f"the run made fewer than {count} calls in {deadline_s:g} s"
+        time.sleep(0.02)
 
 
 def _start(script, url, root, mode):
@@ -66,13 +75,13 @@ def test_kill_minus_nine_then_resume_repeats_only_in_flight_chunks(api, tmp_path
     script.write_text(RUNNER)
     root = tmp_path / "store"
     first = _start(script, api.url, root, "plan")
-    time.sleep(2.5)  # about 250 of 600 items at 100/s
+    _wait_for_arrivals(api, first, 250)  # of 600 at 200/s: the kill lands mid-run however slow the start-up was
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     store = ManifestStore(str(root))
     finished_at_kill = store.scan_chunks("resumable", 0).finished
     assert 0 < len(finished_at_kill) < ITEMS // CHUNK, "the kill should land mid-run"
-    hits_before = collections.Counter(a["item"] for a in api.arrivals())
+    hits_before = collections.Counter(a["item"] for a in api.settled_arrivals())  # with calls still on the wire
 
     second = _start(script, api.url, root, "resume")
     assert second.wait(timeout=60) == 0
@@ -102,7 +111,8 @@ def test_repeated_kills_at_random_points_lose_and_duplicate_nothing(api, tmp_pat
     rng = random.Random(20261128)
     for trial in range(4):
         run = _start(script, api.url, root, "plan" if trial == 0 else "resume")
-        time.sleep(0.6 + rng.random() * 1.2)
+        # Each kill lands after 20..99 more calls (at most ~400 of 600 in all): mid-run, at a seeded point.
+        _wait_for_arrivals(api, run, api.stats()["count"] + rng.randrange(20, 100))
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
         assert store.scan_chunks("resumable", 0).unreadable == []

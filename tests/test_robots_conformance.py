@@ -203,7 +203,10 @@ def test_fractional_spacing_is_kept_across_workers_on_the_server(runner, robots_
     for arrival in arrivals:
         by_peer[arrival["peer"]].append(arrival["t"])
     assert len(by_peer) == workers and len(arrivals) == workers + 6, "each worker: its robots.txt, then its pages"
-    tolerance = 0.05  # a request sent on time may reach the server a little early relative to the previous one
+    # The engine keeps the spacing to a fraction of a millisecond, but the server stamps a request when its
+    # handler thread runs: on a loaded 2-core machine one stamp can lag the next by tens of milliseconds.
+    # 0.15 s absorbs that and still fails a worker that ignores the k x multiplier (a gap of half the spacing).
+    tolerance = 0.15
     for times in by_peer.values():
         assert min(np.diff(np.sort(times))) >= workers * spacing_s - tolerance, "each worker keeps k x s"
     times = np.sort([a["t"] for a in arrivals])

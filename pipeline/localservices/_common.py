@@ -293,9 +293,17 @@ class LeakyBucket:
             self._level = Fraction(0)
 
 
+def ceil_ms(seconds: float) -> float:
+    """Rounded up to the millisecond: a reset stated a hair late never brings a client back early."""
+    return math.ceil(seconds * 1000) / 1000
+
+
 def go_duration(seconds: float) -> str:
-    """``360`` -> ``6m0s``, ``0.02`` -> ``20ms``, ``3723.5`` -> ``1h2m3.5s``: how OpenAI writes its resets."""
-    seconds = round(seconds, 3)
+    """``360`` -> ``6m0s``, ``0.02`` -> ``20ms``, ``3723.5`` -> ``1h2m3.5s``: how OpenAI writes its resets.
+
+    Rounded up to the millisecond (``0.0201`` -> ``21ms``), for the reason :func:`ceil_ms` gives.
+    """
+    seconds = ceil_ms(seconds)
     if seconds < 1:
         return f"{round(seconds * 1000)}ms" if seconds > 0 else "0s"
     hours, rest = divmod(seconds, 3600)
@@ -714,6 +722,24 @@ class ServiceHandle:
     def arrivals(self) -> list[dict[str, Any]]:
         """``GET /_arrivals``: every recorded request."""
         return self._call("GET", "/_arrivals")
+
+    def settled_arrivals(self, quiet_s: float = 0.3, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Every recorded request, once none has been recorded for ``quiet_s``.
+
+        A client killed with requests already on the wire leaves them in the
+        server's socket buffers; on a loaded machine a handler thread may log
+        them well after the client is gone. Counting the log as soon as the
+        client died would miss them, so this waits for the log to stop growing.
+        """
+        deadline = time.monotonic() + timeout_s
+        arrivals = self.arrivals()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)
+            latest = self.arrivals()
+            if len(latest) == len(arrivals):
+                return latest
+            arrivals = latest
+        raise TimeoutError(f"{self.url} still logged new requests after {timeout_s:g} s")
 
     def reset(self) -> None:
         """``POST /_reset``: forget arrivals, limiter budgets and fault counters."""

@@ -148,6 +148,7 @@ from pipeline.localservices._common import (
     Service,
     SlidingWindowLimiter,
     busiest_window,
+    ceil_ms,
     count_by_status,
     ietf_ratelimit_headers,
     json_reply,
@@ -181,11 +182,6 @@ def _item_ok(item_id: str) -> Reply:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
     return json_reply(status, {"error": message}, headers)
-
-
-def _ceil_ms(seconds: float) -> float:
-    """Rounded up to the millisecond: a reset stated a hair late never brings a client back early."""
-    return math.ceil(seconds * 1000) / 1000
 
 
 class Dialect(Protocol):
@@ -243,13 +239,13 @@ class Discord:
         return {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(int(admission.remaining["requests"])),
-            "X-RateLimit-Reset": f"{_ceil_ms(admission.t + admission.reset_s):.3f}",
-            "X-RateLimit-Reset-After": f"{_ceil_ms(admission.reset_s):.3f}",
+            "X-RateLimit-Reset": f"{ceil_ms(admission.t + admission.reset_s):.3f}",
+            "X-RateLimit-Reset-After": f"{ceil_ms(admission.reset_s):.3f}",
             "X-RateLimit-Bucket": DISCORD_BUCKET,
         }
 
     def refusal(self, admission: Admission) -> Reply:
-        body = {"message": "You are being rate limited.", "retry_after": _ceil_ms(admission.wait), "global": False}
+        body = {"message": "You are being rate limited.", "retry_after": ceil_ms(admission.wait), "global": False}
         return json_reply(429, body, {"Retry-After": str(math.ceil(admission.wait)), "X-RateLimit-Scope": "user"})
 
 

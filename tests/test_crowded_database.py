@@ -33,7 +33,9 @@ from pipeline.workloads import key_range_work
 ROLE_LIMIT = 4
 OTHER_APP_HOLDS = 3  # one connection is really free; the backfill declared four
 RANGES = 200
-QUERY = "SELECT count(*) AS n, sum(balance) AS total FROM {table} CROSS JOIN pg_sleep(0.005) WHERE id >= %(lo)s AND id < %(hi)s"
+# 10 ms a range: 2 s of work on the one free connection. The other app lets go at 0.5 s, when a waiting
+# worker's backoff ceiling is below 1 s (level 5 at most by then), so the 1.5 s left always see it get in.
+QUERY = "SELECT count(*) AS n, sum(balance) AS total FROM {table} CROSS JOIN pg_sleep(0.01) WHERE id >= %(lo)s AND id < %(hi)s"
 
 
 def _role_and_table(postgres: PostgresHandle) -> tuple[str, str, str]:

@@ -51,6 +51,11 @@ from pipeline.policies.throttle import ThrottlePolicy
 from pipeline.work import Item, Work, WorkHooks
 
 
+MIN_LOOK_S = 0.005
+"""Shortest wait before a worker with every slot taken looks again whether more may open (a fast pace's spacing
+would otherwise make it spin)."""
+
+
 def make_chunk_function(work: Work) -> PacedWorker:
     """What executors run: a worker (``chunks.ChunkWorker``) that carries the work, and its workers' memories, by value."""
     return PacedWorker(work)
@@ -255,7 +260,7 @@ class _WorkerLoop:
                 continue
             slots = self._slots()
             if self._in_flight >= slots:
-                self._settle(self._done.get())
+                self._settle_or_look_again(slots)
                 continue
             if self._fresh and not (self.throttle or self._again) and self._cost_fn is None:  # the common case
                 attempt = _Try(self._fresh.popleft(), None, self._current)  # type: ignore[arg-type]
@@ -320,6 +325,22 @@ class _WorkerLoop:
             return 1
         waiting = self._clock() - min(self._sent.values()) if self._sent else 0.0
         return self.credentials.slots(self.slots.limit(self.pacer.calls_per_second(self.cost.per_call), waiting))
+
+    def _settle_or_look_again(self, slots: int) -> None:
+        """Every slot is taken: settle the next call back, or look again when a slot may have opened.
+
+        While the oldest call is still out, the latency is at least that long
+        (``InFlightLimit.limit``), so a worker whose first answers from a slow
+        service are still on their way opens slots as they wait, once a pace
+        interval, instead of only when an answer comes back.
+        """
+        if slots >= self.slots.cap or self.pacer.unpaced:
+            self._settle(self._done.get())
+            return
+        try:
+            self._settle(self._done.get(timeout=max(self.pacer.spacing(), MIN_LOOK_S)))
+        except queue.Empty:
+            return
 
     def close(self) -> None:
         """Let go of the call threads (a stopped worker does not wait for calls nobody will read), then the client."""

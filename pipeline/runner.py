@@ -50,7 +50,6 @@ from pipeline.policies.credentials import CredentialGuard
 from pipeline.policies.throttle import ThrottlePolicy
 from pipeline.work import Item, Work, WorkHooks
 
-
 MIN_LOOK_S = 0.005
 """Shortest wait before a worker with every slot taken looks again whether more may open (a fast pace's spacing
 would otherwise make it spin)."""
@@ -262,6 +261,8 @@ class _WorkerLoop:
             if self._in_flight >= slots:
                 self._settle_or_look_again(slots)
                 continue
+            if self._in_flight and self._settle_while_waiting():
+                continue
             if self._fresh and not (self.throttle or self._again) and self._cost_fn is None:  # the common case
                 attempt = _Try(self._fresh.popleft(), None, self._current)  # type: ignore[arg-type]
             else:
@@ -341,6 +342,22 @@ class _WorkerLoop:
             self._settle(self._done.get(timeout=max(self.pacer.spacing(), MIN_LOOK_S)))
         except queue.Empty:
             return
+
+    def _settle_while_waiting(self) -> bool:
+        """The next call must wait: settle what comes back meanwhile. True: the schedule may have moved.
+
+        A call that returns during the wait can move the schedule either way
+        (a refund for tokens over-charged, a throttle, a quota header), so
+        the worker hears it before its next call rather than after.
+        """
+        wait = self.pacer.wait_s()
+        if wait <= 0:
+            return False
+        try:
+            self._settle(self._done.get(timeout=wait))
+        except queue.Empty:
+            pass
+        return True
 
     def close(self) -> None:
         """Let go of the call threads (a stopped worker does not wait for calls nobody will read), then the client."""
@@ -511,7 +528,7 @@ class _WorkerLoop:
         actual = None if self._usage_fn is None else _reported_usage(self._usage_fn, value)
         if actual is not None:
             self.pacer.reconcile(charge, actual)
-            self.cost.on_usage(actual)
+            self.cost.on_usage(actual, estimate)
         try:
             payload = None if value is None else scrub(_encode_json(value), self._secrets)
         except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent

@@ -59,6 +59,16 @@ def test_token_charge_moves_from_the_declaration_to_what_calls_cost():
     assert cost.charge(900) == 900, "a work's own per-item estimate wins over the running mean"
 
 
+def test_a_works_own_estimates_are_scaled_by_what_they_turned_out_to_cost():
+    cost = TokenCost(declared=140)
+    assert cost.charge(140) == 140, "nothing measured yet: the estimate as it is"
+    for estimate, used in ((140, 70), (200, 100), (100, 50)):
+        cost.on_usage(used, estimate)
+    assert cost.charge(140) == pytest.approx(70), "estimates came out 2x high: charged half"
+    assert cost.charge(300) == pytest.approx(150), "the estimate still says which items are bigger"
+    assert cost.per_call == pytest.approx(220 / 3)
+
+
 def test_token_pace_follows_the_charge_not_the_declaration():
     pacer = Pacer(Pacing(tokens_per_second=100.0, tokens_per_call=600))
     assert pacer.calls_per_second(None) == pytest.approx(100 / 600)

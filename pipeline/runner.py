@@ -151,7 +151,7 @@ _encode_json = json.JSONEncoder(default=str).encode
 
 
 def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try, listener: Listener | None) -> _Outcome:
-    """Run one call and time it: the same function inline and on the chunk's call threads.
+    """Run one call and time it: the same function inline and on the worker's call threads.
 
     ``listener``: the one hooked on this client, whose headers the outcome carries (None: not httpx).
     """
@@ -319,8 +319,8 @@ class _WorkerLoop:
     def _slots(self) -> int:
         """Calls that may be in flight now, by Little's law on the latency measured so far.
 
-        Until the service has accepted a call of this worker, the credential
-        guard caps them (see ``policies.credentials``).
+        Once the service has answered and until it has accepted a call of
+        this worker, the credential guard caps them (see ``policies.credentials``).
         """
         if self.slots.cap == 1 or self.pacer.unpaced:
             return 1
@@ -354,9 +354,10 @@ class _WorkerLoop:
         if wait <= 0:
             return False
         try:
-            self._settle(self._done.get(timeout=wait))
+            outcome = self._done.get(timeout=wait)
         except queue.Empty:
-            pass
+            return False  # the wait is over (on an injected clock: the pacer sleeps it)
+        self._settle(outcome)
         return True
 
     def close(self) -> None:

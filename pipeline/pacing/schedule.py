@@ -45,7 +45,7 @@ Beyond it, the plan needs more workers: declare ``seconds_per_call``.
 
 @dataclass(frozen=True)
 class Pacing:
-    """How one worker spaces its calls. Travels to the worker inside each chunk.
+    """How one worker spaces its calls. Travels to the worker inside each chunk (all chunks of a run share it).
 
     ``min_interval_s``, ``tokens_per_second`` and the politeness window are the
     ceiling, fixed by the plan. ``seconds_per_call`` and ``tokens_per_call`` are
@@ -205,8 +205,9 @@ class Pacer:
     def finish(self) -> None:
         """Keep the slot until the schedule allows another call.
 
-        Without this, a chunk that ends right after a call would let the next
-        chunk on the same slot call at once: two calls inside one interval.
+        Without this, a worker that ends right after a call would let the next
+        worker on the same slot (a thread, a Burla node) call at once: two calls
+        inside one interval.
         """
         remaining = self._next_start() - self._clock()
         if remaining > 0:

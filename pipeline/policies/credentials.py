@@ -1,7 +1,7 @@
-"""The credential guard: stop a chunk whose every call was refused for its key.
+"""The credential guard: stop a worker whose every call was refused for its key.
 
 A wrong API key turns every call of a million-item backfill into a 401. The
-guard stops the chunk after ``threshold`` refusals, but only while *every*
+guard stops the worker (and gives its chunks' items ``auth_aborted`` rows) after ``threshold`` refusals, but only while *every*
 call so far was refused: one odd 403 among successes is about that item, not
 the key. Only refusals the classifier read as bad credentials count
 (``pipeline.refusals``), so GitHub's 403 for a spent quota never stops a run.
@@ -37,12 +37,12 @@ class CredentialGuard:
 
     def __init__(self, threshold: int, proven: bool = False):
         self.threshold = threshold
-        self.proven = proven  # a worker whose earlier chunk of this run got through
+        self.proven = proven  # a worker whose earlier run of this backfill run got through
         self._calls = 0
         self._refused = 0
 
     def on_outcome(self, refused: bool, ok: bool = False) -> bool:
-        """Count one recorded outcome; True when the chunk must stop: the credentials are wrong."""
+        """Count one recorded outcome; True when the worker must stop: the credentials are wrong."""
         self._calls += 1
         self._refused += refused
         self.proven = self.proven or ok

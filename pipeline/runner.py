@@ -303,6 +303,7 @@ class _WorkerLoop:
         """
         fresh, call, client, succeed = self._fresh, self._call, self._connection.client, self._succeed
         owner: _Held = self._current  # type: ignore[assignment]
+        result = owner.result
         while fresh and self.pacer.unpaced and not (self.throttle or self._reconnect or self._stopped):
             item = fresh.popleft()
             started = time.time()
@@ -313,7 +314,7 @@ class _WorkerLoop:
                 attempt.tries = 1
                 self._fail(attempt, error, started, time.time())
                 continue
-            succeed(owner, item, 1, 0.0, None, value, started, time.time())
+            succeed(result, item, 1, 0.0, None, value, started, time.time())
         self._finish_if_whole(owner)
 
     def _slots(self) -> int:
@@ -496,7 +497,7 @@ class _WorkerLoop:
             return  # the worker was already stopped (credentials, credit): its chunks' rows are written
         if error is None:
             self._succeed(
-                attempt.owner,
+                attempt.owner.result,
                 attempt.item,
                 attempt.tries,
                 attempt.charge,
@@ -512,7 +513,7 @@ class _WorkerLoop:
 
     def _succeed(
         self,
-        owner: _Held,
+        result: ChunkResult,
         item: Item,
         tries: int,
         charge: float,
@@ -533,9 +534,9 @@ class _WorkerLoop:
         try:
             payload = None if value is None else scrub(_encode_json(value), self._secrets)
         except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent
-            owner.result.add_failure(item.id, started, finished, tries, self._scrubbed(classify(error)))
+            result.add_failure(item.id, started, finished, tries, self._scrubbed(classify(error)))
             return
-        owner.result.add_ok(item.id, started, finished, tries, payload, actual if actual is not None else estimate)
+        result.add_ok(item.id, started, finished, tries, payload, actual if actual is not None else estimate)
 
     def _fail(self, attempt: _Try, error: Exception, started: float, finished: float) -> None:
         if isinstance(error, CallAgain):  # a paced request for a prerequisite: the item itself goes next

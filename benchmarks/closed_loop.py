@@ -10,6 +10,7 @@ cells                  what varies
 HTTP API matrix        latency 5 ms / 200 ms / 2 s (+-10 % jitter) x ``seconds_per_call`` given
                        (= true latency) / absent (no Estimates: 50 ms) / wrong by 5x (latency / 5,
                        the optimistic direction that used to starve)
+first run              1,500 items against a 300 ms API, no estimate: what a new user tries first
 LLM token estimate     ``tokens_per_item`` and the per-item ``cost`` at 0.5x and 2x the true tokens
 start-up burst         a tokens/min limit the server enforces per second (``--window-s 1``, budget
                        scaled to 1 s): the busiest 1 s at start-up must be no busier than later
@@ -18,8 +19,8 @@ start-up burst         a tokens/min limit the server enforces per second (``--wi
 Goal per cell: >= 0.95 of target (limit x safety) over a run of at least
 20 s, busiest server-side window <= limit, no 429 caused by the limit, one
 row per item. A cell that misses with the default plan is run again with
-``chunk_size`` pinned to one chunk per worker (no chunk boundary, so no
-drain): the steady state, reported next to the default plan's number.
+``chunk_size`` pinned to one chunk per worker (no chunk boundary): the
+steady state, reported next to the default plan's number.
 
 Plus, in the full run:
 
@@ -73,6 +74,7 @@ API_CELLS = {
     # An absent estimate on a slow service is tests/test_closed_loop.py's first test, so quick leaves it out.
     True: [(5, "given"), (200, "wrong5x")],
 }
+FIRST_RUN_ITEMS, FIRST_RUN_LATENCY_MS = 1_500, 300  # a new user's first run: a short list, a 300 ms API, no estimate
 
 LLM_TOKENS_PER_S = 3_000  # declared tokens_per_minute = 180,000
 LLM_LATENCY_MS = 300
@@ -133,18 +135,6 @@ class Cell:
     @property
     def lost(self) -> int:
         return self.items - self.distinct_rows + (self.rows - self.distinct_rows)
-
-    @property
-    def drain_share(self) -> float:
-        """Share of target the chunk-boundary drains cost, predicted from the plan and the latency.
-
-        At each boundary a worker waits for its last calls (one latency) before
-        the next chunk's first call, where its pace would have allowed another
-        call after one period: ``max(0, latency - period)`` lost per boundary.
-        """
-        boundaries = max(0, self.chunks - self.workers)
-        lost = boundaries * max(0.0, self.latency_ms / 1000 - self.period_s)
-        return lost / (self.workers * self.seconds) if self.seconds > 0 else 0.0
 
     def missed(self) -> list[str]:
         why = []
@@ -336,15 +326,17 @@ def shortfall(ledger: Ledger, backfill: str, workers: int, period_s: float) -> d
 
     Manifests do not say which worker ran a chunk, so the LocalExecutor's
     order is replayed: the first ``workers`` chunks to start open one worker
-    each, and every later chunk goes to the worker whose chunk ended first
-    before it started. Over the span from the first call to the last, each
-    worker could have called span / period times; the shortfall splits into
-    starting late, finishing early, the gap at each chunk boundary beyond one
-    period (the drain, a new client, the pickling), and gaps inside chunks
-    beyond the period (start-up ramp, 429 waits, a CPU-starved dispatcher).
+    each, and every later chunk goes to the worker whose chunk's last call
+    started first (a worker takes its next chunk once it has sent its
+    current one's last call). Over the span from the first call to the last,
+    each worker could have called span / period times; the shortfall splits
+    into starting late, finishing early, the gap at each chunk boundary
+    beyond one period (taking the next chunk, the pickling), and gaps inside
+    chunks beyond the period (start-up ramp, 429 waits, a CPU-starved
+    dispatcher).
     """
     chunks = ledger.con.execute(
-        "SELECT epoch(min(started_at)), epoch(max(started_at)), epoch(max(finished_at)), count(*) FROM results "
+        "SELECT epoch(min(started_at)), epoch(max(started_at)), count(*) FROM results "
         "WHERE backfill = ? AND attempt = 0 AND tries > 0 GROUP BY chunk_id ORDER BY 1",
         [backfill],
     ).fetchall()
@@ -353,18 +345,17 @@ def shortfall(ledger: Ledger, backfill: str, workers: int, period_s: float) -> d
     first = chunks[0][0]
     last = max(c[1] for c in chunks)
     budget = workers * (last - first) / period_s
-    ends: list[tuple[float, float]] = []  # (last finish, last start) of each worker's latest chunk
+    ends: list[float] = []  # the last call's start of each worker's latest chunk
     lost = {"late start": 0.0, "early finish": 0.0, "chunk boundaries": 0.0, "within chunks": 0.0}
-    for start, last_start, finish, calls in chunks:
+    for start, last_start, calls in chunks:
         lost["within chunks"] += (last_start - start) / period_s - (calls - 1)
         if len(ends) < workers:
             lost["late start"] += (start - first) / period_s
         else:
             ends.sort()
-            _, previous_start = ends.pop(0)
-            lost["chunk boundaries"] += (start - previous_start) / period_s - 1
-        ends.append((finish, last_start))
-    lost["early finish"] = sum(last - previous_start for _, previous_start in ends) / period_s
+            lost["chunk boundaries"] += (start - ends.pop(0)) / period_s - 1
+        ends.append(last_start)
+    lost["early finish"] = sum(last - previous_start for previous_start in ends) / period_s
     return {reason: calls / budget for reason, calls in lost.items()}
 
 
@@ -664,6 +655,9 @@ def run(quick: bool) -> Outcome:
         cells: list[Cell] = []
         for latency_ms, estimate in API_CELLS[quick]:
             cells.append(api_cell(latency_ms, estimate, duration, root))
+        if not quick:
+            first_run = [str(i) for i in range(FIRST_RUN_ITEMS)]
+            cells.append(api_cell(FIRST_RUN_LATENCY_MS, "absent", duration, root, ids=first_run))
         for factor in (0.5, 2.0) if not quick else (2.0,):
             cells.append(llm_cell(factor, duration, root))
         cells.append(llm_cell(1.0, duration, root, window_s=1.0, burst=True))
@@ -790,8 +784,7 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
         "  plan / measured",
         f"{cell.workers} workers, period {cell.period_s * 1000:.1f} ms, {cell.chunks} "
         f"chunks of {cell.chunk_size}; latency p50 {cell.latency_ms:.0f} ms, in flight "
-        f"per worker {cell.in_flight:.1f}; chunk drains predict "
-        f"{cell.drain_share:.1%} lost; load {cell.load}",
+        f"per worker {cell.in_flight:.1f}; load {cell.load}",
     )
     outcome.row(
         "  offered busiest / per-worker spacing bound",
@@ -811,7 +804,6 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
         ("limit_429s", cell.limit_429s),
         ("lost", cell.lost),
         ("not_ok", cell.items - cell.ok),
-        ("drain_share", cell.drain_share),
         ("construction_bound_over_limit", cell.construction_bound / cell.limit),
     ):
         outcome.metrics[f"{cell.key}{suffix}_{name}"] = value

@@ -1,17 +1,21 @@
 """Crash cost: kill -9 a backfill at a random moment, resume it, count what was done twice.
 
 Each trial starts a backfill in a subprocess against the local HTTP API (a
-moderate rate, several workers), waits until it has planned and started
-executing, sleeps a random time, kills it with SIGKILL and resumes it in a new
-subprocess. The server's arrival log is the judge:
+moderate rate, several workers, a 300 ms latency, so each worker keeps calls
+in flight and takes its next chunk while its last calls are out: chunks
+overlap), waits until it has planned and started executing, sleeps a random
+time, kills it with SIGKILL and resumes it in a new subprocess. The server's
+arrival log is the judge:
 
 * in flight at the kill: items the server saw before the kill whose chunk had
   no manifest yet (those chunks must be redone);
-* repeated: items the server saw more than once by the end.
+* repeated: items the server saw more than once by the end;
+* chunks in flight: chunks with items in flight; more than the workers means
+  the kill caught workers holding two chunks at once.
 
 Goal, every trial: repeated <= in flight (in fact repeated is a subset of in
-flight), nothing lost (every item has exactly one ``latest`` row, ok), and no
-unreadable manifest.
+flight: no finished chunk is called again), nothing lost (every item has
+exactly one ``latest`` row, ok), and no unreadable manifest.
 
     python -m benchmarks.crash_cost [--quick]
 """
@@ -45,6 +49,7 @@ TRIALS = {False: 12, True: 2}
 ITEMS = {False: 600, True: 300}
 CHUNK = 20
 SERVER_RPS = 200
+LATENCY_MS = 300
 LIMIT = ServiceLimit("api", requests_per_second=SERVER_RPS, safety=0.5)  # 100 req/s over 5 workers
 ESTIMATES = Estimates(seconds_per_call=0.05)
 RUNNING = "RUNNING"
@@ -155,14 +160,22 @@ def run(quick: bool) -> Outcome:
     """Random kill -9 then resume: repeated items vs items in flight at the kill."""
     trials_n, items = TRIALS[quick], ITEMS[quick]
     rng = random.Random(SEED)
-    with tempfile.TemporaryDirectory(prefix="paceline-bench-crash-") as tmp, start_http_api(rps=SERVER_RPS) as api:
+    with (
+        tempfile.TemporaryDirectory(prefix="paceline-bench-crash-") as tmp,
+        start_http_api(rps=SERVER_RPS, latency_ms=LATENCY_MS) as api,
+    ):
         trials = [trial(api, os.path.join(tmp, f"trial-{n}"), items, rng) for n in range(trials_n)]
     held = sum(t.held for t in trials)
+    workers = make_backfill("", items).execution_plan(items).max_parallelism
+    overlapping = sum(1 for t in trials if t.chunks_in_flight > workers)
     outcome = Outcome(NAME, f"{held}/{len(trials)} trials repeated no more than was in flight")
-    outcome.row("trials, items per run, chunk size", f"{len(trials)}, {items}, {CHUNK}")
+    outcome.row("trials, items per run, chunk size, workers", f"{len(trials)}, {items}, {CHUNK}, {workers}")
     outcome.row(
-        "limit", f"{SERVER_RPS} req/s x safety {LIMIT.safety:g}, latency estimate {ESTIMATES.seconds_per_call} s"
+        "limit",
+        f"{SERVER_RPS} req/s x safety {LIMIT.safety:g}, latency {LATENCY_MS} ms "
+        f"(estimate {ESTIMATES.seconds_per_call} s)",
     )
+    outcome.row("trials killed while some worker held two chunks", f"{overlapping} of {len(trials)}")
     outcome.row("trial: killed after / items hit / chunks done / chunks in flight", "items in flight / repeated / lost")
     for n, t in enumerate(trials):
         outcome.row(
@@ -182,6 +195,7 @@ def run(quick: bool) -> Outcome:
         in_flight_total=sum(t.in_flight for t in trials),
         repeated_total=sum(t.repeated for t in trials),
         mid_run_trials=sum(1 for t in trials if t.in_flight),
+        overlapping_trials=overlapping,
     )
     outcome.goal(
         "repeated <= in flight, every trial",

@@ -1,12 +1,14 @@
-"""A chunk and its result: what the planner makes, executors carry and the manifest store writes.
+"""A chunk, its result, and what runs chunks: what the planner makes, executors carry and the store writes.
 
 They live apart from the runner so that the planner, the executors and the
-store depend on these two types, not on the code a worker runs.
+store depend on these types, not on the code a worker runs.
 """
 
 from __future__ import annotations
 
+import abc
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.outcomes import Failure
@@ -108,3 +110,35 @@ def fill_failed(result: ChunkResult, chunk: Chunk, failure: Failure, done: set[s
     for item_id in chunk.item_ids:
         if item_id not in done:
             result.add_failure(item_id, now, now, 0, failure)
+
+
+class ChunkWorker(abc.ABC):
+    """One worker: runs the chunks it takes one after another, and hands over each result as it completes.
+
+    ``run`` takes chunks from ``chunks`` (an iterator other workers may share)
+    and calls ``emit`` once per chunk taken, with its result, the moment every
+    item of it has a row; results may come out of the order taken. The
+    runner's worker (``runner.PacedWorker``) takes its next chunk as soon as
+    it has sent its current one's last call, so it does not idle while those
+    calls are out. Called with one chunk, a worker runs just that chunk.
+    """
+
+    @abc.abstractmethod
+    def run(self, chunks: Iterator[Chunk], emit: Callable[[ChunkResult], None]) -> None:
+        """Run chunks from ``chunks`` until it is empty (or the worker must stop), emitting each result."""
+
+    def __call__(self, chunk: Chunk) -> ChunkResult:
+        results: list[ChunkResult] = []
+        self.run(iter((chunk,)), results.append)
+        return results[0]
+
+
+class EachChunk(ChunkWorker):
+    """A plain chunk function as a worker: one chunk at a time, each result when its function returns."""
+
+    def __init__(self, function: Callable[[Chunk], ChunkResult]):
+        self.function = function
+
+    def run(self, chunks: Iterator[Chunk], emit: Callable[[ChunkResult], None]) -> None:
+        for chunk in chunks:
+            emit(self.function(chunk))

@@ -129,7 +129,7 @@ class ConnectionLost(PacelineError):
 
 
 class ChunkClient:
-    """Opens, checks and replaces the client of one chunk.
+    """Opens, checks and replaces the client of one worker (its chunks share it).
 
     ``memory`` is the worker's (``pacing.memory``): the crowding level is kept
     there between this worker's chunks (None: nothing is remembered).
@@ -181,8 +181,10 @@ class ChunkClient:
 
         ``ConnectionLost`` (status ``capacity``) when the database had no
         room for ``CAPACITY_BUDGET_S``; any other failure is raised as it is,
-        the caller's to record (the chunk never started).
+        the caller's to record (the chunk never started). A new client
+        starts a fresh series of reconnects.
         """
+        self._streak = 0
         self.client = self._connect()
         return self.client
 

@@ -5,14 +5,16 @@ It holds the promises that matter most, so it is small and paranoid:
 * pace before every call (spacing, jitter, tokens), so N workers x one
   worker's rate never exceeds the target, whatever the other workers do;
 * keep as many calls in flight as that pace needs at the latency measured
-  (``pacing.inflight``), so a slow service still gets its target rate;
+  (``pacing.inflight``), so a slow service still gets its target rate, and
+  take the next chunk as soon as the current one's last call is sent, so a
+  worker never idles while a chunk's last calls are out;
 * charge the token budget what calls really cost (``pacing.cost``);
 * read what every refusal meant once (``refusals``, through
   ``outcomes.classify``) and hand that verdict to the policies: a throttled
   item waits its turn aside while the worker goes on, and slows the worker
   only when the throttle was about its pace (``policies.throttle``);
-* replace a client that broke mid-chunk, and wait for room when a database
-  refuses a login (``connection``), instead of failing the chunk's items;
+* replace a client that broke mid-run, and wait for room when a database
+  refuses a login (``connection``), instead of failing the chunks' items;
 * give every item exactly one row, whatever happens, including a failing
   ``connect()`` and a runner that dies half-way;
 * stop early when the first calls all fail for their credentials
@@ -25,16 +27,17 @@ Nothing here imports Dagster; everything here pickles with cloudpickle.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-from pipeline.chunks import Chunk, ChunkResult, fill_failed
+from pipeline.chunks import Chunk, ChunkResult, ChunkWorker, fill_failed
 from pipeline.connection import ChunkClient, ConnectionLost
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
 from pipeline.pacing.cost import TokenCost
@@ -47,71 +50,86 @@ from pipeline.policies.credentials import CredentialGuard
 from pipeline.policies.throttle import ThrottlePolicy
 from pipeline.work import Item, Work, WorkHooks
 
+MIN_LOOK_S = 0.005
+"""Shortest wait before a worker with every slot taken looks again whether more may open (a fast pace's spacing
+would otherwise make it spin)."""
 
-def make_chunk_function(work: Work) -> Callable[[Chunk], ChunkResult]:
-    """The function executors map over chunks; it carries the work, and its workers' memories, by value.
 
-    Each chunk it runs takes a worker memory no other running chunk holds,
-    and gives it back when it ends: the next chunk starts from what the last
-    one learned. An executor that loads the function once per worker (Burla)
-    gives each worker its own; one that calls it from several threads (the
-    local executor) gets one memory per live chunk, never shared by two.
+def make_chunk_function(work: Work) -> PacedWorker:
+    """What executors run: a worker (``chunks.ChunkWorker``) that carries the work, and its workers' memories, by value."""
+    return PacedWorker(work)
+
+
+class PacedWorker(ChunkWorker):
+    """The runner as a worker: each ``run`` is one worker taking chunks one after another (``_WorkerLoop``).
+
+    Each run takes a worker memory no other running worker holds, and gives
+    it back when it ends: the next run starts from what the last one learned.
+    An executor that loads the worker once per machine (Burla) gives each of
+    its calls the memory of the one before; one that runs it from several
+    threads (the local executor) gets one memory per live worker, never
+    shared by two.
     """
-    idle: list[WorkerMemory] = []  # list.pop and list.append are atomic: no lock on a worker's path
 
-    def run_paceline_chunk(chunk: Chunk) -> ChunkResult:
+    def __init__(self, work: Work):
+        self.work = work
+        self._idle: list[WorkerMemory] = []  # list.pop and list.append are atomic: no lock on a worker's path
+
+    def run(self, chunks: Iterator[Chunk], emit: Callable[[ChunkResult], None]) -> None:
         try:
-            memory = idle.pop()
+            memory = self._idle.pop()
         except IndexError:
             memory = WorkerMemory()
         try:
-            return run_chunk(work, chunk, memory)
+            run_worker(self.work, chunks, emit, memory)
         finally:
-            idle.append(memory)
-
-    return run_paceline_chunk
+            self._idle.append(memory)
 
 
 def run_chunk(work: Work, chunk: Chunk, memory: WorkerMemory | None = None) -> ChunkResult:
-    """Run one chunk and return exactly one row per item; ``memory`` is the worker's, kept for its next chunk."""
-    result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
-    memory = (memory or WorkerMemory()).of_run(chunk.run_id)
-    hooks = WorkHooks.of(work)
-    secrets = hooks.secrets
-    connection = ChunkClient(work, memory=memory, hooks=hooks)
-    try:
-        connection.open()
-    except ConnectionLost as lost:  # no room in the database for the whole wait budget
-        fill_failed(result, chunk, dataclasses.replace(lost.failure, error=redact(lost.failure.error, secrets)), set())
-        return result
-    except Exception as error:  # noqa: BLE001 - a connect failure fails the whole chunk
-        # Retryable (the database was down, the network blipped) unless the work said it is permanent.
-        retryable = not isinstance(error, Permanent)
-        message = redact(classify(error).error, secrets) or ""
-        fill_failed(result, chunk, Failure("connect_failed", retryable, message), set())
-        return result
-    loop = _ChunkLoop(work, hooks, chunk, connection, result, memory)
-    try:
-        loop.run()
-    except BaseException as error:  # the runner itself died: record the rest, then let it go
-        done = set(result.item_id)
-        fill_failed(result, chunk, Failure("runner_error", True, redact(repr(error), secrets) or ""), done)
-        if not isinstance(error, Exception):
-            raise
-    finally:
-        loop.close()
-        connection.close()
-    return result
+    """A worker given one chunk: exactly one row per item; ``memory`` is the worker's, kept for its next chunk."""
+    results: list[ChunkResult] = []
+    run_worker(work, iter((chunk,)), results.append, memory or WorkerMemory())
+    return results[0]
+
+
+def run_worker(
+    work: Work,
+    chunks: Iterator[Chunk],
+    emit: Callable[[ChunkResult], None],
+    memory: WorkerMemory,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """One worker over ``chunks`` (one run and pacing: one executor map); each result goes to ``emit`` when whole."""
+    first = next(chunks, None)
+    if first is None:
+        return
+    loop = _WorkerLoop(work, WorkHooks.of(work), first.pacing, memory.of_run(first.run_id), emit, clock, sleep)
+    loop.run(itertools.chain((first,), chunks))
+
+
+class _Held:
+    """A chunk the worker has taken and not yet handed over: its result so far, and how many rows make it whole."""
+
+    __slots__ = ("chunk", "result", "size", "emitted")
+
+    def __init__(self, chunk: Chunk):
+        self.chunk = chunk
+        self.result = ChunkResult(chunk.backfill, chunk.attempt, chunk.run_id, chunk.chunk_id)
+        self.size = len(chunk.item_ids)
+        self.emitted = False
 
 
 class _Try:
-    """One item on its way through the chunk: its estimate, its tries so far, its last throttle."""
+    """One item on its way through the worker: its chunk, its estimate, its tries so far, its last throttle."""
 
-    __slots__ = ("item", "estimate", "charge", "tries", "retry_after", "failure")
+    __slots__ = ("item", "estimate", "owner", "charge", "tries", "retry_after", "failure")
 
-    def __init__(self, item: Item, estimate: float | None):
+    def __init__(self, item: Item, estimate: float | None, owner: _Held):
         self.item = item
         self.estimate = estimate
+        self.owner = owner
         self.charge = 0.0
         self.tries = 0
         self.retry_after: float | None = None
@@ -133,7 +151,7 @@ _encode_json = json.JSONEncoder(default=str).encode
 
 
 def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try, listener: Listener | None) -> _Outcome:
-    """Run one call and time it: the same function inline and on the chunk's call threads.
+    """Run one call and time it: the same function inline and on the worker's call threads.
 
     ``listener``: the one hooked on this client, whose headers the outcome carries (None: not httpx).
     """
@@ -145,8 +163,17 @@ def _timed_call(call: Callable[[Any, Item], Any], client: Any, attempt: _Try, li
     return _Outcome(attempt, value, None, started, time.time(), listener and listener.take())
 
 
-class _ChunkLoop:
-    """One chunk's dispatcher: picks the next item, paces it, calls it, hands what came back to its policies.
+class _WorkerLoop:
+    """One worker's dispatcher: picks the next item, paces it, calls it, hands what came back to its policies.
+
+    The pace, the in-flight budget, the policies, what the service said and
+    the client belong to the worker, not to a chunk: when the worker has sent
+    its chunk's last call it takes the next chunk at once, while the last
+    calls are still out, so a slow service does not leave it idle at every
+    chunk boundary. The ceiling is unchanged (one pacer per worker), and so
+    is the connection count (one client per worker). Each chunk is handed to
+    ``emit`` the moment its last item has a row, so each is still its own
+    manifest and checkpoint.
 
     All bookkeeping (rows, the pacer, the policies) happens on this one
     thread; call threads only run ``work.call`` and hand back an outcome. With
@@ -161,16 +188,14 @@ class _ChunkLoop:
         self,
         work: Work,
         hooks: WorkHooks,
-        chunk: Chunk,
-        connection: ChunkClient,
-        result: ChunkResult,
+        pacing: Pacing,
         memory: WorkerMemory,
+        emit: Callable[[ChunkResult], None],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        pacing = chunk.pacing
-        self._chunk, self._pacing, self._memory = chunk, pacing, memory
-        self._connection, self._result, self._secrets = connection, result, hooks.secrets
+        self._pacing, self._memory, self._emit = pacing, memory, emit
+        self._secrets = hooks.secrets
         self._clock, self._sleep = clock, sleep
         self._call = work.call
         self._cost_fn = hooks.cost
@@ -188,9 +213,16 @@ class _ChunkLoop:
         self.throttle = ThrottlePolicy(pacing, learned.pace_factor if learned else 1.0)
         self.credentials = CredentialGuard(pacing.auth_fail_fast, proven=learned is not None)
         self.pacer.slow_to(self.throttle.factor)
+        self._connection = ChunkClient(work, sleep, memory=memory, hooks=hooks, clock=clock)
+        self._connected = False
         self._listener = Listener()
-        self._heard_by = self._listener if self._listener.listen(connection.client) else None
-        self._fresh = deque(chunk.items())
+        self._heard_by: Listener | None = None
+        self._chunks: Iterator[Chunk] = iter(())
+        self._taken = 0
+        self._held: list[_Held] = []  # taken, not yet emitted: one while the worker is busy, two or more at a boundary
+        self._current: _Held | None = None  # the chunk whose items are being handed out
+        self._fresh: deque[Item] = deque()  # the current chunk's items not yet tried
+        self._again: deque[_Try] = deque()  # items of earlier chunks whose call asked to go again (``CallAgain``)
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._sent: dict[int, float] = {}  # calls on the call threads: id(try) -> when they were handed over
@@ -199,9 +231,24 @@ class _ChunkLoop:
         self._reconnect = False
         self._stopped = False
 
-    def run(self) -> None:
-        self.pacer.start_after(self._chunk.start_delay_s)
+    def run(self, chunks: Iterator[Chunk]) -> None:
+        """Run every chunk of ``chunks``; whatever happens, each chunk taken is emitted with one row per item."""
+        self._chunks = chunks
+        try:
+            self._loop()
+            if self._held:  # a bug, if ever: the rows still say so, and every item has one
+                self._give_up(Failure("runner_error", True, "the worker ended without a row for this item"))
+        except BaseException as error:  # the runner itself died: record the rest, then let it go
+            self._give_up(Failure("runner_error", True, redact(repr(error), self._secrets) or ""))
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            self.close()
+
+    def _loop(self) -> None:
         while not self._stopped:
+            if not self._fresh and self._take_next():
+                continue
             if self._unpaced_and_plain():
                 self._run_unpaced()
                 continue
@@ -212,10 +259,12 @@ class _ChunkLoop:
                 continue
             slots = self._slots()
             if self._in_flight >= slots:
-                self._settle(self._done.get())
+                self._settle_or_look_again(slots)
                 continue
-            if self._fresh and not self.throttle and self._cost_fn is None:  # the common case, kept cheap
-                attempt = _Try(self._fresh.popleft(), None)
+            if self._in_flight and self._settle_while_waiting():
+                continue
+            if self._fresh and not (self.throttle or self._again) and self._cost_fn is None:  # the common case
+                attempt = _Try(self._fresh.popleft(), None, self._current)  # type: ignore[arg-type]
             else:
                 attempt = self._next_ready()
                 if attempt is None:
@@ -233,16 +282,13 @@ class _ChunkLoop:
                 self._submit(attempt)
         if not self._stopped:
             self.pacer.finish()
-        self._memory.learned = self._result.learned = Learned(
-            self.slots.latency_s, self.cost.per_call, self.throttle.factor
-        )
 
     def _unpaced_and_plain(self) -> bool:
         """Nothing to pace, count or hear, and nothing set aside: the hot loop can take the next items."""
         return (
             bool(self._fresh)
             and self.pacer.unpaced
-            and not (self.throttle or self._in_flight or self._reconnect or self._charges_tokens)
+            and not (self.throttle or self._again or self._in_flight or self._reconnect or self._charges_tokens)
             and not self._counts_returns
             and self._heard_by is None
         )
@@ -256,50 +302,142 @@ class _ChunkLoop:
         hands the rest back to the general loop.
         """
         fresh, call, client, succeed = self._fresh, self._call, self._connection.client, self._succeed
+        owner: _Held = self._current  # type: ignore[assignment]
+        result = owner.result
         while fresh and self.pacer.unpaced and not (self.throttle or self._reconnect or self._stopped):
             item = fresh.popleft()
             started = time.time()
             try:
                 value = call(client, item)
             except Exception as error:  # noqa: BLE001 - every failure becomes a row
-                attempt = _Try(item, None)
+                attempt = _Try(item, None, owner)
                 attempt.tries = 1
                 self._fail(attempt, error, started, time.time())
                 continue
-            succeed(item, 1, 0.0, None, value, started, time.time())
+            succeed(result, item, 1, 0.0, None, value, started, time.time())
+        self._finish_if_whole(owner)
 
     def _slots(self) -> int:
         """Calls that may be in flight now, by Little's law on the latency measured so far.
 
-        Until the service has accepted a call of this worker, the credential
-        guard caps them (see ``policies.credentials``).
+        Once the service has answered and until it has accepted a call of
+        this worker, the credential guard caps them (see ``policies.credentials``).
         """
         if self.slots.cap == 1 or self.pacer.unpaced:
             return 1
         waiting = self._clock() - min(self._sent.values()) if self._sent else 0.0
         return self.credentials.slots(self.slots.limit(self.pacer.calls_per_second(self.cost.per_call), waiting))
 
+    def _settle_or_look_again(self, slots: int) -> None:
+        """Every slot is taken: settle the next call back, or look again when a slot may have opened.
+
+        While the oldest call is still out, the latency is at least that long
+        (``InFlightLimit.limit``), so a worker whose first answers from a slow
+        service are still on their way opens slots as they wait, once a pace
+        interval, instead of only when an answer comes back.
+        """
+        if slots >= self.slots.cap or self.pacer.unpaced:
+            self._settle(self._done.get())
+            return
+        try:
+            self._settle(self._done.get(timeout=max(self.pacer.spacing(), MIN_LOOK_S)))
+        except queue.Empty:
+            return
+
+    def _settle_while_waiting(self) -> bool:
+        """The next call must wait: settle what comes back meanwhile. True: the schedule may have moved.
+
+        A call that returns during the wait can move the schedule either way
+        (a refund for tokens over-charged, a throttle, a quota header), so
+        the worker hears it before its next call rather than after.
+        """
+        wait = self.pacer.wait_s()
+        if wait <= 0:
+            return False
+        try:
+            outcome = self._done.get(timeout=wait)
+        except queue.Empty:
+            return False  # the wait is over (on an injected clock: the pacer sleeps it)
+        self._settle(outcome)
+        return True
+
     def close(self) -> None:
-        """Let go of the call threads (a dead chunk does not wait for calls nobody will read)."""
+        """Let go of the call threads (a stopped worker does not wait for calls nobody will read), then the client."""
         if self._pool is not None:
             self._pool.shutdown(wait=not self._stopped and not self._in_flight, cancel_futures=True)
+        self._connection.close()
+
+    # -- taking chunks ---------------------------------------------------------------------------
+
+    def _take_next(self) -> bool:
+        """Take the worker's next chunk, if there is one. True: the loop has something new to look at."""
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            self._chunks = iter(())  # an exhausted source is not asked again
+            return False
+        if chunk.pacing != self._pacing or chunk.run_id != self._memory.run_id:
+            raise ValueError(f"chunk {chunk.chunk_id} is of another run or pacing than the worker's first chunk")
+        held = _Held(chunk)
+        self._held.append(held)
+        if not self._taken:
+            self.pacer.start_after(chunk.start_delay_s)  # the staggered start: only a worker's first chunk
+        self._taken += 1
+        if held.size and (self._connected or self._connect(held)):
+            self._current = held
+            self._fresh = deque(chunk.items())
+        self._finish_if_whole(held)  # empty, or failed to connect
+        return True
+
+    def _connect(self, held: _Held) -> bool:
+        """Open the worker's client; when it cannot be opened, every item of ``held`` gets the reason as its row."""
+        try:
+            client = self._connection.open()
+        except ConnectionLost as lost:  # no room in the database for the whole wait budget
+            self._fill(held, self._scrubbed(lost.failure))
+            return False
+        except Exception as error:  # noqa: BLE001 - a connect failure fails the chunk that needed it
+            # Retryable (the database was down, the network blipped) unless the work said it is permanent.
+            retryable = not isinstance(error, Permanent)
+            self._fill(held, Failure("connect_failed", retryable, redact(classify(error).error, self._secrets) or ""))
+            return False
+        self._connected = True
+        self._heard_by = self._listener if self._listener.listen(client) else None
+        return True
+
+    def _finish_if_whole(self, held: _Held) -> None:
+        """Hand a chunk over the moment its last item has a row (once)."""
+        if held.emitted or len(held.result.rows) != held.size:
+            return
+        held.emitted = True
+        self._held.remove(held)
+        learned = Learned(self.slots.latency_s, self.cost.per_call, self.throttle.factor)
+        self._memory.learned = held.result.learned = learned
+        self._emit(held.result)
+
+    def _fill(self, held: _Held, failure: Failure) -> None:
+        """Every item of ``held`` without a row gets ``failure`` (none of them was tried)."""
+        fill_failed(held.result, held.chunk, failure, set(held.result.item_id))
 
     # -- choosing the next call --------------------------------------------------------------
 
     def _next_ready(self) -> _Try | None:
-        """A throttled item whose wait is over comes first; else the next fresh item."""
+        """An item asked to go again comes first, then a throttled one whose wait is over, else the next fresh one."""
+        if self._again:
+            return self._again.popleft()
         due = self.throttle.due(self._clock())
         if due is not None:
             return due
+        owner: _Held = self._current  # type: ignore[assignment]
         while self._fresh:
             item = self._fresh.popleft()
             try:
                 estimate = self._cost_fn(item) if self._cost_fn else None
             except Exception as error:  # noqa: BLE001 - an item the estimate cannot read is this item's failure
                 now = time.time()
-                self._result.add_failure(item.id, now, now, 0, self._scrubbed(classify(error)))
+                owner.result.add_failure(item.id, now, now, 0, self._scrubbed(classify(error)))
+                self._finish_if_whole(owner)
                 continue
-            return _Try(item, estimate)
+            return _Try(item, estimate, owner)
         return None
 
     def _wait_for_work(self) -> bool:
@@ -319,11 +457,12 @@ class _ChunkLoop:
         """The row of an item still throttled: failed-retryable, with its tries and the longest Retry-After."""
         now = time.time()
         failure = self._scrubbed(attempt.failure or Failure("http_429", True, "throttled", 429))
-        self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
+        attempt.owner.result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
+        self._finish_if_whole(attempt.owner)
 
     def _submit(self, attempt: _Try) -> None:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix=f"paceline-chunk-{self._chunk.chunk_id}")
+            self._pool = ThreadPoolExecutor(self.slots.cap, thread_name_prefix="paceline-calls")
         self._sent[id(attempt)] = self._clock()
         client, done, gate, spacing = self._connection.client, self._done, self._gate, self.pacer.spacing()
         call, listener = self._call, self._heard_by
@@ -355,16 +494,26 @@ class _ChunkLoop:
         if heard is not None:
             self.pacer.heed(heard, self.cost.per_call)
         if self._stopped:
-            return  # the chunk was already given up (credentials, credit): its rows are written
+            return  # the worker was already stopped (credentials, credit): its chunks' rows are written
         if error is None:
             self._succeed(
-                attempt.item, attempt.tries, attempt.charge, attempt.estimate, value, started, finished, attempt
+                attempt.owner.result,
+                attempt.item,
+                attempt.tries,
+                attempt.charge,
+                attempt.estimate,
+                value,
+                started,
+                finished,
+                attempt,
             )
         else:
             self._fail(attempt, error, started, finished)
+        self._finish_if_whole(attempt.owner)
 
     def _succeed(
         self,
+        result: ChunkResult,
         item: Item,
         tries: int,
         charge: float,
@@ -381,18 +530,21 @@ class _ChunkLoop:
         actual = None if self._usage_fn is None else _reported_usage(self._usage_fn, value)
         if actual is not None:
             self.pacer.reconcile(charge, actual)
-            self.cost.on_usage(actual)
+            self.cost.on_usage(actual, estimate)
         try:
             payload = None if value is None else scrub(_encode_json(value), self._secrets)
         except (TypeError, ValueError) as error:  # a payload JSON cannot hold is a bug in call: permanent
-            self._result.add_failure(item.id, started, finished, tries, self._scrubbed(classify(error)))
+            result.add_failure(item.id, started, finished, tries, self._scrubbed(classify(error)))
             return
-        self._result.add_ok(item.id, started, finished, tries, payload, actual if actual is not None else estimate)
+        result.add_ok(item.id, started, finished, tries, payload, actual if actual is not None else estimate)
 
     def _fail(self, attempt: _Try, error: Exception, started: float, finished: float) -> None:
         if isinstance(error, CallAgain):  # a paced request for a prerequisite: the item itself goes next
             attempt.tries -= 1
-            self._fresh.appendleft(attempt.item)
+            if attempt.owner is self._current:
+                self._fresh.appendleft(attempt.item)
+            else:
+                self._again.append(attempt)
             if error.after_s > 0:
                 self.pacer.hold(error.after_s)
             return
@@ -400,7 +552,7 @@ class _ChunkLoop:
         if failure.retry_after is not None:
             attempt.retry_after = max(attempt.retry_after or 0.0, failure.retry_after)
         if failure.out_of_credit:
-            self._stop_out_of_credit(attempt, failure)
+            self._stop_out_of_credit(failure)
             return
         if failure.throttled:
             if self._throttled(attempt, failure):
@@ -412,8 +564,10 @@ class _ChunkLoop:
             self._reconnect = True
             failure = dataclasses.replace(failure, retryable=True)
         failure = self._scrubbed(failure)
-        self._result.add_failure(attempt.item.id, started, finished, attempt.tries, failure, attempt.retry_after)
-        self._result.credential_refusals += failure.auth
+        attempt.owner.result.add_failure(
+            attempt.item.id, started, finished, attempt.tries, failure, attempt.retry_after
+        )
+        attempt.owner.result.credential_refusals += failure.auth
         if self.credentials.on_outcome(refused=failure.auth):
             self._abort_for_credentials(failure)
 
@@ -439,35 +593,47 @@ class _ChunkLoop:
             client = self._connection.replace()
             self._heard_by = self._listener if self._listener.listen(client) else None
         except ConnectionLost as lost:
-            self._fill_rest(self._scrubbed(lost.failure))
+            self._fail_the_rest(self._scrubbed(lost.failure))
+
+    def _fail_the_rest(self, failure: Failure) -> None:
+        """The client is gone for good: every item held without a row gets ``failure`` (throttled ones keep their tries).
+
+        The worker goes on: its next chunk opens a new client, as a new worker would.
+        """
+        now = time.time()
+        for attempt in [*self.throttle.take_all(), *self._again]:
+            attempt.owner.result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
+        self._again.clear()
+        self._fresh.clear()
+        self._connected = False
+        for held in list(self._held):
+            self._fill(held, failure)
+            self._finish_if_whole(held)
+
+    def _give_up(self, failure: Failure) -> None:
+        """Every chunk still held gets ``failure`` for each item without a row, and is emitted; the worker stops."""
+        self._stopped = True
+        for held in list(self._held):
+            self._fill(held, failure)
+            self._finish_if_whole(held)
 
     def _abort_for_credentials(self, failure: Failure) -> None:
-        self._result.auth_aborted = True
-        aborted = Failure("auth_aborted", True, failure.error, failure.http_status)
-        fill_failed(self._result, self._chunk, aborted, set(self._result.item_id))
-        self._stopped = True
+        for held in self._held:
+            held.result.auth_aborted = True
+        self._give_up(Failure("auth_aborted", True, failure.error, failure.http_status))
 
-    def _stop_out_of_credit(self, attempt: _Try, failure: Failure) -> None:
+    def _stop_out_of_credit(self, failure: Failure) -> None:
         """The account cannot pay: no more calls, and the run stops (``backfill.run_attempt``).
 
-        Every item without a row gets an ``out_of_credit`` row, retryable and
-        never counted as an attempt spent: a rerun of this attempt after a
-        top-up calls exactly those, and keeps the rows this chunk finished.
+        Every item held without a row gets an ``out_of_credit`` row,
+        retryable and never counted as an attempt spent: a rerun of this
+        attempt after a top-up calls exactly those, and keeps the rows these
+        chunks finished.
         """
         failure = self._scrubbed(failure)
-        self._result.out_of_credit = failure.error
-        fill_failed(self._result, self._chunk, failure, set(self._result.item_id))
-        self._stopped = True
-
-    def _fill_rest(self, failure: Failure) -> None:
-        """Every item not yet done gets ``failure`` (throttled ones keep their tries)."""
-        now = time.time()
-        for attempt in self.throttle.take_all():
-            self._result.add_failure(attempt.item.id, now, now, attempt.tries, failure, attempt.retry_after)
-        for item in self._fresh:
-            self._result.add_failure(item.id, now, now, 0, failure)
-        self._fresh.clear()
-        self._stopped = True
+        for held in self._held:
+            held.result.out_of_credit = failure.error
+        self._give_up(failure)
 
     def _scrubbed(self, failure: Failure) -> Failure:
         return dataclasses.replace(failure, error=redact(failure.error, self._secrets) or "")

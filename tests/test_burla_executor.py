@@ -28,8 +28,9 @@ import assets  # noqa: F401 - load every project module, so Burla's scan covers 
 import paceline.definitions  # noqa: F401
 import pipeline.cli  # noqa: F401
 import resources  # noqa: F401
+from pipeline import executors
 from pipeline.chunks import Chunk
-from pipeline.executors import BurlaExecutor, ExecutorError
+from pipeline.executors import BurlaExecutor, ChunkSequence, ExecutorError
 from pipeline.limits import Pacing
 from pipeline.localservices import start_http_api
 from pipeline.runner import make_chunk_function
@@ -64,7 +65,7 @@ def api():
 
 
 def test_burla_preflight_accepts_the_chunk_function_and_it_runs_without_dagster(api, tmp_path):
-    function = make_chunk_function(FunctionWork(_connect_to(api.url), _get_item))
+    function = executors._sequence_function(make_chunk_function(FunctionWork(_connect_to(api.url), _get_item)))
     scan = env_scan.scan_environment()
     names = env_scan.modules_to_pickle_by_value(scan)
     assert any(n.startswith("pipeline") for n in names), "the project travels by value, as on a real cluster"
@@ -73,12 +74,12 @@ def test_burla_preflight_accepts_the_chunk_function_and_it_runs_without_dagster(
     payload = rpm._pickle_function(function, names)
     out = subprocess.run(
         [sys.executable, "-c", WORKER, str(PROJECT_ROOT)],
-        input=payload + cloudpickle.dumps(_chunks(1)[0]),
+        input=payload + cloudpickle.dumps(ChunkSequence(_chunks(2))),
         capture_output=True,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr.decode()
-    assert out.stdout.split() == [b"0", b"3", b"3", b"shipped"]
+    assert out.stdout.split() == [b"0", b"3", b"3", b"1", b"3", b"3", b"shipped"], "one call, two chunks, two results"
 
 
 # A stand-in for a Burla worker: no Dagster, and the project only from the sources
@@ -96,9 +97,11 @@ shipped = tempfile.mkdtemp()
 zipfile.ZipFile(io.BytesIO(sources)).extractall(shipped)
 sys.path.insert(0, shipped)
 fn = cloudpickle.loads(function_bytes)
-result = fn(cloudpickle.loads(chunk_bytes))
+results = fn(cloudpickle.loads(chunk_bytes))
 import pipeline
-print(result.chunk_id, sum(result.ok), len(result.item_id), "shipped" if pipeline.__file__.startswith(shipped) else "installed")
+for result in sorted(results, key=lambda r: r.chunk_id):
+    print(result.chunk_id, sum(result.ok), len(result.item_id))
+print("shipped" if pipeline.__file__.startswith(shipped) else "installed")
 """ % (rpm._FUNCTION_PAYLOAD_MAGIC,)
 
 
@@ -174,7 +177,7 @@ def test_unordered_results_and_worker_exceptions_map_back_to_their_chunks(api, f
     nodes = fake_cluster(FakeNodes())
     chunks = _chunks(5)
     results = list(BurlaExecutor().map(_work_with_a_bad_chunk(api), chunks, max_parallelism=3))
-    assert nodes.calls == [{"max_parallelism": 3, "raise_errors": False, "n_inputs": 5}]
+    assert nodes.calls == [{"max_parallelism": 3, "raise_errors": False, "n_inputs": 3}], "5 chunks dealt to 3 calls"
     by_chunk = {r.chunk_id: r for r in results}
     assert sorted(by_chunk) == [0, 1, 2, 3, 4]
     assert by_chunk[2].status == ["worker_error"] * 3 and all(by_chunk[2].retryable)
@@ -186,7 +189,7 @@ def test_lost_node_keeps_returned_chunks_and_records_the_rest(api, fake_cluster)
     fake_cluster(FakeNodes(disconnect_after=2))
     chunks = _chunks(6)
     results = list(
-        BurlaExecutor().map(
+        BurlaExecutor(chunks_per_call=1).map(
             make_chunk_function(FunctionWork(_connect_to(api.url), _get_item)), chunks, max_parallelism=2
         )
     )
@@ -196,6 +199,31 @@ def test_lost_node_keeps_returned_chunks_and_records_the_rest(api, fake_cluster)
     assert all(s == "executor_error" for r in lost for s in r.status)
     assert all("NodeDisconnected" in e for r in lost for e in r.error)
     assert sorted(r.chunk_id for r in results) == list(range(6))
+
+
+def test_a_lost_node_loses_only_the_chunks_of_the_calls_it_had_not_returned(api, fake_cluster):
+    nodes = fake_cluster(FakeNodes(disconnect_after=2))
+    chunks = _chunks(12)
+    results = list(
+        BurlaExecutor(chunks_per_call=2).map(
+            make_chunk_function(FunctionWork(_connect_to(api.url), _get_item)), chunks, max_parallelism=2
+        )
+    )
+    assert nodes.calls[0]["n_inputs"] == 6, "12 chunks in calls of 2"
+    by_chunk = {r.chunk_id: r for r in results}
+    assert sorted(by_chunk) == list(range(12)), "every chunk has a result"
+    kept = {c for c, r in by_chunk.items() if all(r.ok)}
+    lost = {c for c, r in by_chunk.items() if all(s == "executor_error" for s in r.status)}
+    assert len(kept) == 4 and len(lost) == 8 and kept | lost == set(range(12))
+    calls = [{s.chunks[0].chunk_id, s.chunks[1].chunk_id} for s in executors.deal(chunks, 2, 2)]
+    assert all(call <= kept or call <= lost for call in calls), "a call's chunks come back together or not at all"
+
+
+def test_chunks_are_dealt_so_each_worker_starts_with_a_chunk_of_the_first_wave():
+    chunks = _chunks(10)
+    sequences = executors.deal(chunks, workers=3, per_call=2)
+    assert [[c.chunk_id for c in s.chunks] for s in sequences] == [[0, 3], [1, 4], [2, 5], [6, 9], [7], [8]]
+    assert sorted(c.chunk_id for s in sequences for c in s.chunks) == list(range(10)), "each chunk exactly once"
 
 
 def test_a_job_that_never_starts_is_an_error_and_records_nothing(fake_cluster):

@@ -8,7 +8,6 @@ import pytest
 
 from pipeline import runner
 from pipeline.chunks import Chunk, ChunkResult
-from pipeline.connection import ChunkClient
 from pipeline.outcomes import CallAgain, Throttled
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.inflight import HEADROOM, InFlightLimit
@@ -16,7 +15,7 @@ from pipeline.pacing.memory import Learned, WorkerMemory
 from pipeline.pacing.schedule import Pacer, Pacing
 from pipeline.plan import iter_chunks
 from pipeline.policies.throttle import ISOLATED_AFTER
-from pipeline.runner import _ChunkLoop, make_chunk_function
+from pipeline.runner import _WorkerLoop, make_chunk_function
 from pipeline.work import FunctionWork, WorkHooks
 from tests.simclock import FakeClock
 
@@ -58,6 +57,16 @@ def test_token_charge_moves_from_the_declaration_to_what_calls_cost():
         cost.on_usage(used)
     assert cost.charge(None) == pytest.approx(300)
     assert cost.charge(900) == 900, "a work's own per-item estimate wins over the running mean"
+
+
+def test_a_works_own_estimates_are_scaled_by_what_they_turned_out_to_cost():
+    cost = TokenCost(declared=140)
+    assert cost.charge(140) == 140, "nothing measured yet: the estimate as it is"
+    for estimate, used in ((140, 70), (200, 100), (100, 50)):
+        cost.on_usage(used, estimate)
+    assert cost.charge(140) == pytest.approx(70), "estimates came out 2x high: charged half"
+    assert cost.charge(300) == pytest.approx(150), "the estimate still says which items are bigger"
+    assert cost.per_call == pytest.approx(220 / 3)
 
 
 def test_token_pace_follows_the_charge_not_the_declaration():
@@ -114,19 +123,20 @@ def test_a_worker_remembers_for_its_next_chunk_only():
     assert memory.of_run("run-b").learned is None and memory.crowding == 0, "a worker keeps the latest run only"
 
 
-def test_chunks_running_at_once_never_share_a_memory_and_the_next_resumes_from_one(monkeypatch):
-    """The chunk function hands each live chunk its own worker memory, and a later chunk what one left."""
+def test_workers_running_at_once_never_share_a_memory_and_the_next_resumes_from_one(monkeypatch):
+    """The worker hands each live run its own worker memory, and a later run what one left."""
     both_running = threading.Barrier(2)
     memories: dict[int, WorkerMemory] = {}
-    real_run_chunk = runner.run_chunk
+    real_run_worker = runner.run_worker
 
-    def spy(work, chunk, memory):
+    def spy(work, chunks, emit, memory):
+        chunk = next(chunks)
         memories[chunk.chunk_id] = memory
         if chunk.chunk_id < 2:
-            both_running.wait(timeout=10)  # two chunks in flight at once, on two threads
-        return real_run_chunk(work, chunk, memory)
+            both_running.wait(timeout=10)  # two workers running at once, on two threads
+        return real_run_worker(work, itertools.chain([chunk], chunks), emit, memory)
 
-    monkeypatch.setattr(runner, "run_chunk", spy)
+    monkeypatch.setattr(runner, "run_worker", spy)
     function = make_chunk_function(FunctionWork(lambda: None, lambda client, item: None))
     pacing = Pacing(seconds_per_call=0.25)
     threads = [
@@ -138,7 +148,7 @@ def test_chunks_running_at_once_never_share_a_memory_and_the_next_resumes_from_o
         thread.join()
     assert memories[0] is not memories[1], "no worker reads what another measured"
     later = function(Chunk("b", 0, "run", 2, ["later"], [None], Pacing(seconds_per_call=9.0)))
-    assert memories[2] in (memories[0], memories[1]), "the next chunk takes the memory a finished one left"
+    assert memories[2] in (memories[0], memories[1]), "the next run takes the memory a finished one left"
     assert later.learned.latency_s == 0.25, "so it starts from what that worker learned, not from the estimate"
 
 
@@ -148,17 +158,29 @@ def test_chunks_running_at_once_never_share_a_memory_and_the_next_resumes_from_o
 _RUNS = itertools.count()
 
 
-def _loop_on_fake_clock(items: list[str], call, pacing: Pacing) -> tuple[_ChunkLoop, ChunkResult, FakeClock]:
-    clock = FakeClock()
-    work = FunctionWork(lambda: object(), call)
-    run_id = f"sim-{next(_RUNS)}"  # a fresh run: nothing remembered from another test's chunks
-    chunk = Chunk("b", 0, run_id, 0, items, [None] * len(items), pacing)
-    connection = ChunkClient(work, clock.sleep)
-    connection.open()
-    result = ChunkResult("b", 0, run_id, 0)
-    memory = WorkerMemory().of_run(run_id)
-    loop = _ChunkLoop(work, WorkHooks.of(work), chunk, connection, result, memory, clock, clock.sleep)
-    return loop, result, clock
+class _Sim:
+    """One worker loop on simulated time, and the results it emitted, in order."""
+
+    def __init__(self, call, pacing: Pacing):
+        self.clock = FakeClock()
+        self.pacing = pacing
+        self.run_id = f"sim-{next(_RUNS)}"  # a fresh run: nothing remembered from another test's chunks
+        self.emitted: list[tuple[float, ChunkResult]] = []
+        work = FunctionWork(lambda: object(), call)
+        memory = WorkerMemory().of_run(self.run_id)
+        self.loop = _WorkerLoop(work, WorkHooks.of(work), pacing, memory, self._emit, self.clock, self.clock.sleep)
+
+    def _emit(self, result: ChunkResult) -> None:
+        self.emitted.append((self.clock.now, result))
+
+    def run(self, *chunk_items: list[str]) -> list[ChunkResult]:
+        """Run one chunk per list of item ids; the results in the order they were emitted."""
+        chunks = [
+            Chunk("b", 0, self.run_id, n, items, [None] * len(items), self.pacing)
+            for n, items in enumerate(chunk_items)
+        ]
+        self.loop.run(iter(chunks))
+        return [result for _, result in self.emitted]
 
 
 def test_an_always_throttled_item_does_not_hold_its_worker():
@@ -173,9 +195,10 @@ def test_an_always_throttled_item_does_not_hold_its_worker():
         return {"id": item.id}
 
     items = [*[f"a{i}" for i in range(ISOLATED_AFTER)], "hot", *[f"x{i}" for i in range(60)]]
-    loop, result, clock = _loop_on_fake_clock(items, call, pacing)
-    clock_ref.append(clock)
-    loop.run()
+    sim = _Sim(call, pacing)
+    clock_ref.append(sim.clock)
+    (result,) = sim.run(items)
+    loop, clock = sim.loop, sim.clock
     rows = {row[0]: row for row in result.rows}
     assert sorted(rows) == sorted(items), "exactly one row per item"
     assert rows["hot"][1:4] == (False, True, "http_429") and rows["hot"][6] == 4, "4 tries, then failed-retryable"
@@ -198,9 +221,9 @@ def test_two_throttles_in_a_row_make_the_worker_wait_the_retry_after():
             raise Throttled(retry_after=2.0)
         return {}
 
-    loop, result, clock = _loop_on_fake_clock(["a", "b", "c"], call, pacing)
-    clock_ref.append(clock)
-    loop.run()
+    sim = _Sim(call, pacing)
+    clock_ref.append(sim.clock)
+    (result,) = sim.run(["a", "b", "c"])
     assert calls[2] >= calls[1] + 2.0, "two 429s in a row are about the pace: the worker waited as asked"
     assert all(row[1] for row in result.rows), "and every item went through afterwards"
 
@@ -218,9 +241,9 @@ def test_a_prerequisite_call_takes_a_paced_slot_and_the_item_goes_next():
             raise CallAgain()
         return {}
 
-    loop, result, clock = _loop_on_fake_clock(["a", "b"], call, pacing)
-    clock_ref.append(clock)
-    loop.run()
+    sim = _Sim(call, pacing)
+    clock_ref.append(sim.clock)
+    (result,) = sim.run(["a", "b"])
     assert [item for _, item in calls] == ["a", "a", "b", "b"]
     assert [t for t, _ in calls] == pytest.approx([0.0, 0.5, 1.0, 1.5]), "every request went through the pacer"
     assert [(row[0], row[1], row[6]) for row in result.rows] == [("a", True, 1), ("b", True, 1)]
@@ -237,9 +260,9 @@ def test_call_again_after_a_delay_holds_the_pacer_that_long():
             raise CallAgain(after_s=3.0)
         return {}
 
-    loop, result, clock = _loop_on_fake_clock(["a", "b"], call, pacing)
-    clock_ref.append(clock)
-    loop.run()
+    sim = _Sim(call, pacing)
+    clock_ref.append(sim.clock)
+    (result,) = sim.run(["a", "b"])
     assert calls == pytest.approx([0.0, 3.0, 3.5]), "held 3 s, not just the 0.5 s pace; then the usual pace"
     assert [(row[0], row[1], row[6]) for row in result.rows] == [("a", True, 1), ("b", True, 1)]
 
@@ -255,9 +278,10 @@ def test_at_the_end_of_a_chunk_a_throttled_item_is_left_to_the_retry_round():
 
     # the hot item comes one Retry-After before the end of the chunk: its retry is the chunk's last call
     items = [f"x{i}" for i in range(20)] + ["hot"] + [f"y{i}" for i in range(10)]
-    loop, result, clock = _loop_on_fake_clock(items, call, pacing)
-    clock_ref.append(clock)
-    loop.run()
+    sim = _Sim(call, pacing)
+    clock_ref.append(sim.clock)
+    (result,) = sim.run(items)
+    clock = sim.clock
     rows = {row[0]: row for row in result.rows}
     assert sorted(rows) == sorted(items)
     assert rows["hot"][1:4] == (False, True, "http_429") and rows["hot"][6] == 2, "its retry was the last call"

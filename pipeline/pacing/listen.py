@@ -2,7 +2,7 @@
 
 A quota's ``remaining`` shrinks long before the first 429, but a work function
 returns a payload, not the response, so the runner would only ever see the
-headers of a refusal. Instead the runner hangs a ``Listener`` on the chunk's
+headers of a refusal. Instead the runner hangs a ``Listener`` on the worker's
 httpx client: each response's rate-limit headers are read on the thread that
 made the call, and the runner takes them with the call's outcome. Clients that
 are not httpx (a database connection) say nothing, which is normal.
@@ -17,9 +17,9 @@ from pipeline.pacing.headers import NO_SIGNAL, ServiceSignal, read_signal
 
 
 class Listener:
-    """What one chunk's client heard, per call.
+    """What one worker's client heard, per call.
 
-    The chunk's calls may run on several threads at once, each with its own
+    The worker's calls may run on several threads at once, each with its own
     response: what a response said is kept for the thread whose call received
     it (a ``threading.local`` of this listener, made on the worker, never
     pickled), and taken by that thread when its call returns.

@@ -1,21 +1,22 @@
-"""What a worker learned, handed from one of its chunks to the next.
+"""What a worker learned, handed from one of its runs to the next.
 
-Each chunk builds its controllers afresh, so without this every chunk would
-start again from the user's estimates: re-learning a 2 s latency costs the
-first seconds of every chunk, and a worker that had slowed down for a
-throttling service would open the next chunk at full speed.
+A worker's run (``runner.PacedWorker.run``: the chunks one executor thread,
+or one Burla call, takes one after another) builds its controllers afresh,
+so without this every run would start again from the user's estimates:
+re-learning a 2 s latency costs the first seconds of every run, and a worker
+that had slowed down for a throttling service would open the next at full
+speed. Within a run the controllers carry from chunk to chunk by themselves.
 
-A ``WorkerMemory`` belongs to one worker: the chunk function
-(``runner.make_chunk_function``) hands each chunk it runs a memory no chunk
-running at the same time holds, and takes it back when the chunk ends. On
-the local executor that is one memory per worker thread at a time; on Burla,
-where each worker loads the chunk function once and runs chunks one after
-another, the memory travels inside the function and stays in the worker. So
-no worker ever reads what another measured, and nothing is shared between
+A ``WorkerMemory`` belongs to one worker: the runner's worker hands each run
+a memory no run going on at the same time holds, and takes it back when the
+run ends. On the local executor that is one memory per worker thread; on
+Burla, where each node loads the worker once and runs calls one after
+another, the memory travels inside the worker and stays on the node. So no
+worker ever reads what another measured, and nothing is shared between
 workers.
 
 Two things are kept, by the two parts of the runner that learn them: the
-chunk loop's ``Learned`` (latency, tokens, pace) and the connect policy's
+worker loop's ``Learned`` (latency, tokens, pace) and the connect policy's
 crowding level (how many refused logins its last connect met,
 ``pipeline.connection``).
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Learned:
-    """The state a chunk leaves for the next chunk of the same worker."""
+    """The state a worker leaves for its next run (and, on each result, what it had learned by then)."""
 
     latency_s: float
     tokens_per_call: float | None = None
@@ -35,7 +36,7 @@ class Learned:
 
 
 class WorkerMemory:
-    """One worker's memory of one run: what its chunks learned and how crowded it found the database.
+    """One worker's memory of one backfill run: what its runs learned and how crowded it found the database.
 
     A worker keeps the latest run only, so its memory stays small and a new
     run starts from the estimates:

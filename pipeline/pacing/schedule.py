@@ -45,7 +45,7 @@ Beyond it, the plan needs more workers: declare ``seconds_per_call``.
 
 @dataclass(frozen=True)
 class Pacing:
-    """How one worker spaces its calls. Travels to the worker inside each chunk.
+    """How one worker spaces its calls. Travels to the worker inside each chunk (all chunks of a run share it).
 
     ``min_interval_s``, ``tokens_per_second`` and the politeness window are the
     ceiling, fixed by the plan. ``seconds_per_call`` and ``tokens_per_call`` are
@@ -82,8 +82,9 @@ class Pacer:
         "_clock",
         "_sleep",
         "_random",
-        "_ready_at",
+        "_held_until",
         "_spaced_until",
+        "_tokens_until",
         "_unpaced",
         "_returns",
         "_factor",
@@ -103,8 +104,9 @@ class Pacer:
         self._clock = clock
         self._sleep = sleep
         self._random = rng or random.Random()
-        self._ready_at = clock()
-        self._spaced_until = self._ready_at
+        self._held_until = clock()  # a wait asked for: the staggered start, a Retry-After, a spent quota
+        self._spaced_until = self._held_until  # the request spacing after the last start
+        self._tokens_until = self._held_until  # the token clock: the last start plus what its calls cost
         self._unpaced = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
         self._returns = deque(maxlen=pacing.window_calls) if pacing.window_calls else None
         self._factor = 1.0  # the throttle loop's fraction of the ceiling (see aimd.py); never above 1
@@ -121,17 +123,16 @@ class Pacer:
         """Delay the first call (staggered start-up: see ``limits.start_delays``)."""
         if seconds > 0:
             self._unpaced = False
-            self._ready_at = max(self._ready_at, self._clock() + seconds)
+            self._held_until = max(self._held_until, self._clock() + seconds)
 
     def before_call(self, estimated_tokens: float = 0.0) -> None:
         """Sleep until the schedule allows a call, then charge that call to the schedule."""
         if self._unpaced:
             return  # nothing to pace: no rate, no politeness, no tokens, no Retry-After pending
         now = self._clock()
-        if self._returns is not None and len(self._returns) == self._returns.maxlen:
-            self._ready_at = max(self._ready_at, self._returns[0] + self._pacing.window_s)
-        if self._ready_at > now:
-            self._sleep(self._ready_at - now)
+        ready = self._next_start()
+        if ready > now:
+            self._sleep(ready - now)
             now = self._clock()  # sleep can overshoot; space the next call from the real start
         spacing = self._pacing.min_interval_s / self._factor
         if self._floor_until > now:
@@ -140,7 +141,13 @@ class Pacer:
             spacing += self._random.uniform(0, self._pacing.jitter_s)
         self._spaced_until = now + spacing
         self._last_start = now
-        self._ready_at = now + max(spacing, self._token_seconds(estimated_tokens))
+        self._tokens_until = now + self._token_seconds(estimated_tokens)
+
+    def wait_s(self) -> float:
+        """Seconds until the schedule allows the next call (0: now)."""
+        if self._unpaced:
+            return 0.0
+        return max(0.0, self._next_start() - self._clock())
 
     def after_call(self) -> None:
         """Note when a call returned (politeness windows count from returns, see ``Pacing``)."""
@@ -148,14 +155,23 @@ class Pacer:
             self._returns.append(self._clock())
 
     def reconcile(self, estimated_tokens: float, actual_tokens: float) -> None:
-        """Pay back (or charge) the estimate's error, but never schedule inside the request spacing."""
-        moved = self._ready_at + self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
-        self._ready_at = max(moved, self._spaced_until)
+        """Pay back (or charge) the estimate's error on the token clock.
+
+        Only the token clock moves: the request spacing and any wait asked
+        for stay. A refund may take the token clock back past the last start
+        (two over-charged calls returned within one interval), and the next
+        call may then start as soon as the spacing allows; the clock never
+        banks time before that start (``before_call`` restarts it from
+        ``now``), so tokens started over any window stay within the rate x
+        the window plus one call's charge. Clamping refunds at the last
+        start instead lost 10 % of the rate when estimates were 2x high.
+        """
+        self._tokens_until += self._token_seconds(actual_tokens) - self._token_seconds(estimated_tokens)
 
     def hold(self, seconds: float) -> None:
         """Wait at least ``seconds`` before the next call (Retry-After)."""
         self._unpaced = False
-        self._ready_at = max(self._ready_at, self._clock() + seconds)
+        self._held_until = max(self._held_until, self._clock() + seconds)
 
     def slow_to(self, factor: float) -> None:
         """Run at ``factor`` (0 < factor <= 1) of the planned ceiling: the throttle loop's lever."""
@@ -184,15 +200,16 @@ class Pacer:
         if floor:
             self._unpaced = False
             self._floor_s = floor
-            self._ready_at = max(self._ready_at, self._last_start + floor)
+            self._spaced_until = max(self._spaced_until, self._last_start + floor)
 
     def finish(self) -> None:
         """Keep the slot until the schedule allows another call.
 
-        Without this, a chunk that ends right after a call would let the next
-        chunk on the same slot call at once: two calls inside one interval.
+        Without this, a worker that ends right after a call would let the next
+        worker on the same slot (a thread, a Burla node) call at once: two calls
+        inside one interval.
         """
-        remaining = self._ready_at - self._clock()
+        remaining = self._next_start() - self._clock()
         if remaining > 0:
             self._sleep(remaining)
 
@@ -206,12 +223,19 @@ class Pacer:
         period = self._pacing.period(tokens_per_call) / self._factor
         return 1 / period if period > 0 else None
 
+    def _next_start(self) -> float:
+        """The earliest the next call may start: every wait, spacing, token debt and politeness window honoured."""
+        ready = max(self._held_until, self._spaced_until, self._tokens_until)
+        if self._returns is not None and len(self._returns) == self._returns.maxlen:
+            ready = max(ready, self._returns[0] + self._pacing.window_s)
+        return ready
+
     def _token_seconds(self, tokens: float) -> float:
         rate = self._pacing.tokens_per_second
         return tokens / (rate * self._factor) if rate and tokens else 0.0
 
     def __repr__(self) -> str:
-        ahead = self._ready_at - self._clock()
+        ahead = self._next_start() - self._clock()
         return (
             f"<Pacer every {self._pacing.period() / self._factor:.4g} s (factor {self._factor:.3f}), "
             f"next call in {max(0.0, ahead):.3g} s>"

@@ -1,4 +1,4 @@
-"""The chunk loop's policies: each answers one question about what came back, on an injectable clock.
+"""The worker loop's policies: each answers one question about what came back, on an injectable clock.
 
 The runner (``pipeline.runner``) dispatches; these decide. Each is fed one
 call per outcome and reads no clock of its own, so each is tested on

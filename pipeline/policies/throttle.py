@@ -25,10 +25,13 @@ either the service's patience or the run's speed:
 * **Does the worker wait too?** Yes when the service said its budget is spent
   (a call now would be refused as well), and when two throttles come in a row.
 
-At the end of a chunk, while throttles are rare (``RARE_THROTTLES``: about
-items, not the service), an item whose wait is longer than
-``END_OF_CHUNK_WAIT_S`` goes to the retry round rather than keeping the
-worker (and, for the last chunk, the attempt) idle until it is due.
+When the worker has nothing else to do (no chunk left to take), while
+throttles are rare (``RARE_THROTTLES``: about items, not the service), an
+item whose wait is longer than ``END_OF_CHUNK_WAIT_S`` goes to the retry
+round rather than keeping the worker (and, for the last chunks, the attempt)
+idle until it is due. Before that, a throttled item waits aside while the
+worker goes on with its next chunks; its own chunk is written when it is
+done.
 
     policy = ThrottlePolicy(Pacing(max_throttle_retries=3))
     step = policy.on_throttle(item, tries=1, failure=failure, now=clock())
@@ -69,13 +72,13 @@ does; random hot keys at 0.5% fall within 25 calls of each other about one time 
 cut."""
 
 END_OF_CHUNK_WAIT_S = 0.5
-"""At a chunk's end, a throttled item due later than this goes to the retry round (when throttles are rare, see
+"""At a worker's end, a throttled item due later than this goes to the retry round (when throttles are rare, see
 ``RARE_THROTTLES``). Shorter waits are cheaper to sit out than a retry round's start-up; longer ones would idle
 the worker (and the attempt's end) for an item the service singled out."""
 
 RARE_THROTTLES = 0.1
 """Throttles are about items, not the service, while at most this share of first tries was throttled. Then an
-item still waiting at a chunk's end goes to the retry round. When throttles are common the service is pacing
+item still waiting at a worker's end goes to the retry round. When throttles are common the service is pacing
 the whole run, the items are not at fault, and sending them to the round would only spend attempts: the worker
 waits as the service asked."""
 
@@ -203,7 +206,7 @@ class ThrottlePolicy:
         return self._deferred[0][0] if self._deferred else None
 
     def leave_to_retry_round(self, now: float) -> list[Any]:
-        """At a chunk's end: take back the items the retry round should have (their rows are written then).
+        """At the worker's end: take back the items the retry round should have (their rows are written then).
 
         Only while throttles are rare (about items): those not due within ``END_OF_CHUNK_WAIT_S``.
         """
@@ -216,7 +219,7 @@ class ThrottlePolicy:
         return left
 
     def take_all(self) -> list[Any]:
-        """Every item still set aside (the chunk is being given up)."""
+        """Every item still set aside (the worker gives its chunks up)."""
         items = [entry[2] for entry in self._deferred]
         self._deferred.clear()
         return items

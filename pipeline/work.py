@@ -1,8 +1,10 @@
-"""The shape of a backfill's work: ``connect`` once per chunk, ``call`` once per item.
+"""The shape of a backfill's work: ``connect`` once per worker, ``call`` once per item.
 
-One client or connection per chunk is the whole point: a connection per item
-would multiply handshakes and break connection limits; one per process would
-outlive chunks Burla moves between machines.
+One client or connection per worker, kept across the chunks it runs back to
+back, is the whole point: a connection per item would multiply handshakes and
+break connection limits, and the worker count is what the plan sized against
+the limit. The runner opens it again when it breaks, and when a worker's
+sequence of chunks ends (on Burla, with its call).
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ class ExecutorResource(ConfigurableResource):
     func_ram: int = Field(default=BurlaExecutor.func_ram, description="Burla: GB of RAM per worker.")
     grow: bool = Field(default=BurlaExecutor.grow, description="Burla: let the cluster add nodes.")
     image: str = Field(default="", description="Burla: container image; empty uses the cluster default.")
+    chunks_per_call: int = Field(
+        default=BurlaExecutor.chunks_per_call,
+        description="Burla: chunks one call runs back to back (a lost node loses at most this many unwritten).",
+    )
     max_parallelism: int | None = Field(
         default=None,
         description="Pin live workers for every backfill instead of deriving them from the limit (still admitted).",
@@ -45,7 +49,11 @@ class ExecutorResource(ConfigurableResource):
         self._check_kind()
         if self.kind == "burla":
             return BurlaExecutor(
-                func_cpu=self.func_cpu, func_ram=self.func_ram, grow=self.grow, image=self.image or None
+                func_cpu=self.func_cpu,
+                func_ram=self.func_ram,
+                grow=self.grow,
+                image=self.image or None,
+                chunks_per_call=self.chunks_per_call,
             )
         return LocalExecutor()
 

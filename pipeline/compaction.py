@@ -41,8 +41,23 @@ come first, then permanent failures, then retryable ones, each in their own
 row groups: the Parquet statistics on ``ok`` and ``retryable`` then let a
 reader fetch the failed rows without the rest.
 
-Crash points are named (``CRASH_POINTS``); ``compact_attempt`` calls an
-injectable hook at each one, so tests stop a compaction exactly there.
+Crash points are named (``CRASH_POINTS``); ``compact_attempt`` and the
+background compactor call an injectable hook at each one, so tests stop a
+compaction exactly there.
+
+Keeping up with the run
+-----------------------
+A run does not wait for its end to compact: ``Compactor`` compacts a block
+as soon as its last chunk is written (chunks finish out of order, so
+``ReadyBlocks`` counts each block's written chunks), on one background
+thread, so the end of an attempt pays for its last block or two only. Its
+CPU budget (``Background``): one block at a time, and after a block that
+took ``t`` seconds of wall time it rests ``t x (1 - duty) / duty`` (half the
+wall time at the default duty of 0.5), so while the run goes compaction
+takes at most about half a core and yields more when the process is busy
+(wall time includes waiting for the GIL). Once the last chunk is written it
+stops resting. Blocks are cut at ``BLOCK_FILES`` chunk files as well as at
+``BLOCK_ROWS`` rows, because the last block's cost is mostly per file.
 """
 
 from __future__ import annotations
@@ -50,7 +65,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,7 +80,9 @@ from pipeline.errors import PacelineError
 from pipeline.limits import ExecutionPlan
 from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, ManifestStore, compacted_name
 
-BLOCK_ROWS = 2_000_000  # rows per compacted file: few files for ten million rows, and a block stays cheap to redo
+BLOCK_ROWS = 500_000  # rows per compacted file: 20 files for ten million rows, and the last block costs < 1 s
+BLOCK_FILES = 1_000  # chunk files per block: reading a small file costs about 1 ms, so the last block about 1 s
+DEFAULT_DUTY = 0.5  # the share of wall time background compaction may work while the run goes: half a core
 ROW_GROUP_ROWS = 128 * 1024  # big enough for fast scans, small enough that failed rows sit in their own groups
 READ_WINDOW = 512  # chunk files read ahead at once: bounds memory whatever the block size
 READ_THREADS = 8  # on S3 each read or removal is a request worth overlapping
@@ -139,7 +159,7 @@ class CompactionResult:
 
 
 def blocks_of(plan_chunk_ids: pa.ChunkedArray | pa.Array, block_rows: int = BLOCK_ROWS) -> list[range]:
-    """The attempt's blocks: consecutive chunk ids, as many per block as keep it near ``block_rows`` rows.
+    """The attempt's blocks: consecutive chunk ids, at most ``block_rows`` rows and ``BLOCK_FILES`` files each.
 
     Computed from the plan alone, so every compactor of an attempt cuts the same blocks.
     """
@@ -148,8 +168,12 @@ def blocks_of(plan_chunk_ids: pa.ChunkedArray | pa.Array, block_rows: int = BLOC
     counts = pc.value_counts(plan_chunk_ids)
     largest = int(pc.max(counts.field("counts")).as_py())
     chunks = int(pc.max(plan_chunk_ids).as_py()) + 1
-    per_block = max(1, block_rows // largest)
+    per_block = _chunks_per_block(largest, block_rows)
     return [range(start, min(start + per_block, chunks)) for start in range(0, chunks, per_block)]
+
+
+def _chunks_per_block(chunk_rows: int, block_rows: int) -> int:
+    return max(1, min(BLOCK_FILES, block_rows // max(1, chunk_rows)))
 
 
 def compact_attempt(
@@ -165,22 +189,28 @@ def compact_attempt(
     same attempt: it only merges chunks that are finished, and a reader never
     sees a row twice (see the module docstring).
     """
+    files = store.attempt_files(backfill, attempt)
+    result = CompactionResult(backfill, attempt, files_before=_count(files))
+    folder = store.attempt_dir(backfill, attempt)
+    for chunks in _plan_blocks(store, backfill, attempt, block_rows):
+        block = Block(chunks, f"{folder}/{compacted_name(chunks)}")
+        _advance_block(store, block, files.compacted, files.chunk_files(chunks), result, crash_hook or _no_crash)
+    result.files_after = _count(store.attempt_files(backfill, attempt))
+    return result
+
+
+def _plan_blocks(store: ManifestStore, backfill: str, attempt: int, block_rows: int) -> list[range]:
     plan_path = store.plan_path(backfill, attempt)
     if not store.exists(plan_path):
         raise CompactionError(
             f"{backfill} attempt {attempt}: no chunk plan at {store.uri(plan_path)}, so which chunks make a "
             "complete block is unknown. Compact attempts that were planned by Paceline."
         )
-    plan_ids = pq.read_table(plan_path, columns=["chunk_id"], filesystem=store.fs)["chunk_id"]
-    files = store.attempt_files(backfill, attempt)
-    result = CompactionResult(backfill, attempt, files_before=len(files.files()) + len(files.covered))
-    folder = store.attempt_dir(backfill, attempt)
-    for chunks in blocks_of(plan_ids, block_rows):
-        block = Block(chunks, f"{folder}/{compacted_name(chunks)}")
-        _advance_block(store, files, block, result, crash_hook or _no_crash)
-    after = store.attempt_files(backfill, attempt)
-    result.files_after = len(after.files()) + len(after.covered)
-    return result
+    return blocks_of(pq.read_table(plan_path, columns=["chunk_id"], filesystem=store.fs)["chunk_id"], block_rows)
+
+
+def _count(files: AttemptFiles) -> int:
+    return len(files.files()) + len(files.covered)
 
 
 def compact(
@@ -198,13 +228,21 @@ def _no_crash(point: str) -> None:
 
 
 def _advance_block(
-    store: ManifestStore, files: AttemptFiles, block: Block, result: CompactionResult, crash: CrashHook
+    store: ManifestStore,
+    block: Block,
+    compacted: dict[str, range],
+    chunk_files: list[str],
+    result: CompactionResult,
+    crash: CrashHook,
 ) -> None:
-    """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN."""
-    if block.path not in files.compacted or not store.readable(block.path):  # one that does not read is rewritten
-        if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in files.compacted.values()):
+    """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN.
+
+    ``compacted`` are the attempt's compacted files (path -> chunk ids) and
+    ``chunk_files`` the block's chunk files, held by its compacted file or not.
+    """
+    if block.path not in compacted or not store.readable(block.path):  # one that does not read is rewritten
+        if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in compacted.values()):
             return  # compacted with other block bounds (an older setting): those files stay as they are
-        chunk_files = files.chunk_files(block.chunks)
         if len(chunk_files) < len(block.chunks):
             result.blocks_waiting += 1
             return
@@ -218,7 +256,7 @@ def _advance_block(
     block.advance(State.COMMITTED)
     crash(COMMITTED)
     with ThreadPoolExecutor(READ_THREADS) as pool:  # on S3 each removal is a request
-        for _ in pool.map(store.remove, files.chunk_files(block.chunks)):
+        for _ in pool.map(store.remove, chunk_files):
             result.chunk_files_removed += 1
             crash(CHUNK_REMOVED)
     block.advance(State.CLEAN)
@@ -301,15 +339,219 @@ def _read_chunk(store: ManifestStore, path: str) -> pa.Table:
     return pa.table(columns).cast(MANIFEST_SCHEMA)
 
 
+@dataclass(frozen=True)
+class Background:
+    """How a run compacts its blocks while it goes: the CPU budget (see the module docstring).
+
+    ``crash_hook`` is for tests and benchmarks that stop a compaction at a
+    named point (``CRASH_POINTS``).
+    """
+
+    duty: float = DEFAULT_DUTY
+    block_rows: int = BLOCK_ROWS
+    crash_hook: CrashHook | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.duty <= 1:
+            raise ValueError(f"duty is the share of wall time compaction may work, in (0, 1]; got {self.duty}.")
+
+    def rest_after(self, busy_s: float) -> float:
+        """Seconds to rest after ``busy_s`` of work, so work stays at ``duty`` of the wall time."""
+        return busy_s * (1 - self.duty) / self.duty
+
+
+DEFAULT_BACKGROUND = Background()
+
+
+class ReadyBlocks:
+    """An attempt's blocks and which of their chunks are written: a block is ready once all of them are.
+
+    Chunks finish out of order and a chunk may be reported twice (written
+    at the start, then again by this run); each counts once.
+
+    >>> ready = ReadyBlocks([range(0, 2), range(2, 4)], written={3})
+    >>> ready.note(0), ready.note(2), ready.note(1)
+    (None, range(2, 4), range(0, 2))
+    """
+
+    __slots__ = ("_blocks", "_left", "_written", "_block_of")
+
+    def __init__(self, blocks: list[range], written: Iterable[int] = ()):
+        self._blocks = blocks
+        self._left = [len(block) for block in blocks]
+        chunks = blocks[-1].stop if blocks else 0
+        self._written = bytearray(chunks)
+        self._block_of = [i for i, block in enumerate(blocks) for _ in block]
+        for chunk_id in written:
+            self.note(chunk_id)
+
+    def note(self, chunk_id: int) -> range | None:
+        """Record one chunk as written; the block it completes, if it completes one."""
+        if not 0 <= chunk_id < len(self._written) or self._written[chunk_id]:
+            return None
+        self._written[chunk_id] = 1
+        index = self._block_of[chunk_id]
+        self._left[index] -= 1
+        return self._blocks[index] if self._left[index] == 0 else None
+
+    def ready(self) -> list[range]:
+        """Every block whose chunks are all written."""
+        return [block for block, left in zip(self._blocks, self._left) if left == 0]
+
+    @property
+    def waiting(self) -> int:
+        """Blocks with a chunk not written yet."""
+        return sum(1 for left in self._left if left)
+
+    def __repr__(self) -> str:
+        return f"ReadyBlocks({len(self._blocks) - self.waiting} of {len(self._blocks)} blocks ready)"
+
+
+class Schedule:
+    """What the background compactor does next, on the clock it is handed: pure, so tests run it on simulated time.
+
+    ``next(now)`` is a block to compact now, seconds to rest first, or None
+    when no block is ready. Blocks are taken in the order they became ready.
+    """
+
+    __slots__ = ("_budget", "_queue", "_rest_until", "_hurried")
+
+    def __init__(self, budget: Background, ready: Iterable[range] = ()):
+        self._budget = budget
+        self._queue: deque[range] = deque(ready)
+        self._rest_until = float("-inf")
+        self._hurried = False
+
+    def add(self, block: range) -> None:
+        self._queue.append(block)
+
+    def hurry(self) -> None:
+        """The run has written its last chunk: no more rests, what is left is what the end waits for."""
+        self._hurried = True
+
+    def next(self, now: float) -> range | float | None:
+        if not self._queue:
+            return None
+        if not self._hurried and now < self._rest_until:
+            return self._rest_until - now
+        return self._queue.popleft()
+
+    def done(self, started: float, now: float) -> None:
+        """A block took ``now - started``: rest in proportion before the next."""
+        self._rest_until = now + self._budget.rest_after(now - started)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __repr__(self) -> str:
+        return f"Schedule({len(self._queue)} block(s) queued, {'hurried' if self._hurried else 'paced'})"
+
+
+class Compactor:
+    """Compacts an attempt's blocks on one background thread as their chunks are written.
+
+    ``written(chunk_id)`` after each chunk's manifest is durable; ``finish()``
+    once the last is written: it compacts what is left at full speed and
+    returns what was done; ``stop()`` if the run fails: the block being
+    compacted is finished (a stop at any point is safe), the queued ones are
+    left for the next run. ``finished`` are the chunks written before this
+    run (``scan_chunks``): their complete blocks are compacted first, which
+    also finishes a block an earlier compaction left half cleaned.
+    """
+
+    def __init__(
+        self,
+        store: ManifestStore,
+        backfill: str,
+        attempt: int,
+        finished: Iterable[int],
+        budget: Background = DEFAULT_BACKGROUND,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._store = store
+        self._folder = store.attempt_dir(backfill, attempt)
+        self._crash = budget.crash_hook or _no_crash
+        self._clock = clock
+        self._blocks = ReadyBlocks(_plan_blocks(store, backfill, attempt, budget.block_rows), finished)
+        files = store.attempt_files(backfill, attempt)
+        self._compacted = files.compacted
+        self._backfill, self._attempt = backfill, attempt
+        self.result = CompactionResult(backfill, attempt, files_before=_count(files))
+        self._schedule = Schedule(budget, self._blocks.ready())
+        self._wake = threading.Condition()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="paceline-compaction", daemon=True)
+        self._thread.start()
+
+    def written(self, chunk_id: int) -> None:
+        block = self._blocks.note(chunk_id)
+        if block is not None:
+            with self._wake:
+                self._schedule.add(block)
+                self._wake.notify()
+
+    def finish(self) -> CompactionResult:
+        """Compact the blocks still queued without resting, wait for them, and say what was done."""
+        with self._wake:
+            self._schedule.hurry()
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self.result.blocks_waiting = self._blocks.waiting
+        self.result.files_after = _count(self._store.attempt_files(self._backfill, self._attempt))
+        return self.result
+
+    def stop(self) -> None:
+        """Leave the queued blocks for the next run; wait for the block in progress."""
+        with self._wake:
+            self._schedule = Schedule(DEFAULT_BACKGROUND)
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _work(self) -> None:
+        try:
+            while (block := self._next()) is not None:
+                started = self._clock()
+                self._compact(block)
+                with self._wake:
+                    self._schedule.done(started, self._clock())
+        except BaseException as error:  # noqa: BLE001 - raised again by finish(), in the run's thread
+            self._error = error
+
+    def _next(self) -> range | None:
+        with self._wake:
+            while True:
+                action = self._schedule.next(self._clock())
+                if isinstance(action, range):
+                    return action
+                if action is None and self._closing:
+                    return None
+                self._wake.wait(action)
+
+    def _compact(self, chunks: range) -> None:
+        block = Block(chunks, f"{self._folder}/{compacted_name(chunks)}")
+        if self._store.readable(block.path):  # another run of this attempt published it: only clean up
+            self._compacted[block.path] = chunks
+        paths = [self._store.chunk_path(self._backfill, self._attempt, i) for i in chunks]
+        _advance_block(self._store, block, self._compacted, paths, self.result, self._crash)
+
+    def __repr__(self) -> str:
+        return f"Compactor({self._backfill} attempt {self._attempt}: {self._blocks!r}, {self._schedule!r})"
+
+
 def explain_files(execution: ExecutionPlan, chunks: int) -> ExecutionPlan:
     """The plan with one more line of explanation: how many files an attempt writes, and how many stay.
 
     Chunks are sized for the checkpoint (what a crash costs), not to keep the
     file count down: compaction takes care of the count.
     """
-    blocks = math.ceil(chunks / max(1, BLOCK_ROWS // execution.chunk_size))
+    blocks = math.ceil(chunks / _chunks_per_block(execution.chunk_size, BLOCK_ROWS))
     line = (
-        f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction then "
-        f"merges them into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows"
+        f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction merges "
+        f"them, while the run goes, into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows or {BLOCK_FILES:,} chunks"
     )
     return dataclasses.replace(execution, explanation=[*execution.explanation, line])

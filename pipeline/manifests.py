@@ -91,7 +91,7 @@ class AttemptFiles:
 
     def chunk_files(self, ids: range) -> list[str]:
         """Every chunk file with an id in ``ids``, held by a compacted file or not."""
-        return sorted(path for files in (self.chunks, self.covered) for i, path in files.items() if i in ids)
+        return [files[i] for i in ids for files in (self.chunks, self.covered) if i in files]
 
 
 def compacted_name(chunks: range) -> str:

@@ -48,10 +48,10 @@ def _uncompacted(store: ManifestStore) -> dict:
     """Two attempts written in full but never compacted (each run dies just before compaction)."""
     plan_backfill(BACKFILL, store)
     with pytest.raises(Killed):
-        run_attempt(BACKFILL, store, StopsAfter(10**6))
+        run_attempt(BACKFILL, store, StopsAfter(10**6), compaction=None)
     plan_retry(BACKFILL, store, 1)
     with pytest.raises(Killed):
-        run_attempt(BACKFILL, store, StopsAfter(10**6), attempt=1)
+        run_attempt(BACKFILL, store, StopsAfter(10**6), attempt=1, compaction=None)
     assert len(store.manifest_files()) == 40 + 4 and not store.attempt_files(NAME, 0).compacted
     return _truth(store)
 

@@ -246,13 +246,13 @@ def run_attempt(
                 _write_chunk(store, result, stopped)
                 continue
             for ready in credentials.admit(result):
-                _write_chunk(store, ready, stopped, compactor)
+                ok = _write_chunk(store, ready, stopped, compactor)
                 progress = Progress(
                     progress.chunks_done + 1,
                     total_chunks,
                     progress.items_done + len(ready),
                     plan.num_rows,
-                    progress.ok + sum(ready.ok),
+                    progress.ok + ok,
                     len(ready),
                 )
                 if on_progress:
@@ -358,19 +358,20 @@ def _left_by_credit(chunk: Chunk, stopped: dict[int, pa.Table]) -> Chunk:
 
 def _write_chunk(
     store: ManifestStore, result: ChunkResult, stopped: dict[int, pa.Table], compactor: Compactor | None = None
-) -> None:
-    """Write a chunk's manifest, then tell the compactor it is finished.
+) -> int:
+    """Write a chunk's manifest, then tell the compactor it is finished; returns its ok rows.
 
-    A continued chunk's file also keeps the rows its first run finished.
+    A continued chunk's file also keeps the rows its first run finished. The
+    ok rows are counted on the Arrow table: the rows themselves are a list
+    of tuples that a count would walk in Python.
     """
+    path = store.chunk_path(result.backfill, result.attempt, result.chunk_id)
+    table = result_table(result)
     finished = stopped.get(result.chunk_id)
-    if finished is None:
-        store.write_chunk(result)
-    else:
-        path = store.chunk_path(result.backfill, result.attempt, result.chunk_id)
-        store.write_table(path, pa.concat_tables([finished, result_table(result)]))
+    store.write_table(path, table if finished is None else pa.concat_tables([finished, table]))
     if compactor is not None:
         compactor.written(result.chunk_id)
+    return sum(chunk.true_count for chunk in table["ok"].chunks)
 
 
 def advice_for(backfill: Backfill, ledger: Ledger, attempt: int) -> list[Advice]:

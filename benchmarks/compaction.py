@@ -75,6 +75,7 @@ ITEMS = {False: 10_000_000, True: 50_000}
 FILES = {False: (1_000, 20_000, 200_000), True: (100, 1_000)}
 S3_ITEMS, S3_FILES = {False: 1_000_000, True: 10_000}, {False: 20_000, True: 200}
 KEEP_CHUNKS, KEEP_CHUNK_ITEMS = {False: (20_000, 200_000), True: (500,)}, 10
+THREAD_UP_TO = 20_000  # also run compaction on a thread, for the comparison (at 200,000 it adds 7 minutes)
 TRIAL_ITEMS, TRIAL_CHUNK_ITEMS, TRIAL_BLOCK_ROWS = (
     {False: 200_000, True: 10_000},
     50,
@@ -137,12 +138,21 @@ def keeping_up(outcome: Outcome, quick: bool) -> None:
             write_ids(ids_path, chunks * KEEP_CHUNK_ITEMS)
             background = _timed_run(os.path.join(tmp, "background"), ids_path, Background())
             at_end = _timed_run(os.path.join(tmp, "at-end"), ids_path, None)
+            thread = None
+            if chunks <= THREAD_UP_TO:
+                thread = _timed_run(os.path.join(tmp, "thread"), ids_path, Background(process=False))
+        in_thread = ""
+        if thread is not None:
+            in_thread = (
+                f"; on a thread instead of a process: tail {thread['tail_s']:.2f} s, run {thread['run_s']:.1f} s "
+                f"(load {thread['load']:.1f})"
+            )
         _row(
             outcome,
             f"{chunks:,} chunk files of {KEEP_CHUNK_ITEMS} items, unpaced no-op run",
             f"background: tail {background['tail_s']:.2f} s, run {background['run_s']:.1f} s, "
             f"{background['files_after']} files (load {background['load']:.1f}); at the end (before): "
-            f"tail {at_end['tail_s']:.2f} s, run {at_end['run_s']:.1f} s (load {at_end['load']:.1f})",
+            f"tail {at_end['tail_s']:.2f} s, run {at_end['run_s']:.1f} s (load {at_end['load']:.1f}){in_thread}",
         )
         outcome.metrics.update(
             {
@@ -357,6 +367,7 @@ def kills(outcome: Outcome, quick: bool) -> None:
                     str(block_rows),
                 ],
                 env=child_env(),
+                start_new_session=True,  # the run and its compaction process: killed together
             )
             finished = store.scan_chunks(BACKFILL, 0).finished
             files = store.attempt_files(BACKFILL, 0)
@@ -407,8 +418,8 @@ def _run_child(root: str, ids_path: str, point: str, nth: str, block_rows: str) 
 
     def crash(at: str) -> None:
         seen.append(at)
-        if at == point and seen.count(point) == int(nth):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if at == point and seen.count(point) == int(nth):  # in the compaction process: kill the run with it
+            os.killpg(0, signal.SIGKILL)
 
     background = Background(block_rows=int(block_rows), crash_hook=crash)
     run_attempt(

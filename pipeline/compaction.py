@@ -64,14 +64,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import multiprocessing
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -83,6 +86,7 @@ from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, Man
 BLOCK_ROWS = 500_000  # rows per compacted file: 20 files for ten million rows, and the last block costs < 1 s
 BLOCK_FILES = 1_000  # chunk files per block: reading a small file costs about 1 ms, so the last block about 1 s
 DEFAULT_DUTY = 0.5  # the share of wall time background compaction may work while the run goes: half a core
+DEFAULT_PROCESS = True  # compact in a child process: a thread would take the GIL from the run (BENCHMARKS.md)
 ROW_GROUP_ROWS = 128 * 1024  # big enough for fast scans, small enough that failed rows sit in their own groups
 READ_WINDOW = 512  # chunk files read ahead at once: bounds memory whatever the block size
 READ_THREADS = 8  # on S3 each read or removal is a request worth overlapping
@@ -349,6 +353,7 @@ class Background:
 
     duty: float = DEFAULT_DUTY
     block_rows: int = BLOCK_ROWS
+    process: bool = DEFAULT_PROCESS
     crash_hook: CrashHook | None = None
 
     def __post_init__(self) -> None:
@@ -470,7 +475,12 @@ class Compactor:
     ):
         self._store = store
         self._folder = store.attempt_dir(backfill, attempt)
-        self._crash = budget.crash_hook or _no_crash
+        self._crash: CrashHook | bytes = budget.crash_hook or _no_crash
+        self._pool: ProcessPoolExecutor | None = None
+        if budget.process:
+            self._crash = cloudpickle.dumps(self._crash)
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool.submit(int)  # start it now: its imports overlap the run, not the last block
         self._clock = clock
         self._blocks = ReadyBlocks(_plan_blocks(store, backfill, attempt, budget.block_rows), finished)
         files = store.attempt_files(backfill, attempt)
@@ -498,6 +508,7 @@ class Compactor:
             self._closing = True
             self._wake.notify()
         self._thread.join()
+        self._close_pool()
         if self._error is not None:
             raise self._error
         self.result.blocks_waiting = self._blocks.waiting
@@ -511,6 +522,11 @@ class Compactor:
             self._closing = True
             self._wake.notify()
         self._thread.join()
+        self._close_pool()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _work(self) -> None:
         try:
@@ -533,14 +549,43 @@ class Compactor:
                 self._wake.wait(action)
 
     def _compact(self, chunks: range) -> None:
-        block = Block(chunks, f"{self._folder}/{compacted_name(chunks)}")
-        if self._store.readable(block.path):  # another run of this attempt published it: only clean up
-            self._compacted[block.path] = chunks
+        path = f"{self._folder}/{compacted_name(chunks)}"
         paths = [self._store.chunk_path(self._backfill, self._attempt, i) for i in chunks]
-        _advance_block(self._store, block, self._compacted, paths, self.result, self._crash)
+        if self._pool is None:
+            done = _compact_block(self._store, path, chunks, self._compacted, paths, self._crash)
+        else:  # this thread waits on a pipe, without the GIL
+            done = self._pool.submit(_compact_pickled, self._store, path, chunks, self._compacted, paths, self._crash)
+            done = done.result()
+        self.result.blocks_written += done.blocks_written
+        self.result.chunk_files_removed += done.chunk_files_removed
+        self.result.unreadable += done.unreadable
 
     def __repr__(self) -> str:
         return f"Compactor({self._backfill} attempt {self._attempt}: {self._blocks!r}, {self._schedule!r})"
+
+
+def _compact_block(
+    store: ManifestStore, path: str, chunks: range, compacted: dict[str, range], paths: list[str], crash: CrashHook
+) -> CompactionResult:
+    """One complete block, in this process; returns what it did."""
+    done = CompactionResult("", 0)
+    if store.readable(path):  # another run of this attempt published it: only clean up
+        compacted = {**compacted, path: chunks}
+    _advance_block(store, Block(chunks, path), compacted, paths, done, crash)
+    return done
+
+
+def _compact_pickled(
+    store: ManifestStore, path: str, chunks: range, compacted: dict[str, range], paths: list[str], crash: bytes
+) -> CompactionResult:
+    """``_compact_block`` in the compaction process: the crash hook travels cloudpickled (it may be a closure)."""
+    return _compact_block(store, path, chunks, compacted, paths, _unpickled_hook(crash))
+
+
+@functools.lru_cache(maxsize=4)
+def _unpickled_hook(crash: bytes) -> CrashHook:
+    """One hook per compaction process, not one per block: a hook that counts the points it saw keeps counting."""
+    return cloudpickle.loads(crash)
 
 
 def explain_files(execution: ExecutionPlan, chunks: int) -> ExecutionPlan:

@@ -270,10 +270,10 @@ RUN_KILLER = textwrap.dedent(
     point, nth = sys.argv[2], int(sys.argv[3])
     seen = []
 
-    def crash(at):
+    def crash(at):  # runs in the compaction process: kill the run and its compaction, as a crash would
         seen.append(at)
         if at == point and seen.count(point) == nth:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.killpg(0, signal.SIGKILL)
 
     run_attempt(BACKFILL, ManifestStore(sys.argv[1]), LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS, crash_hook=crash))
     """
@@ -284,7 +284,9 @@ RUN_KILLER = textwrap.dedent(
 def test_kill_minus_nine_during_background_compaction_then_resume(tmp_path, point, nth):
     store = ManifestStore(str(tmp_path / "store"))
     plan_backfill(BACKFILL, store)
-    killed = subprocess.run([sys.executable, "-c", RUN_KILLER, store.root, point, str(nth)], cwd=os.getcwd())
+    killed = subprocess.run(
+        [sys.executable, "-c", RUN_KILLER, store.root, point, str(nth)], cwd=os.getcwd(), start_new_session=True
+    )
     assert killed.returncode == -signal.SIGKILL
     finished = store.scan_chunks(NAME, 0).finished
     assert store.attempt_files(NAME, 0).compacted, "killed while the run went, after a block was compacted"

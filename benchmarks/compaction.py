@@ -58,7 +58,8 @@ from benchmarks.common import (
 )
 from benchmarks.failed_query import FAIL_FIRST, FAIL_RETRY, PERMANENT_FIRST, manifest_table, measure
 from pipeline.backfill import Backfill, plan_backfill, run_attempt
-from pipeline.compaction import CRASH_POINTS, Background, compact
+from pipeline.background_compaction import Background
+from pipeline.compaction import CRASH_POINTS, compact
 from pipeline.executors import LocalExecutor
 from pipeline.items import TextLines
 from pipeline.ledger import Ledger

@@ -16,15 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.advice import Advice, advise, advised_limit
+from pipeline.background_compaction import DEFAULT_BACKGROUND, Background, Compactor
 from pipeline.chunks import Chunk, ChunkResult
-from pipeline.compaction import (
-    DEFAULT_BACKGROUND,
-    Background,
-    CompactionResult,
-    Compactor,
-    compact_attempt,
-    explain_files,
-)
+from pipeline.compaction import CompactionResult, compact_attempt, explain_files
 from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
 from pipeline.errors import PacelineError
 from pipeline.executors import Executor

@@ -41,40 +41,27 @@ come first, then permanent failures, then retryable ones, each in their own
 row groups: the Parquet statistics on ``ok`` and ``retryable`` then let a
 reader fetch the failed rows without the rest.
 
-Crash points are named (``CRASH_POINTS``); ``compact_attempt`` and the
-background compactor call an injectable hook at each one, so tests stop a
+Crash points are named (``CRASH_POINTS``); ``compact_attempt`` and
+``compact_block`` call an injectable hook at each one, so tests stop a
 compaction exactly there.
 
 Keeping up with the run
 -----------------------
-A run does not wait for its end to compact: ``Compactor`` compacts a block
-as soon as its last chunk is written (chunks finish out of order, so
-``ReadyBlocks`` counts each block's written chunks), on one background
-thread, so the end of an attempt pays for its last block or two only. Its
-CPU budget (``Background``): one block at a time, and after a block that
-took ``t`` seconds of wall time it rests ``t x (1 - duty) / duty`` (half the
-wall time at the default duty of 0.5), so while the run goes compaction
-takes at most about half a core and yields more when the process is busy
-(wall time includes waiting for the GIL). Once the last chunk is written it
-stops resting. Blocks are cut at ``BLOCK_FILES`` chunk files as well as at
-``BLOCK_ROWS`` rows, because the last block's cost is mostly per file.
+A run compacts each block as soon as its chunks are written
+(``pipeline/background_compaction.py``). Blocks are cut at ``BLOCK_FILES``
+chunk files as well as at ``BLOCK_ROWS`` rows, because the cost of the last
+block, the one an attempt's end waits for, is mostly per file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import math
-import multiprocessing
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -85,8 +72,6 @@ from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, Man
 
 BLOCK_ROWS = 500_000  # rows per compacted file: 20 files for ten million rows, and the last block costs < 1 s
 BLOCK_FILES = 1_000  # chunk files per block: reading a small file costs about 1 ms, so the last block about 1 s
-DEFAULT_DUTY = 0.5  # the share of wall time background compaction may work while the run goes: half a core
-DEFAULT_PROCESS = True  # compact in a child process: a thread would take the GIL from the run (BENCHMARKS.md)
 ROW_GROUP_ROWS = 128 * 1024  # big enough for fast scans, small enough that failed rows sit in their own groups
 READ_WINDOW = 512  # chunk files read ahead at once: bounds memory whatever the block size
 READ_THREADS = 8  # on S3 each read or removal is a request worth overlapping
@@ -194,16 +179,17 @@ def compact_attempt(
     sees a row twice (see the module docstring).
     """
     files = store.attempt_files(backfill, attempt)
-    result = CompactionResult(backfill, attempt, files_before=_count(files))
+    result = CompactionResult(backfill, attempt, files_before=count_files(files))
     folder = store.attempt_dir(backfill, attempt)
-    for chunks in _plan_blocks(store, backfill, attempt, block_rows):
+    for chunks in plan_blocks(store, backfill, attempt, block_rows):
         block = Block(chunks, f"{folder}/{compacted_name(chunks)}")
-        _advance_block(store, block, files.compacted, files.chunk_files(chunks), result, crash_hook or _no_crash)
-    result.files_after = _count(store.attempt_files(backfill, attempt))
+        _advance_block(store, block, files.compacted, files.chunk_files(chunks), result, crash_hook or no_crash)
+    result.files_after = count_files(store.attempt_files(backfill, attempt))
     return result
 
 
-def _plan_blocks(store: ManifestStore, backfill: str, attempt: int, block_rows: int) -> list[range]:
+def plan_blocks(store: ManifestStore, backfill: str, attempt: int, block_rows: int) -> list[range]:
+    """The attempt's blocks, read from its chunk plan (refused without one)."""
     plan_path = store.plan_path(backfill, attempt)
     if not store.exists(plan_path):
         raise CompactionError(
@@ -213,7 +199,8 @@ def _plan_blocks(store: ManifestStore, backfill: str, attempt: int, block_rows: 
     return blocks_of(pq.read_table(plan_path, columns=["chunk_id"], filesystem=store.fs)["chunk_id"], block_rows)
 
 
-def _count(files: AttemptFiles) -> int:
+def count_files(files: AttemptFiles) -> int:
+    """Manifest files in an attempt's folder, read or not (what a compaction's before/after counts)."""
     return len(files.files()) + len(files.covered)
 
 
@@ -227,7 +214,7 @@ def compact(
     ]
 
 
-def _no_crash(point: str) -> None:
+def no_crash(point: str) -> None:
     """The default hook: compaction runs through every point."""
 
 
@@ -343,249 +330,20 @@ def _read_chunk(store: ManifestStore, path: str) -> pa.Table:
     return pa.table(columns).cast(MANIFEST_SCHEMA)
 
 
-@dataclass(frozen=True)
-class Background:
-    """How a run compacts its blocks while it goes: the CPU budget (see the module docstring).
-
-    ``crash_hook`` is for tests and benchmarks that stop a compaction at a
-    named point (``CRASH_POINTS``).
-    """
-
-    duty: float = DEFAULT_DUTY
-    block_rows: int = BLOCK_ROWS
-    process: bool = DEFAULT_PROCESS
-    crash_hook: CrashHook | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < self.duty <= 1:
-            raise ValueError(f"duty is the share of wall time compaction may work, in (0, 1]; got {self.duty}.")
-
-    def rest_after(self, busy_s: float) -> float:
-        """Seconds to rest after ``busy_s`` of work, so work stays at ``duty`` of the wall time."""
-        return busy_s * (1 - self.duty) / self.duty
-
-
-DEFAULT_BACKGROUND = Background()
-
-
-class ReadyBlocks:
-    """An attempt's blocks and which of their chunks are written: a block is ready once all of them are.
-
-    Chunks finish out of order and a chunk may be reported twice (written
-    at the start, then again by this run); each counts once.
-
-    >>> ready = ReadyBlocks([range(0, 2), range(2, 4)], written={3})
-    >>> ready.note(0), ready.note(2), ready.note(1)
-    (None, range(2, 4), range(0, 2))
-    """
-
-    __slots__ = ("_blocks", "_left", "_written", "_block_of")
-
-    def __init__(self, blocks: list[range], written: Iterable[int] = ()):
-        self._blocks = blocks
-        self._left = [len(block) for block in blocks]
-        chunks = blocks[-1].stop if blocks else 0
-        self._written = bytearray(chunks)
-        self._block_of = [i for i, block in enumerate(blocks) for _ in block]
-        for chunk_id in written:
-            self.note(chunk_id)
-
-    def note(self, chunk_id: int) -> range | None:
-        """Record one chunk as written; the block it completes, if it completes one."""
-        if not 0 <= chunk_id < len(self._written) or self._written[chunk_id]:
-            return None
-        self._written[chunk_id] = 1
-        index = self._block_of[chunk_id]
-        self._left[index] -= 1
-        return self._blocks[index] if self._left[index] == 0 else None
-
-    def ready(self) -> list[range]:
-        """Every block whose chunks are all written."""
-        return [block for block, left in zip(self._blocks, self._left) if left == 0]
-
-    @property
-    def waiting(self) -> int:
-        """Blocks with a chunk not written yet."""
-        return sum(1 for left in self._left if left)
-
-    def __repr__(self) -> str:
-        return f"ReadyBlocks({len(self._blocks) - self.waiting} of {len(self._blocks)} blocks ready)"
-
-
-class Schedule:
-    """What the background compactor does next, on the clock it is handed: pure, so tests run it on simulated time.
-
-    ``next(now)`` is a block to compact now, seconds to rest first, or None
-    when no block is ready. Blocks are taken in the order they became ready.
-    """
-
-    __slots__ = ("_budget", "_queue", "_rest_until", "_hurried")
-
-    def __init__(self, budget: Background, ready: Iterable[range] = ()):
-        self._budget = budget
-        self._queue: deque[range] = deque(ready)
-        self._rest_until = float("-inf")
-        self._hurried = False
-
-    def add(self, block: range) -> None:
-        self._queue.append(block)
-
-    def hurry(self) -> None:
-        """The run has written its last chunk: no more rests, what is left is what the end waits for."""
-        self._hurried = True
-
-    def next(self, now: float) -> range | float | None:
-        if not self._queue:
-            return None
-        if not self._hurried and now < self._rest_until:
-            return self._rest_until - now
-        return self._queue.popleft()
-
-    def done(self, started: float, now: float) -> None:
-        """A block took ``now - started``: rest in proportion before the next."""
-        self._rest_until = now + self._budget.rest_after(now - started)
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __repr__(self) -> str:
-        return f"Schedule({len(self._queue)} block(s) queued, {'hurried' if self._hurried else 'paced'})"
-
-
-class Compactor:
-    """Compacts an attempt's blocks on one background thread as their chunks are written.
-
-    ``written(chunk_id)`` after each chunk's manifest is durable; ``finish()``
-    once the last is written: it compacts what is left at full speed and
-    returns what was done; ``stop()`` if the run fails: the block being
-    compacted is finished (a stop at any point is safe), the queued ones are
-    left for the next run. ``finished`` are the chunks written before this
-    run (``scan_chunks``): their complete blocks are compacted first, which
-    also finishes a block an earlier compaction left half cleaned.
-    """
-
-    def __init__(
-        self,
-        store: ManifestStore,
-        backfill: str,
-        attempt: int,
-        finished: Iterable[int],
-        budget: Background = DEFAULT_BACKGROUND,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._store = store
-        self._folder = store.attempt_dir(backfill, attempt)
-        self._crash: CrashHook | bytes = budget.crash_hook or _no_crash
-        self._pool: ProcessPoolExecutor | None = None
-        if budget.process:
-            self._crash = cloudpickle.dumps(self._crash)
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            self._pool.submit(int)  # start it now: its imports overlap the run, not the last block
-        self._clock = clock
-        self._blocks = ReadyBlocks(_plan_blocks(store, backfill, attempt, budget.block_rows), finished)
-        files = store.attempt_files(backfill, attempt)
-        self._compacted = files.compacted
-        self._backfill, self._attempt = backfill, attempt
-        self.result = CompactionResult(backfill, attempt, files_before=_count(files))
-        self._schedule = Schedule(budget, self._blocks.ready())
-        self._wake = threading.Condition()
-        self._closing = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="paceline-compaction", daemon=True)
-        self._thread.start()
-
-    def written(self, chunk_id: int) -> None:
-        block = self._blocks.note(chunk_id)
-        if block is not None:
-            with self._wake:
-                self._schedule.add(block)
-                self._wake.notify()
-
-    def finish(self) -> CompactionResult:
-        """Compact the blocks still queued without resting, wait for them, and say what was done."""
-        with self._wake:
-            self._schedule.hurry()
-            self._closing = True
-            self._wake.notify()
-        self._thread.join()
-        self._close_pool()
-        if self._error is not None:
-            raise self._error
-        self.result.blocks_waiting = self._blocks.waiting
-        self.result.files_after = _count(self._store.attempt_files(self._backfill, self._attempt))
-        return self.result
-
-    def stop(self) -> None:
-        """Leave the queued blocks for the next run; wait for the block in progress."""
-        with self._wake:
-            self._schedule = Schedule(DEFAULT_BACKGROUND)
-            self._closing = True
-            self._wake.notify()
-        self._thread.join()
-        self._close_pool()
-
-    def _close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-    def _work(self) -> None:
-        try:
-            while (block := self._next()) is not None:
-                started = self._clock()
-                self._compact(block)
-                with self._wake:
-                    self._schedule.done(started, self._clock())
-        except BaseException as error:  # noqa: BLE001 - raised again by finish(), in the run's thread
-            self._error = error
-
-    def _next(self) -> range | None:
-        with self._wake:
-            while True:
-                action = self._schedule.next(self._clock())
-                if isinstance(action, range):
-                    return action
-                if action is None and self._closing:
-                    return None
-                self._wake.wait(action)
-
-    def _compact(self, chunks: range) -> None:
-        path = f"{self._folder}/{compacted_name(chunks)}"
-        paths = [self._store.chunk_path(self._backfill, self._attempt, i) for i in chunks]
-        if self._pool is None:
-            done = _compact_block(self._store, path, chunks, self._compacted, paths, self._crash)
-        else:  # this thread waits on a pipe, without the GIL
-            done = self._pool.submit(_compact_pickled, self._store, path, chunks, self._compacted, paths, self._crash)
-            done = done.result()
-        self.result.blocks_written += done.blocks_written
-        self.result.chunk_files_removed += done.chunk_files_removed
-        self.result.unreadable += done.unreadable
-
-    def __repr__(self) -> str:
-        return f"Compactor({self._backfill} attempt {self._attempt}: {self._blocks!r}, {self._schedule!r})"
-
-
-def _compact_block(
+def compact_block(
     store: ManifestStore, path: str, chunks: range, compacted: dict[str, range], paths: list[str], crash: CrashHook
 ) -> CompactionResult:
-    """One complete block, in this process; returns what it did."""
+    """One block whose chunks are all written (``paths``), in this process; returns what it did.
+
+    ``compacted`` are the attempt's compacted files as last listed; the
+    block's own file is looked for again, as another run of the attempt may
+    have published it since.
+    """
     done = CompactionResult("", 0)
     if store.readable(path):  # another run of this attempt published it: only clean up
         compacted = {**compacted, path: chunks}
     _advance_block(store, Block(chunks, path), compacted, paths, done, crash)
     return done
-
-
-def _compact_pickled(
-    store: ManifestStore, path: str, chunks: range, compacted: dict[str, range], paths: list[str], crash: bytes
-) -> CompactionResult:
-    """``_compact_block`` in the compaction process: the crash hook travels cloudpickled (it may be a closure)."""
-    return _compact_block(store, path, chunks, compacted, paths, _unpickled_hook(crash))
-
-
-@functools.lru_cache(maxsize=4)
-def _unpickled_hook(crash: bytes) -> CrashHook:
-    """One hook per compaction process, not one per block: a hook that counts the points it saw keeps counting."""
-    return cloudpickle.loads(crash)
 
 
 def explain_files(execution: ExecutionPlan, chunks: int) -> ExecutionPlan:

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.background_compaction import Background
 from pipeline.cli import main
 from pipeline.compaction import (
     CHUNK_REMOVED,
     COMMITTED,
     CRASH_POINTS,
-    Background,
     Block,
     CompactionError,
     State,
@@ -262,7 +262,7 @@ RUN_KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from pipeline.backfill import run_attempt
-    from pipeline.compaction import Background
+    from pipeline.background_compaction import Background
     from pipeline.executors import LocalExecutor
     from pipeline.manifests import ManifestStore
     from tests.test_compaction import BACKFILL, BLOCK_ROWS

@@ -3,7 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.compaction import BLOCK_FILES, Background, ReadyBlocks, Schedule, blocks_of
+from pipeline.background_compaction import Background, ReadyBlocks, Schedule
+from pipeline.compaction import BLOCK_FILES, blocks_of
 
 
 def test_a_block_is_ready_once_its_last_chunk_is_written_in_any_order():

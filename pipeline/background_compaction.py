@@ -167,7 +167,7 @@ class Schedule:
 
 
 class Compactor:
-    """Compacts an attempt's blocks on one background thread as their chunks are written.
+    """Compacts an attempt's blocks as their chunks are written: scheduled on a thread, done in a child process.
 
     ``written(chunk_id)`` after each chunk's manifest is durable; ``finish()``
     once the last is written: it compacts what is left at full speed and
@@ -190,11 +190,11 @@ class Compactor:
         self._store = store
         self._folder = store.attempt_dir(backfill, attempt)
         self._crash = budget.crash_hook or no_crash
-        # Started now, so its imports overlap the run rather than the last block.
-        self._process = _CompactionProcess(store, self._crash) if budget.process else None
         self._clock = clock
         self._blocks = ReadyBlocks(plan_blocks(store, backfill, attempt, budget.block_rows), finished)
         files = store.attempt_files(backfill, attempt)
+        # Started now, so its imports overlap the run rather than the last block.
+        self._process = _CompactionProcess(store, self._crash) if budget.process else None
         self._compacted = files.compacted
         self._backfill, self._attempt = backfill, attempt
         self.result = CompactionResult(backfill, attempt, files_before=count_files(files))

@@ -313,3 +313,11 @@ def test_a_crash_in_background_compaction_is_raised_at_the_end_and_loses_nothing
     again = run_attempt(BACKFILL, store, LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS))
     assert again.skipped_chunks == 40 and again.counts["items"] == 200
     assert again.compaction.files_after == 8 and not store.attempt_files(NAME, 0).covered
+
+
+def test_on_a_thread_the_run_compacts_its_blocks_as_it_goes(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    plan_backfill(BACKFILL, store)
+    done = run_attempt(BACKFILL, store, LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS, process=False))
+    assert (done.compaction.blocks_written, done.compaction.chunk_files_removed) == (8, 40)
+    assert done.compaction.files_after == 8 and done.counts["items"] == 200

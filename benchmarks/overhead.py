@@ -36,15 +36,19 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import cloudpickle
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from benchmarks.common import Outcome, main, median, spread, stopwatch, write_ids
 from pipeline.backfill import Backfill, plan_backfill, run_attempt
 from pipeline.chunks import Chunk
+from pipeline.compaction import compact_attempt
 from pipeline.executors import LocalExecutor
 from pipeline.items import TextLines
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ServiceLimit, derive_plan
-from pipeline.manifests import ManifestStore, result_table
+from pipeline.manifests import ManifestStore, compacted_name, result_table
+from pipeline.plan import make_plan
 from pipeline.runner import run_chunk
 from pipeline.work import FunctionWork
 
@@ -54,6 +58,7 @@ RUNS = {False: 3, True: 3}
 WARM_UP_ITEMS = 1_000
 LIMIT = ServiceLimit("noop", safe_connections=8, safety=0.5)  # 4 workers, no rate: pacing is (almost) zero
 ESTIMATES = Estimates(seconds_per_call=1e-6)
+COMPACTED_CHUNKS = 20  # chunk files in the block whose compaction is timed
 
 
 def noop_call(client: Any, item: Any) -> None:
@@ -110,25 +115,57 @@ def _baseline_chunk(chunk: list[str]) -> list[dict[str, Any]]:
 
 
 def cpu_per_item(chunk_size: int, root: str) -> dict[str, float]:
-    """Microseconds per item of each piece, single-threaded, best of five over one chunk."""
+    """Microseconds per item of each piece, single-threaded, best of five over one chunk.
+
+    The manifest is split in its three steps (building the Arrow table,
+    encoding Parquet, making the file durable: temp file, fsync, rename,
+    fsync of the folder); compaction is one block of ``COMPACTED_CHUNKS``
+    such chunk files, per item.
+    """
     ids = [f"user-{i:09d}" for i in range(chunk_size)]
     chunk = Chunk(NAME, 0, "profile", 0, ids, [None] * chunk_size, derive_plan(LIMIT, ESTIMATES).pacing)
     work = FunctionWork(lambda: None, noop_call)
     result = run_chunk(work, chunk)
+    table = result_table(result)
     rows = _baseline_chunk(ids)
     store = ManifestStore(root)
+    encoded = pa.BufferOutputStream()
+    pq.write_table(table, encoded, use_dictionary=False)
+    data = encoded.getvalue()
+    planned = [f"user-{i:09d}" for i in range(chunk_size * COMPACTED_CHUNKS)]
+    items = pa.table({"item_id": planned, "payload": pa.nulls(len(planned), pa.string())})
+    store.write_table(store.plan_path(NAME, 0), make_plan(items, chunk_size))
+
+    def durable_write() -> None:
+        store.write_file(store.chunk_path(NAME, 0, 0), lambda temp: pa.OSFile(temp, "wb").write(data))
+
+    def compaction() -> None:
+        for chunk_id in range(COMPACTED_CHUNKS):
+            path = store.chunk_path(NAME, 0, chunk_id)
+            with open(path, "wb") as out:  # generated: not what is timed
+                out.write(data.to_pybytes())
+        started = time.perf_counter()
+        compact_attempt(store, NAME, 0)
+        elapsed.append((time.perf_counter() - started) / COMPACTED_CHUNKS)
+        store.remove(f"{store.attempt_dir(NAME, 0)}/{compacted_name(range(COMPACTED_CHUNKS))}")
+
+    elapsed: list[float] = []
     pieces: dict[str, Callable[[], object]] = {
         "runner (run_chunk)": lambda: run_chunk(work, chunk),
         "pickle round trip (chunk + result)": lambda: (
             cloudpickle.loads(cloudpickle.dumps(chunk)) and cloudpickle.loads(cloudpickle.dumps(result))
         ),
-        "manifest (result_table + Parquet write)": lambda: store.write_table(
-            store.chunk_path(NAME, 0, 0), result_table(result)
-        ),
+        "manifest: result_table": lambda: result_table(result),
+        "manifest: Parquet encoding": lambda: pq.write_table(table, pa.BufferOutputStream(), use_dictionary=False),
+        "manifest: durable file (temp, fsync, rename, fsync folder)": durable_write,
         "baseline chunk function": lambda: _baseline_chunk(ids),
         "baseline JSON lines": lambda: [json.dumps(row) for row in rows],
     }
-    return {name: _best_of(piece, 5) / chunk_size * 1e6 for name, piece in pieces.items()}
+    found = {name: _best_of(piece, 5) / chunk_size * 1e6 for name, piece in pieces.items()}
+    for _ in range(3):
+        compaction()
+    found["compaction (one block, per item)"] = min(elapsed) / chunk_size * 1e6
+    return found
 
 
 def _best_of(piece: Callable[[], object], repeats: int) -> float:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.advice import Advice, advise, advised_limit
+from pipeline.background_compaction import DEFAULT_BACKGROUND, Background, Compactor
 from pipeline.chunks import Chunk, ChunkResult
 from pipeline.compaction import CompactionResult, compact_attempt, explain_files
 from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
@@ -185,15 +186,19 @@ def run_attempt(
     run_id: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     ledger: Ledger | None = None,
+    compaction: Background | None = DEFAULT_BACKGROUND,
 ) -> RunResult:
-    """Run every unfinished chunk of an attempt and write each manifest as it finishes, then compact them.
+    """Run every unfinished chunk of an attempt and write each manifest as it finishes, compacting as it goes.
 
     Chunks that already have a readable manifest, compacted or not, are
     skipped (resume); unreadable manifests are reported and their chunks run
-    again. Once every chunk is written, compaction merges the attempt's chunk
-    files into a few large ones, so the ledger's questions stop costing one
-    file each. A retry round paces itself from the round before, read from
-    ``ledger`` (the one its plan came from) or from one opened here.
+    again. Compaction merges the attempt's chunk files into a few large ones,
+    so the ledger's questions stop costing one file each: each block as soon
+    as its chunks are written, in the background within ``compaction``'s
+    budget, so the attempt's end waits for its last block only (``None``:
+    all blocks at the end, in this thread). A retry round paces itself from
+    the round before, read from ``ledger`` (the one its plan came from) or
+    from one opened here.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     plan = store.read_table(store.plan_path(backfill.name, attempt))
@@ -227,35 +232,41 @@ def run_attempt(
     progress = Progress(len(finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
     credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
-    for result in executor.map(function, chunks, execution.max_parallelism):
-        credit.note(result)
-        if result.out_of_credit is not None:
-            _write_chunk(store, result, stopped)
-            continue
-        for ready in credentials.admit(result):
-            _write_chunk(store, ready, stopped)
-            progress = Progress(
-                progress.chunks_done + 1,
-                total_chunks,
-                progress.items_done + len(ready),
-                plan.num_rows,
-                progress.ok + sum(ready.ok),
-                len(ready),
-            )
-            if on_progress:
-                on_progress(progress)
-    for refused in credentials.held_back:  # the run ended before it could tell: record them after all
-        _write_chunk(store, refused, stopped)
-    credit.record(store, backfill.name, attempt)
-    if credit.said is not None:
-        raise _out_of_credit(backfill, credit.said)
-    compaction = compact_attempt(store, backfill.name, attempt)
+    compactor = Compactor(store, backfill.name, attempt, finished, compaction) if compaction else None
+    try:
+        for result in executor.map(function, chunks, execution.max_parallelism):
+            credit.note(result)
+            if result.out_of_credit is not None:  # written, but not finished: a rerun continues it
+                _write_chunk(store, result, stopped)
+                continue
+            for ready in credentials.admit(result):
+                ok = _write_chunk(store, ready, stopped, compactor)
+                progress = Progress(
+                    progress.chunks_done + 1,
+                    total_chunks,
+                    progress.items_done + len(ready),
+                    plan.num_rows,
+                    progress.ok + ok,
+                    len(ready),
+                )
+                if on_progress:
+                    on_progress(progress)
+        for refused in credentials.held_back:  # the run ended before it could tell: record them after all
+            _write_chunk(store, refused, stopped, compactor)
+        credit.record(store, backfill.name, attempt)
+        if credit.said is not None:
+            raise _out_of_credit(backfill, credit.said)
+    except BaseException:
+        if compactor is not None:
+            compactor.stop()
+        raise
+    compacted = compactor.finish() if compactor else compact_attempt(store, backfill.name, attempt)
     with open_ledger(backfill, store) as after:  # the round's own rows: written after any ledger before it
         report = after.attempt_report(backfill.name, attempt, run_id)
         counts = after.counts(backfill.name)
         rows = after.attempt_rows(backfill.name, attempt)
     advice = advise(report, declared.limit, declared.estimates)
-    return RunResult(report, counts, len(finished), scan.unreadable, execution, compaction, rows, advice)
+    return RunResult(report, counts, len(finished), scan.unreadable, execution, compacted, rows, advice)
 
 
 @contextlib.contextmanager
@@ -339,14 +350,22 @@ def _left_by_credit(chunk: Chunk, stopped: dict[int, pa.Table]) -> Chunk:
     return dataclasses.replace(chunk, item_ids=[i for i, _ in kept], payloads=[p for _, p in kept])
 
 
-def _write_chunk(store: ManifestStore, result: ChunkResult, stopped: dict[int, pa.Table]) -> None:
-    """Write a chunk's manifest; a continued chunk's file also keeps the rows its first run finished."""
+def _write_chunk(
+    store: ManifestStore, result: ChunkResult, stopped: dict[int, pa.Table], compactor: Compactor | None = None
+) -> int:
+    """Write a chunk's manifest, then tell the compactor it is finished; returns its ok rows.
+
+    A continued chunk's file also keeps the rows its first run finished. The
+    ok rows are counted on the Arrow table: the rows themselves are a list
+    of tuples that a count would walk in Python.
+    """
+    path = store.chunk_path(result.backfill, result.attempt, result.chunk_id)
+    table = result_table(result)
     finished = stopped.get(result.chunk_id)
-    if finished is None:
-        store.write_chunk(result)
-    else:
-        path = store.chunk_path(result.backfill, result.attempt, result.chunk_id)
-        store.write_table(path, pa.concat_tables([finished, result_table(result)]))
+    store.write_table(path, table if finished is None else pa.concat_tables([finished, table]))
+    if compactor is not None:
+        compactor.written(result.chunk_id)
+    return sum(chunk.true_count for chunk in table["ok"].chunks)
 
 
 def advice_for(backfill: Backfill, ledger: Ledger, attempt: int) -> list[Advice]:

@@ -41,8 +41,16 @@ come first, then permanent failures, then retryable ones, each in their own
 row groups: the Parquet statistics on ``ok`` and ``retryable`` then let a
 reader fetch the failed rows without the rest.
 
-Crash points are named (``CRASH_POINTS``); ``compact_attempt`` calls an
-injectable hook at each one, so tests stop a compaction exactly there.
+Crash points are named (``CRASH_POINTS``); ``compact_attempt`` and
+``compact_block`` call an injectable hook at each one, so tests stop a
+compaction exactly there.
+
+Keeping up with the run
+-----------------------
+A run compacts each block as soon as its chunks are written
+(``pipeline/background_compaction.py``). Blocks are cut at ``BLOCK_FILES``
+chunk files as well as at ``BLOCK_ROWS`` rows, because the cost of the last
+block, the one an attempt's end waits for, is mostly per file.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ from pipeline.errors import PacelineError
 from pipeline.limits import ExecutionPlan
 from pipeline.manifests import MANIFEST_SCHEMA, AttemptFiles, ManifestError, ManifestStore, compacted_name
 
-BLOCK_ROWS = 2_000_000  # rows per compacted file: few files for ten million rows, and a block stays cheap to redo
+BLOCK_ROWS = 500_000  # rows per compacted file: 20 files for ten million rows, and the last block costs < 1 s
+BLOCK_FILES = 1_000  # chunk files per block: reading a small file costs about 1 ms, so the last block about 1 s
 ROW_GROUP_ROWS = 128 * 1024  # big enough for fast scans, small enough that failed rows sit in their own groups
 READ_WINDOW = 512  # chunk files read ahead at once: bounds memory whatever the block size
 READ_THREADS = 8  # on S3 each read or removal is a request worth overlapping
@@ -139,7 +148,7 @@ class CompactionResult:
 
 
 def blocks_of(plan_chunk_ids: pa.ChunkedArray | pa.Array, block_rows: int = BLOCK_ROWS) -> list[range]:
-    """The attempt's blocks: consecutive chunk ids, as many per block as keep it near ``block_rows`` rows.
+    """The attempt's blocks: consecutive chunk ids, at most ``block_rows`` rows and ``BLOCK_FILES`` files each.
 
     Computed from the plan alone, so every compactor of an attempt cuts the same blocks.
     """
@@ -148,8 +157,12 @@ def blocks_of(plan_chunk_ids: pa.ChunkedArray | pa.Array, block_rows: int = BLOC
     counts = pc.value_counts(plan_chunk_ids)
     largest = int(pc.max(counts.field("counts")).as_py())
     chunks = int(pc.max(plan_chunk_ids).as_py()) + 1
-    per_block = max(1, block_rows // largest)
+    per_block = _chunks_per_block(largest, block_rows)
     return [range(start, min(start + per_block, chunks)) for start in range(0, chunks, per_block)]
+
+
+def _chunks_per_block(chunk_rows: int, block_rows: int) -> int:
+    return max(1, min(BLOCK_FILES, block_rows // max(1, chunk_rows)))
 
 
 def compact_attempt(
@@ -165,22 +178,30 @@ def compact_attempt(
     same attempt: it only merges chunks that are finished, and a reader never
     sees a row twice (see the module docstring).
     """
+    files = store.attempt_files(backfill, attempt)
+    result = CompactionResult(backfill, attempt, files_before=count_files(files))
+    folder = store.attempt_dir(backfill, attempt)
+    for chunks in plan_blocks(store, backfill, attempt, block_rows):
+        block = Block(chunks, f"{folder}/{compacted_name(chunks)}")
+        _advance_block(store, block, files.compacted, files.chunk_files(chunks), result, crash_hook or no_crash)
+    result.files_after = count_files(store.attempt_files(backfill, attempt))
+    return result
+
+
+def plan_blocks(store: ManifestStore, backfill: str, attempt: int, block_rows: int) -> list[range]:
+    """The attempt's blocks, read from its chunk plan (refused without one)."""
     plan_path = store.plan_path(backfill, attempt)
     if not store.exists(plan_path):
         raise CompactionError(
             f"{backfill} attempt {attempt}: no chunk plan at {store.uri(plan_path)}, so which chunks make a "
             "complete block is unknown. Compact attempts that were planned by Paceline."
         )
-    plan_ids = pq.read_table(plan_path, columns=["chunk_id"], filesystem=store.fs)["chunk_id"]
-    files = store.attempt_files(backfill, attempt)
-    result = CompactionResult(backfill, attempt, files_before=len(files.files()) + len(files.covered))
-    folder = store.attempt_dir(backfill, attempt)
-    for chunks in blocks_of(plan_ids, block_rows):
-        block = Block(chunks, f"{folder}/{compacted_name(chunks)}")
-        _advance_block(store, files, block, result, crash_hook or _no_crash)
-    after = store.attempt_files(backfill, attempt)
-    result.files_after = len(after.files()) + len(after.covered)
-    return result
+    return blocks_of(pq.read_table(plan_path, columns=["chunk_id"], filesystem=store.fs)["chunk_id"], block_rows)
+
+
+def count_files(files: AttemptFiles) -> int:
+    """Manifest files in an attempt's folder, read or not (what a compaction's before/after counts)."""
+    return len(files.files()) + len(files.covered)
 
 
 def compact(
@@ -193,18 +214,26 @@ def compact(
     ]
 
 
-def _no_crash(point: str) -> None:
+def no_crash(point: str) -> None:
     """The default hook: compaction runs through every point."""
 
 
 def _advance_block(
-    store: ManifestStore, files: AttemptFiles, block: Block, result: CompactionResult, crash: CrashHook
+    store: ManifestStore,
+    block: Block,
+    compacted: dict[str, range],
+    chunk_files: list[str],
+    result: CompactionResult,
+    crash: CrashHook,
 ) -> None:
-    """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN."""
-    if block.path not in files.compacted or not store.readable(block.path):  # one that does not read is rewritten
-        if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in files.compacted.values()):
+    """Take one block as far as it can go: CHUNKS -> WRITING -> COMMITTED -> CLEAN.
+
+    ``compacted`` are the attempt's compacted files (path -> chunk ids) and
+    ``chunk_files`` the block's chunk files, held by its compacted file or not.
+    """
+    if block.path not in compacted or not store.readable(block.path):  # one that does not read is rewritten
+        if any(ids != block.chunks and _overlap(ids, block.chunks) for ids in compacted.values()):
             return  # compacted with other block bounds (an older setting): those files stay as they are
-        chunk_files = files.chunk_files(block.chunks)
         if len(chunk_files) < len(block.chunks):
             result.blocks_waiting += 1
             return
@@ -218,7 +247,7 @@ def _advance_block(
     block.advance(State.COMMITTED)
     crash(COMMITTED)
     with ThreadPoolExecutor(READ_THREADS) as pool:  # on S3 each removal is a request
-        for _ in pool.map(store.remove, files.chunk_files(block.chunks)):
+        for _ in pool.map(store.remove, chunk_files):
             result.chunk_files_removed += 1
             crash(CHUNK_REMOVED)
     block.advance(State.CLEAN)
@@ -301,15 +330,31 @@ def _read_chunk(store: ManifestStore, path: str) -> pa.Table:
     return pa.table(columns).cast(MANIFEST_SCHEMA)
 
 
+def compact_block(
+    store: ManifestStore, path: str, chunks: range, compacted: dict[str, range], paths: list[str], crash: CrashHook
+) -> CompactionResult:
+    """One block whose chunks are all written (``paths``), in this process; returns what it did.
+
+    ``compacted`` are the attempt's compacted files as last listed; the
+    block's own file is looked for again, as another run of the attempt may
+    have published it since.
+    """
+    done = CompactionResult("", 0)
+    if store.readable(path):  # another run of this attempt published it: only clean up
+        compacted = {**compacted, path: chunks}
+    _advance_block(store, Block(chunks, path), compacted, paths, done, crash)
+    return done
+
+
 def explain_files(execution: ExecutionPlan, chunks: int) -> ExecutionPlan:
     """The plan with one more line of explanation: how many files an attempt writes, and how many stay.
 
     Chunks are sized for the checkpoint (what a crash costs), not to keep the
     file count down: compaction takes care of the count.
     """
-    blocks = math.ceil(chunks / max(1, BLOCK_ROWS // execution.chunk_size))
+    blocks = math.ceil(chunks / _chunks_per_block(execution.chunk_size, BLOCK_ROWS))
     line = (
-        f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction then "
-        f"merges them into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows"
+        f"an attempt writes {chunks:,} manifest file(s), one per chunk (the checkpoint); compaction merges "
+        f"them, while the run goes, into {blocks:,} file(s) of up to {BLOCK_ROWS:,} rows or {BLOCK_FILES:,} chunks"
     )
     return dataclasses.replace(execution, explanation=[*execution.explanation, line])

@@ -35,15 +35,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.chunks import ChunkResult
 from pipeline.errors import PacelineError
-from pipeline.rows import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Source
+from pipeline.rows import MANIFEST_COLUMNS, MANIFEST_SCHEMA, ROW_FIELDS, ROW_TYPE, Source
 
 _CHUNK_FILE = re.compile(r"^chunk-(\d+)\.parquet$")
 _COMPACTED_FILE = re.compile(r"^compacted-(\d+)-(\d+)\.parquet$")
@@ -52,6 +52,7 @@ _TEMP_FILE = re.compile(r"^\.(\d+)-[0-9a-f]+\.tmp$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # Parquet schema metadata of a chunk plan: the max_attempts the backfill was declared with when planned.
 _MAX_ATTEMPTS_KEY = b"paceline.max_attempts"
+_UTC_MICROS = pa.timestamp("us", tz="UTC")
 FOOTER_THREADS = 8  # footers are small reads; on S3 each is a request worth overlapping
 # A name becomes the folder ``backfill=<name>`` and the file ``backfill=<name>.parquet`` (failed items);
 # Linux, macOS and Windows stop a file name at 255 bytes. Dagster stores keys, run keys and partition
@@ -91,7 +92,7 @@ class AttemptFiles:
 
     def chunk_files(self, ids: range) -> list[str]:
         """Every chunk file with an id in ``ids``, held by a compacted file or not."""
-        return sorted(path for files in (self.chunks, self.covered) for i, path in files.items() if i in ids)
+        return [files[i] for i in ids for files in (self.chunks, self.covered) if i in files]
 
 
 def compacted_name(chunks: range) -> str:
@@ -100,24 +101,30 @@ def compacted_name(chunks: range) -> str:
 
 
 def result_table(result: ChunkResult) -> pa.Table:
-    """A chunk's rows as an Arrow table in the manifest schema (``pipeline.rows``)."""
-    values = result.columns()
-    n = len(result)
-    started = pa.array(values["started_at"], pa.float64())
-    finished = pa.array(values["finished_at"], pa.float64())
+    """A chunk's rows as an Arrow table in the manifest schema (``pipeline.rows``).
+
+    The row tuples convert in one call (``ROW_TYPE``), the timestamps with
+    numpy: this runs once per chunk on the thread that writes manifests, and
+    every Arrow kernel call there gives the GIL to the workers and waits to
+    get it back.
+    """
+    n = len(result.rows)
+    values = dict(zip(ROW_FIELDS, pa.array(result.rows, ROW_TYPE).flatten()))
+    started = values["started_at"].to_numpy(zero_copy_only=False)
+    finished = values["finished_at"].to_numpy(zero_copy_only=False)
     built = {  # the columns that are not taken as they are
         "started_at": _timestamps(started),
         "finished_at": _timestamps(finished),
-        "latency_ms": pc.multiply(pc.subtract(finished, started), 1000.0),
+        "latency_ms": pa.array((finished - started) * 1000.0),
     }
     arrays = []
     for column in MANIFEST_COLUMNS:
         if column.name in built:
             arrays.append(built[column.name])
         elif column.source is Source.CHUNK:
-            arrays.append(pa.array([getattr(result, column.name)] * n, column.type))
+            arrays.append(pa.repeat(pa.scalar(getattr(result, column.name), column.type), n))
         else:
-            arrays.append(pa.array(values[column.name], column.type))
+            arrays.append(values[column.name])
     return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
 
 
@@ -153,14 +160,14 @@ class ManifestStore:
         return path if self.is_local else f"s3://{path}"
 
     # --- writing -----------------------------------------------------------------
-    def write_chunk(self, result: ChunkResult) -> str:
-        path = self.chunk_path(result.backfill, result.attempt, result.chunk_id)
-        self.write_table(path, result_table(result))
-        return path
-
     def write_table(self, path: str, table: pa.Table) -> None:
-        """Write whole or not at all."""
-        self.write_file(path, lambda temp: pq.write_table(table, temp))
+        """Write whole or not at all.
+
+        Without dictionaries: item ids are unique, so a dictionary would be
+        built and thrown away, and snappy compresses the repeated values as
+        well (a chunk file comes out smaller and takes half the time).
+        """
+        self.write_file(path, lambda temp: pq.write_table(table, temp, use_dictionary=False))
 
     def write_file(self, path: str, write: Callable[[str], None]) -> None:
         """Publish what ``write(local_path)`` writes at ``path``, whole or not at all.
@@ -385,9 +392,8 @@ def _fsync(path: str) -> None:
         os.close(descriptor)
 
 
-def _timestamps(seconds: pa.Array) -> pa.Array:
-    micros = pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
-    return pc.cast(micros, pa.timestamp("us", tz="UTC"))
+def _timestamps(seconds: np.ndarray) -> pa.Array:
+    return pa.array(np.rint(seconds * 1e6).astype(np.int64), _UTC_MICROS)
 
 
 def _filesystem(root: str, s3_endpoint_url: str | None) -> tuple[pafs.FileSystem, str]:

@@ -72,3 +72,12 @@ MANIFEST_SCHEMA = pa.schema([pa.field(column.name, column.type) for column in MA
 
 ROW_FIELDS: tuple[str, ...] = tuple(column.name for column in MANIFEST_COLUMNS if column.source is Source.ITEM)
 """The order of the values in a runner's row tuple."""
+
+ROW_TYPE = pa.struct(
+    [
+        pa.field(column.name, pa.float64() if pa.types.is_timestamp(column.type) else column.type)
+        for column in MANIFEST_COLUMNS
+        if column.source is Source.ITEM
+    ]
+)
+"""A runner's row tuple as Arrow sees it (timestamps still Unix seconds): the whole list converts in one call."""

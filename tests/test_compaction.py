@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
+from pipeline.background_compaction import Background
 from pipeline.cli import main
 from pipeline.compaction import (
     CHUNK_REMOVED,
@@ -48,10 +49,10 @@ def _uncompacted(store: ManifestStore) -> dict:
     """Two attempts written in full but never compacted (each run dies just before compaction)."""
     plan_backfill(BACKFILL, store)
     with pytest.raises(Killed):
-        run_attempt(BACKFILL, store, StopsAfter(10**6))
+        run_attempt(BACKFILL, store, StopsAfter(10**6), compaction=None)
     plan_retry(BACKFILL, store, 1)
     with pytest.raises(Killed):
-        run_attempt(BACKFILL, store, StopsAfter(10**6), attempt=1)
+        run_attempt(BACKFILL, store, StopsAfter(10**6), attempt=1, compaction=None)
     assert len(store.manifest_files()) == 40 + 4 and not store.attempt_files(NAME, 0).compacted
     return _truth(store)
 
@@ -255,3 +256,68 @@ def test_compact_and_query_commands(tmp_path, capsys):
     assert main(["query", "--root", str(tmp_path), "SELECT count(*) AS n FROM latest"]) == 0
     captured = capsys.readouterr()
     assert "200" in captured.out and captured.err == ""
+
+
+RUN_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline.backfill import run_attempt
+    from pipeline.background_compaction import Background
+    from pipeline.executors import LocalExecutor
+    from pipeline.manifests import ManifestStore
+    from tests.test_compaction import BACKFILL, BLOCK_ROWS
+
+    point, nth = sys.argv[2], int(sys.argv[3])
+    seen = []
+
+    def crash(at):  # runs in the compaction process: kill the run and its compaction, as a crash would
+        seen.append(at)
+        if at == point and seen.count(point) == nth:
+            os.killpg(0, signal.SIGKILL)
+
+    run_attempt(BACKFILL, ManifestStore(sys.argv[1]), LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS, crash_hook=crash))
+    """
+)
+
+
+@pytest.mark.parametrize("point, nth", [("temp_written", 2), (COMMITTED, 3), (CHUNK_REMOVED, 12)])
+def test_kill_minus_nine_during_background_compaction_then_resume(tmp_path, point, nth):
+    store = ManifestStore(str(tmp_path / "store"))
+    plan_backfill(BACKFILL, store)
+    killed = subprocess.run(
+        [sys.executable, "-c", RUN_KILLER, store.root, point, str(nth)], cwd=os.getcwd(), start_new_session=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    finished = store.scan_chunks(NAME, 0).finished
+    assert store.attempt_files(NAME, 0).compacted, "killed while the run went, after a block was compacted"
+    with Ledger(store) as ledger:
+        rows = ledger.query("SELECT count(*) AS n, count(DISTINCT item_id) AS d FROM results").to_pylist()
+    assert rows == [{"n": 5 * len(finished), "d": 5 * len(finished)}], "every finished chunk's rows, once"
+    resumed = run_attempt(BACKFILL, store, LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS))
+    assert resumed.skipped_chunks == len(finished) and resumed.report.rows == 200 - 5 * len(finished)
+    assert resumed.counts == {"items": 200, "ok": 160, "failed": 20, "dead": 20, "last_attempt": 0}
+    assert len(store.manifest_files()) == 8 and not store.attempt_files(NAME, 0).covered
+
+
+def test_a_crash_in_background_compaction_is_raised_at_the_end_and_loses_nothing(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    plan_backfill(BACKFILL, store)
+
+    def crash(at: str) -> None:
+        if at == COMMITTED:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_attempt(BACKFILL, store, LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS, crash_hook=crash))
+    assert store.scan_chunks(NAME, 0).finished == set(range(40))
+    again = run_attempt(BACKFILL, store, LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS))
+    assert again.skipped_chunks == 40 and again.counts["items"] == 200
+    assert again.compaction.files_after == 8 and not store.attempt_files(NAME, 0).covered
+
+
+def test_on_a_thread_the_run_compacts_its_blocks_as_it_goes(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    plan_backfill(BACKFILL, store)
+    done = run_attempt(BACKFILL, store, LocalExecutor(), compaction=Background(block_rows=BLOCK_ROWS, process=False))
+    assert (done.compaction.blocks_written, done.compaction.chunk_files_removed) == (8, 40)
+    assert done.compaction.files_after == 8 and done.counts["items"] == 200

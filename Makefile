@@ -23,8 +23,11 @@ demo: install  ## run the demo backfill on the embedded default (local executor,
 		&& echo "Done. Open the UI with 'make ui' (http://127.0.0.1:3000): assets demo_ids/*; its sensor retries the failed items." \
 		|| (tail -n 30 dagster_home/demo-run.log; echo "The Dagster run failed; full log: dagster_home/demo-run.log"; exit 1)
 
+# Processes for the suite: most tests wait on their servers, so two halve the time on 2 cores.
+TEST_WORKERS ?= 2
+
 test: install  ## the whole test suite; every server it needs is started by its fixtures
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 lint: install  ## ruff: lint rules and formatting, as configured in pyproject.toml
 	$(BIN)/ruff check .

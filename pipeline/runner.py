@@ -223,7 +223,7 @@ class _WorkerLoop:
         self._current: _Held | None = None  # the chunk whose items are being handed out
         self._fresh: deque[Item] = deque()  # the current chunk's items not yet tried
         self._again: deque[_Try] = deque()  # items of earlier chunks whose call asked to go again (``CallAgain``)
-        self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[_Outcome | BaseException] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._sent: dict[int, float] = {}  # calls on the call threads: id(try) -> when they were handed over
         self._gate = _SendGate()
@@ -469,7 +469,11 @@ class _WorkerLoop:
 
         def send() -> None:
             gate.enter(spacing)
-            done.put(_timed_call(call, client, attempt, listener))
+            try:
+                done.put(_timed_call(call, client, attempt, listener))
+            except BaseException as died:  # not a failure of the call: the worker dies of it, as it would inline
+                done.put(died)
+                raise
 
         self._pool.submit(send)
 
@@ -483,7 +487,9 @@ class _WorkerLoop:
                 return
             self._settle(outcome)
 
-    def _settle(self, outcome: _Outcome) -> None:
+    def _settle(self, outcome: _Outcome | BaseException) -> None:
+        if isinstance(outcome, BaseException):  # a call thread died of it (``_submit``): so does the worker
+            raise outcome
         attempt, value, error, started, finished, heard = outcome
         self._in_flight -= 1
         self._sent.pop(id(attempt), None)

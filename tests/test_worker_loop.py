@@ -170,6 +170,34 @@ def test_a_runner_that_dies_gives_every_chunk_it_held_its_rows_then_lets_the_err
     assert sorted(rows) == ["a1", "b1", "b2", "b3"] and [rows[i][3] for i in ("b2", "b3")] == ["runner_error"] * 2
 
 
+def test_a_call_thread_that_dies_takes_the_worker_with_it_instead_of_leaving_it_waiting():
+    def call(client, item):
+        if item.id == "b2":
+            raise _Boom()
+        return {}
+
+    emitted: list[ChunkResult] = []
+    raised: list[BaseException] = []
+    clock, run_id = FakeClock(), f"loop-{next(_RUNS)}"
+    work = FunctionWork(lambda: object(), call)
+    memory = WorkerMemory().of_run(run_id)
+    loop = _WorkerLoop(work, WorkHooks.of(work), OVERLAPPING, memory, emitted.append, clock, clock.sleep)
+
+    def run() -> None:
+        try:
+            loop.run(iter(_chunks(OVERLAPPING, run_id, ["a1"], ["b1", "b2", "b3"])))
+        except _Boom as error:
+            raised.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(WAIT_S)
+    assert not worker.is_alive(), "the worker waited for an outcome the dead call thread never sent"
+    assert raised, "the error reached the worker"
+    rows = _rows(emitted)
+    assert sorted(rows) == ["a1", "b1", "b2", "b3"] and rows["b2"][3] == "runner_error"
+
+
 class _DiesAfterOne(ChunkWorker):
     """A worker that emits one chunk, takes another and raises: the executor's ``drive`` keeps both."""
 

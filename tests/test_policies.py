@@ -106,6 +106,28 @@ def test_a_second_throttle_while_a_doubtful_one_waits_is_the_pace():
     assert policy.factor > DECREASE, "and only once: the doubtful one's retry adds no second cut"
 
 
+def test_a_hot_item_first_in_a_fresh_worker_costs_the_pace_only_until_its_retry_is_refused():
+    policy = ThrottlePolicy(PACING)
+    policy.on_throttle("hot", 1, throttle(), now=0.0)
+    assert policy.factor == pytest.approx(DECREASE), "no call went through yet: nothing speaks for the pace"
+    for n in range(ISOLATED_AFTER):
+        policy.on_success(f"fine{n}", first_try=True, now=0.01 * n)
+    before_retry = policy.factor
+    policy.on_throttle("hot", 2, throttle(), now=1.0)
+    undone = min(1.0, before_retry / DECREASE)
+    assert before_retry < 1.0 and policy.factor == pytest.approx(undone), "refused again among clean calls: hot"
+    policy.on_throttle("hot", 3, throttle(), now=2.0)
+    assert policy.factor == pytest.approx(undone), "undone once, not again"
+
+
+def test_a_cut_whose_item_is_refused_again_among_other_throttles_stays():
+    policy = ThrottlePolicy(PACING)
+    policy.on_throttle("a", 1, throttle(), now=0.0)
+    policy.on_success("b", first_try=True, now=0.1)
+    policy.on_throttle("a", 2, throttle(), now=1.0)
+    assert policy.factor == pytest.approx(DECREASE, abs=0.01), "too few calls went through to call it hot: the pace"
+
+
 def test_a_throttle_without_a_wait_waits_the_default_and_tries_run_out():
     policy = ThrottlePolicy(PACING)
     assert policy.on_throttle("a", 1, throttle(wait=None), now=0.0).defer_until == DEFAULT_WAIT_S

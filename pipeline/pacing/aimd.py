@@ -57,6 +57,10 @@ class Aimd:
     def on_throttle(self) -> None:
         self.factor = _clamp(self.factor * DECREASE)
 
+    def undo_throttle(self) -> None:
+        """Take back one cut that proved wrong (the throttle was about an item, not the pace)."""
+        self.factor = _clamp(self.factor / DECREASE)
+
     def __repr__(self) -> str:
         return f"<Aimd factor {self.factor:.3f}>"
 

@@ -14,7 +14,10 @@ either the service's patience or the run's speed:
   is given the benefit of the doubt, and its item's retry settles it. Refused
   again, the item was hot and the pace stays; through, the item was fine all
   along, so the throttle was about the pace, and the cut is made then (one
-  for all the doubtful throttles of that moment). On simulated time
+  for all the doubtful throttles of that moment). A throttle that did cut
+  for want of evidence (a worker whose first calls meet a hot item) is
+  taken back when its item is refused again after ``ISOLATED_AFTER`` clean
+  calls: the item was hot, and the pace was fine. On simulated time
   (``tests/test_policies.py``) this keeps 0.5% hot items from costing more
   than their own retries, while workers at a real limit of 40-70% of their
   ceiling still find it (about 1% of calls refused once converged).
@@ -109,6 +112,7 @@ class ThrottlePolicy:
         "_in_a_row",
         "_quiet_until",
         "_suspects",
+        "_cut_by",
         "_deferred",
         "_order",
     )
@@ -122,6 +126,7 @@ class ThrottlePolicy:
         self._in_a_row = False
         self._quiet_until = -1.0  # one cut per refusal episode: not again until the wait it asked is over
         self._suspects: set[int] = set()  # items whose throttle did not cut: their retry tells whose fault it was
+        self._cut_by: int | None = None  # the item whose throttle made the last cut, until its retry settles it
         self._deferred: list[tuple[float, int, Any]] = []  # (due at, tie-breaker, item): a heap
         self._order = itertools.count()
 
@@ -159,6 +164,9 @@ class ThrottlePolicy:
         in_a_row, self._in_a_row = self._in_a_row, True
         if tries > 1:
             self._suspects.discard(id(item))  # refused again while others went through: a hot item, proven
+            if id(item) == self._cut_by and self._clean_calls >= ISOLATED_AFTER:
+                self.aimd.undo_throttle()  # it cut the pace (no evidence yet), but was hot: the cut was wrong
+                self._cut_by = None
         wait = min(
             DEFAULT_WAIT_S if failure.retry_after is None else failure.retry_after, self._pacing.max_retry_after_s
         )
@@ -171,6 +179,7 @@ class ThrottlePolicy:
         if about_service and now >= self._quiet_until:
             self.aimd.on_throttle()
             self._suspects.clear()
+            self._cut_by = id(item) if tries == 1 and failure.scope is None else None
             if hold:  # the calls already out when the worker stopped will be refused too: one cut for all
                 self._quiet_until = now + wait
         elif failure.scope is None and tries == 1 and not about_service:

@@ -154,15 +154,16 @@ class _Boom(BaseException):
     """Something that is not an Exception escapes: the runner records, then lets it go."""
 
 
-def test_a_runner_that_dies_gives_every_chunk_it_held_its_rows_then_lets_the_error_go():
-    def call(client, item):
-        if item.id == "b2":
-            raise _Boom()
-        return {}
+def _dies_at_b2(client, item):
+    if item.id == "b2":
+        raise _Boom()
+    return {}
 
+
+def test_a_runner_that_dies_gives_every_chunk_it_held_its_rows_then_lets_the_error_go():
     emitted: list[ChunkResult] = []
     clock, run_id = FakeClock(), f"loop-{next(_RUNS)}"
-    work = FunctionWork(lambda: object(), call)
+    work = FunctionWork(lambda: object(), _dies_at_b2)
     loop = _WorkerLoop(work, WorkHooks.of(work), Pacing(), WorkerMemory().of_run(run_id), emitted.append, clock)
     with pytest.raises(_Boom):
         loop.run(iter(_chunks(Pacing(), run_id, ["a1"], ["b1", "b2", "b3"], ["c1"])))
@@ -171,15 +172,10 @@ def test_a_runner_that_dies_gives_every_chunk_it_held_its_rows_then_lets_the_err
 
 
 def test_a_call_thread_that_dies_takes_the_worker_with_it_instead_of_leaving_it_waiting():
-    def call(client, item):
-        if item.id == "b2":
-            raise _Boom()
-        return {}
-
     emitted: list[ChunkResult] = []
     raised: list[BaseException] = []
     clock, run_id = FakeClock(), f"loop-{next(_RUNS)}"
-    work = FunctionWork(lambda: object(), call)
+    work = FunctionWork(lambda: object(), _dies_at_b2)
     memory = WorkerMemory().of_run(run_id)
     loop = _WorkerLoop(work, WorkHooks.of(work), OVERLAPPING, memory, emitted.append, clock, clock.sleep)
 

@@ -20,7 +20,7 @@ from pipeline.background_compaction import DEFAULT_BACKGROUND, Background, Compa
 from pipeline.chunks import Chunk, ChunkResult
 from pipeline.compaction import CompactionResult, compact_attempt, explain_files
 from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
-from pipeline.errors import PacelineError
+from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.ledger import Ledger
@@ -60,7 +60,7 @@ class Backfill:
     def __post_init__(self) -> None:
         check_name(self.name)
         if self.max_attempts < 1:
-            raise ValueError(f"{self.name}: max_attempts must be at least 1, got {self.max_attempts}.")
+            raise ConfigError(f"{self.name}: max_attempts must be at least 1, got {self.max_attempts}.")
 
     @property
     def service(self) -> str:
@@ -152,7 +152,7 @@ def plan_retry(backfill: Backfill, store: ManifestStore, attempt: int, ledger: L
     opened here.
     """
     if attempt < 1:
-        raise ValueError(f"a retry round is attempt 1 or later, got {attempt}.")
+        raise ConfigError(f"a retry round is attempt 1 or later, got {attempt}.")
     if store.exists(store.credit_path(backfill.name, attempt - 1)):
         raise ManifestError(
             f"{backfill.name}: attempt {attempt - 1} stopped because the service's account ran out of credit. "

@@ -50,6 +50,7 @@ from pipeline.compaction import (
     no_crash,
     plan_blocks,
 )
+from pipeline.errors import ConfigError
 from pipeline.manifests import ManifestStore
 
 DEFAULT_DUTY = 0.5  # the share of wall time compaction may work while the run goes: half a core
@@ -72,7 +73,7 @@ class Background:
 
     def __post_init__(self) -> None:
         if not 0 < self.duty <= 1:
-            raise ValueError(f"duty is the share of wall time compaction may work, in (0, 1]; got {self.duty}.")
+            raise ConfigError(f"duty is the share of wall time compaction may work, in (0, 1]; got {self.duty}.")
 
     def rest_after(self, busy_s: float) -> float:
         """Seconds to rest after ``busy_s`` of work, so work stays at ``duty`` of the wall time."""

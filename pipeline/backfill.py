@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ from pipeline.advice import Advice, advise, advised_limit
 from pipeline.background_compaction import DEFAULT_BACKGROUND, Background, Compactor
 from pipeline.chunks import Chunk, ChunkResult
 from pipeline.compaction import CompactionResult, compact_attempt, explain_files
-from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_SHARE
 from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
+from pipeline.leases import LeaseHolder, ShareChange, ShareTicket, lease_store, new_lease, preview_share
 from pipeline.ledger import Ledger
 from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
 from pipeline.manifests import ManifestError, ManifestStore, check_name, result_table
@@ -30,6 +32,7 @@ from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport
 from pipeline.runner import make_chunk_function
+from pipeline.shares import LeaseTiming
 from pipeline.work import Work
 
 
@@ -46,7 +49,9 @@ class Backfill:
     """Everything Paceline needs to run one backfill.
 
     ``service`` names the external service; backfills that share a service
-    share its limit (and, in Dagster, its concurrency pool).
+    share its limit: while they run at once, each gets a part of its budget
+    in proportion to its ``share`` (a weight), and never less than
+    ``min_share`` of the whole (``pipeline.shares``).
     """
 
     name: str
@@ -56,11 +61,24 @@ class Backfill:
     estimates: Estimates = Estimates()
     overrides: Overrides = Overrides()
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    share: float = DEFAULT_SHARE
+    min_share: float = 0.0
+    lease_timing: LeaseTiming = LeaseTiming()
 
     def __post_init__(self) -> None:
         check_name(self.name)
         if self.max_attempts < 1:
             raise ConfigError(f"{self.name}: max_attempts must be at least 1, got {self.max_attempts}.")
+        if not (isinstance(self.share, int | float) and 0 < self.share < float("inf")):
+            raise ConfigError(
+                f"{self.name}: share must be a positive number, got {self.share!r}. It is a weight: "
+                "a backfill with share=3 gets three times the part of one with share=1 while both run."
+            )
+        if not (isinstance(self.min_share, int | float) and 0 <= self.min_share < 1):
+            raise ConfigError(
+                f"{self.name}: min_share must be in [0, 1), got {self.min_share!r}. It is the fraction of the "
+                "service's budget this backfill keeps however many others run (0.2: a fifth)."
+            )
 
     @property
     def service(self) -> str:
@@ -103,6 +121,7 @@ class RunResult:
     compaction: CompactionResult
     attempt_rows: int  # rows in the attempt's manifests, all its runs together
     advice: list[Advice] = field(default_factory=list)
+    shares: list[ShareChange] = field(default_factory=list)  # the share of the service's budget, as it changed
 
     @property
     def max_retry_after(self) -> float:
@@ -117,6 +136,7 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     execution = backfill.execution_plan(items.num_rows) if items.num_rows else execution_check
     plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
     execution = explain_files(execution, chunk_count(plan))
+    execution = dataclasses.replace(execution, explanation=[*execution.explanation, *_share_preview(backfill, store)])
     path = store.plan_path(backfill.name, 0)
     _refuse_a_different_plan_over_manifests(backfill, store, path, plan)
     store.write_plan(backfill.name, 0, plan, backfill.max_attempts)
@@ -207,12 +227,15 @@ def run_attempt(
         with _given_or_opened(ledger, backfill, store) as before:
             backfill = paced_from_round_before(backfill, before, attempt)
     execution = backfill.execution_plan(max(plan.num_rows, 1))
+    holder = _lease(backfill, store, execution, attempt, run_id)
     if backfill.limit != declared.limit:
         paced = (
             f"paced from the advice of attempt {attempt - 1}, which was throttled "
             f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}"
         )
         execution = dataclasses.replace(execution, explanation=[paced, *execution.explanation])
+    if holder is not None:
+        execution = dataclasses.replace(execution, explanation=[*execution.explanation, holder.describe()])
     scan = store.scan_chunks(backfill.name, attempt)
     stopped = stopped_for_credit(store, backfill.name, attempt, scan.finished)
     finished = scan.finished - stopped.keys()
@@ -224,6 +247,7 @@ def run_attempt(
         pacing=execution.pacing,
         skip=finished,
         first_wave=execution.max_parallelism,
+        share=_ticket(holder, store, backfill),
     )
     credit = _CreditWatch(set(stopped))
     chunks = (_left_by_credit(chunk, stopped) for chunk in credit.until_dry(chunks))
@@ -259,14 +283,72 @@ def run_attempt(
     except BaseException:
         if compactor is not None:
             compactor.stop()
+        if holder is not None:
+            holder.abandon()  # workers may still be calling: the lease expires after they stop
         raise
+    if holder is not None:
+        holder.release()
     compacted = compactor.finish() if compactor else compact_attempt(store, backfill.name, attempt)
     with open_ledger(backfill, store) as after:  # the round's own rows: written after any ledger before it
         report = after.attempt_report(backfill.name, attempt, run_id)
         counts = after.counts(backfill.name)
         rows = after.attempt_rows(backfill.name, attempt)
     advice = advise(report, declared.limit, declared.estimates)
-    return RunResult(report, counts, len(finished), scan.unreadable, execution, compacted, rows, advice)
+    shares = holder.changes if holder is not None else []
+    return RunResult(report, counts, len(finished), scan.unreadable, execution, compacted, rows, advice, shares)
+
+
+def _lease(
+    backfill: Backfill, store: ManifestStore, execution: ExecutionPlan, attempt: int, run_id: str
+) -> LeaseHolder | None:
+    """Take this attempt's lease on its service's budget (none when the limit has no rate or token budget)."""
+    budget = backfill.limit.budget()
+    if not budget:
+        return None
+    lease = new_lease(
+        backfill.service,
+        backfill.name,
+        attempt,
+        run_id,
+        backfill.share,
+        backfill.min_share,
+        budget,
+        execution.max_parallelism,
+    )
+    holder = LeaseHolder(lease_store(store.root, store.s3_endpoint_url), lease, backfill.lease_timing)
+    holder.acquire()
+    holder.start()
+    return holder
+
+
+def _share_preview(backfill: Backfill, store: ManifestStore) -> list[str]:
+    """The share this backfill would start with among the leases live now (the run itself reads them again)."""
+    budget = backfill.limit.budget()
+    if not budget:
+        return []
+    lease = new_lease(backfill.service, backfill.name, 0, "", backfill.share, backfill.min_share, budget, 0)
+    share, live = preview_share(
+        lease_store(store.root, store.s3_endpoint_url), lease, backfill.lease_timing, time.time()
+    )
+    if not live:
+        return [f"no other backfill holds a lease on {backfill.service} now: it starts with its whole budget"]
+    return [
+        f"{live} other backfill(s) hold a lease on {backfill.service} now: started now, it would get share "
+        f"{share:.3g} of the budget (weight {backfill.share:g}, min_share {backfill.min_share:g})"
+    ]
+
+
+def _ticket(holder: LeaseHolder | None, store: ManifestStore, backfill: Backfill) -> ShareTicket | None:
+    if holder is None:
+        return None
+    return ShareTicket(
+        store.root,
+        store.s3_endpoint_url,
+        backfill.service,
+        holder.lease.lease_id,
+        holder.lease.budget,
+        backfill.lease_timing,
+    )
 
 
 @contextlib.contextmanager

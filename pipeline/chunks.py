@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pipeline.leases import ShareTicket
 from pipeline.outcomes import Failure
 from pipeline.pacing.memory import Learned
 from pipeline.pacing.schedule import Pacing
@@ -30,6 +31,7 @@ class Chunk:
     payloads: list[str | None]
     pacing: Pacing = field(default_factory=Pacing)
     start_delay_s: float = 0.0  # staggered start-up: the first wave of chunks does not call all at once
+    share: ShareTicket | None = None  # where the backfill's lease is, when it shares its service's budget
 
     def items(self) -> list[Item]:
         return [Item(i, p) for i, p in zip(self.item_ids, self.payloads)]

@@ -32,3 +32,7 @@ clears within a few waits, and one that does not is better retried later than wa
 DEFAULT_MAX_RETRY_AFTER_S = 60.0
 """The longest wait one Retry-After can impose inside a chunk: a longer one is cut to this, so a single
 answer cannot park a worker (and its share of the limit) for an hour; the throttle retries still bound the item."""
+
+DEFAULT_SHARE = 1.0
+"""Backfills that run at once against one service split its budget equally unless told otherwise: a weight of
+one each. A nightly that should keep most of it while ad-hoc reprocessing runs beside it sets share=3."""

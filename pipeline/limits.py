@@ -113,6 +113,19 @@ class ServiceLimit:
             rates.append(self.requests_per_minute / 60)
         return _min_defined(rates)
 
+    def budget(self) -> dict[str, float]:
+        """What a run may spend in total, per unit (``limit x safety``): the budget backfills share by lease.
+
+        Connections and batches in flight are not in it: a pace cannot split
+        them, so they stay with the Dagster pool (README, "Shared budgets").
+        """
+        budget = {}
+        if (rate := self.global_rate()) is not None:
+            budget["requests_per_second"] = rate * self.safety
+        if self.tokens_per_minute is not None:
+            budget["tokens_per_minute"] = self.tokens_per_minute * self.safety
+        return budget
+
     def concurrency_cap(self) -> int | None:
         """Live workers the service tolerates (connections or batches in flight)."""
         caps = [self.safe_connections, self.concurrent_batches]

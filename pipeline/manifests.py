@@ -135,6 +135,7 @@ class ManifestStore:
         if not root:
             raise ManifestError("manifest root is empty. Give a folder (./data) or an s3://bucket/prefix URI.")
         self.root = root
+        self.s3_endpoint_url = s3_endpoint_url
         self.fs, self._base = _filesystem(root, s3_endpoint_url)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.chunks import Chunk
+from pipeline.leases import ShareTicket
 from pipeline.pacing.schedule import Pacing
 
 PLAN_SCHEMA = pa.schema(
@@ -81,6 +82,7 @@ def iter_chunks(
     pacing: Pacing,
     skip: set[int] = frozenset(),  # type: ignore[assignment]
     first_wave: int = 0,
+    share: ShareTicket | None = None,
 ) -> Iterator[Chunk]:
     """Yield the plan's chunks lazily, skipping finished ones.
 
@@ -110,5 +112,6 @@ def iter_chunks(
             payloads=rows["payload"].to_pylist(),
             pacing=pacing,
             start_delay_s=started * stagger if started < first_wave else 0.0,
+            share=share,
         )
         started += 1

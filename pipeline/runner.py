@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 from pipeline.chunks import Chunk, ChunkResult, ChunkWorker, fill_failed
 from pipeline.connection import ChunkClient, ConnectionLost
+from pipeline.leases import ShareTicket, ShareWatch
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.headers import ServiceSignal
@@ -105,7 +106,9 @@ def run_worker(
     first = next(chunks, None)
     if first is None:
         return
-    loop = _WorkerLoop(work, WorkHooks.of(work), first.pacing, memory.of_run(first.run_id), emit, clock, sleep)
+    loop = _WorkerLoop(
+        work, WorkHooks.of(work), first.pacing, memory.of_run(first.run_id), emit, clock, sleep, first.share
+    )
     loop.run(itertools.chain((first,), chunks))
 
 
@@ -193,8 +196,10 @@ class _WorkerLoop:
         emit: Callable[[ChunkResult], None],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        share: ShareTicket | None = None,
     ):
         self._pacing, self._memory, self._emit = pacing, memory, emit
+        self._share, self._shares = share, None
         self._secrets = hooks.secrets
         self._clock, self._sleep = clock, sleep
         self._call = work.call
@@ -235,6 +240,8 @@ class _WorkerLoop:
         """Run every chunk of ``chunks``; whatever happens, each chunk taken is emitted with one row per item."""
         self._chunks = chunks
         try:
+            if self._share is not None:
+                self._shares = ShareWatch(self._share).start()
             self._loop()
             if self._held:  # a bug, if ever: the rows still say so, and every item has one
                 self._give_up(Failure("runner_error", True, "the worker ended without a row for this item"))
@@ -273,6 +280,8 @@ class _WorkerLoop:
                     continue
             if self._charges_tokens:
                 attempt.charge = self.cost.charge(attempt.estimate)
+            if self._shares is not None:
+                self._wait_for_share(self._shares)
             self.pacer.before_call(attempt.charge)
             attempt.tries += 1
             self._in_flight += 1
@@ -361,8 +370,24 @@ class _WorkerLoop:
         self._settle(outcome)
         return True
 
+    def _wait_for_share(self, shares: ShareWatch) -> None:
+        """Pace at this backfill's share of a budget it shares with others; while that share is none, wait.
+
+        It is none before the lease is active (every other worker must have
+        seen it first), while the last read of the leases is too old to
+        vouch for, and once the lease lapsed (``pipeline.shares``).
+        """
+        while True:
+            allowed = shares.fraction()
+            if allowed.value > 0:
+                self.pacer.share(allowed.value)
+                return
+            self._sleep(min(self._share.timing.reread_s, max(MIN_LOOK_S, allowed.until - time.time())))
+
     def close(self) -> None:
         """Let go of the call threads (a stopped worker does not wait for calls nobody will read), then the client."""
+        if self._shares is not None:
+            self._shares.close()
         if self._pool is not None:
             self._pool.shutdown(wait=not self._stopped and not self._in_flight, cancel_futures=True)
         self._connection.close()

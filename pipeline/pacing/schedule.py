@@ -88,6 +88,8 @@ class Pacer:
         "_unpaced",
         "_returns",
         "_factor",
+        "_share",
+        "_scale",
         "_floor_s",
         "_floor_until",
         "_last_start",
@@ -110,6 +112,8 @@ class Pacer:
         self._unpaced = not (pacing.min_interval_s or pacing.jitter_s or pacing.tokens_per_second)
         self._returns = deque(maxlen=pacing.window_calls) if pacing.window_calls else None
         self._factor = 1.0  # the throttle loop's fraction of the ceiling (see aimd.py); never above 1
+        self._share = 1.0  # the fraction of the ceiling the budget's leases allow (see pipeline/shares.py)
+        self._scale = 1.0  # the two together: what every spacing is divided by
         self._floor_s = 0.0  # spacing a service's quota headers asked for, ...
         self._floor_until = 0.0  # ... until the quota resets
         self._last_start = -math.inf
@@ -134,7 +138,7 @@ class Pacer:
         if ready > now:
             self._sleep(ready - now)
             now = self._clock()  # sleep can overshoot; space the next call from the real start
-        spacing = self._pacing.min_interval_s / self._factor
+        spacing = self._pacing.min_interval_s / self._scale
         if self._floor_until > now:
             spacing = max(spacing, self._floor_s)
         if self._pacing.jitter_s:
@@ -176,7 +180,25 @@ class Pacer:
     def slow_to(self, factor: float) -> None:
         """Run at ``factor`` (0 < factor <= 1) of the planned ceiling: the throttle loop's lever."""
         self._factor = min(1.0, max(factor, 1e-3))
-        if self._factor < 1.0:
+        self._rescale()
+
+    def share(self, fraction: float) -> None:
+        """Run at ``fraction`` (0 < fraction <= 1) of the ceiling: this backfill's share of a budget it shares.
+
+        A smaller share holds from the very next call: the spacing already
+        promised at the last start is stretched to the new one, so no call
+        goes out at the old pace once the worker has heard of a newcomer.
+        """
+        before = self._scale
+        self._share = min(1.0, max(fraction, 1e-3))
+        self._rescale()
+        if self._scale < before and self._last_start > -math.inf:
+            self._spaced_until = max(self._spaced_until, self._last_start + self._pacing.min_interval_s / self._scale)
+            self._tokens_until = self._last_start + (self._tokens_until - self._last_start) * before / self._scale
+
+    def _rescale(self) -> None:
+        self._scale = self._factor * self._share
+        if self._scale < 1.0:
             self._unpaced = False
 
     def heed(self, signal: ServiceSignal, tokens_per_call: float | None) -> None:
@@ -216,11 +238,11 @@ class Pacer:
     def spacing(self) -> float:
         """The least time between two call starts of this worker right now (requests only, no tokens)."""
         floor = self._floor_s if self._floor_until > self._clock() else 0.0
-        return max(self._pacing.min_interval_s / self._factor, floor)
+        return max(self._pacing.min_interval_s / self._scale, floor)
 
     def calls_per_second(self, tokens_per_call: float | None) -> float | None:
         """The pace this schedule allows now, or None when it does not pace at all."""
-        period = self._pacing.period(tokens_per_call) / self._factor
+        period = self._pacing.period(tokens_per_call) / self._scale
         return 1 / period if period > 0 else None
 
     def _next_start(self) -> float:
@@ -232,11 +254,12 @@ class Pacer:
 
     def _token_seconds(self, tokens: float) -> float:
         rate = self._pacing.tokens_per_second
-        return tokens / (rate * self._factor) if rate and tokens else 0.0
+        return tokens / (rate * self._scale) if rate and tokens else 0.0
 
     def __repr__(self) -> str:
         ahead = self._next_start() - self._clock()
         return (
-            f"<Pacer every {self._pacing.period() / self._factor:.4g} s (factor {self._factor:.3f}), "
+            f"<Pacer every {self._pacing.period() / self._scale:.4g} s "
+            f"(factor {self._factor:.3f}, share {self._share:.3f}), "
             f"next call in {max(0.0, ahead):.3g} s>"
         )

@@ -107,6 +107,8 @@ class LocalLeases:
         if expected is None:
             try:
                 os.link(temp, path)  # create only: fails if the name exists
+            except FileExistsError as error:
+                raise LeaseLost(f"lease {lease.lease_id} of {lease.service} exists already") from error
             finally:
                 os.remove(temp)
         else:
@@ -209,7 +211,8 @@ class LeaseHolder:
     def acquire(self) -> Lease:
         """Write the lease; a newcomer among live leases starts only once every worker could have read it."""
         now = self._clock()
-        self.lease = replace(self.lease, written_at=now, expires_at=now + self._timing.ttl_s, active_from=now)
+        alone = now - self._timing.skew_s  # nobody else to wait for: active at once on every worker's clock
+        self.lease = replace(self.lease, written_at=now, expires_at=now + self._timing.ttl_s, active_from=alone)
         self._version = self._store.write(self.lease, None)
         leases = self._store.read(self.lease.service)
         self.others = [lease for lease in leases if lease.lease_id != self.lease.lease_id and self._live(lease, now)]

@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from pipeline.errors import ConfigError
+
 DEFAULT_REREAD_S = 0.5
 """A worker re-reads the leases twice a second: a share freed reaches it within about that much. On S3 that
 is one LIST and one GET per lease per worker each time: cents a day for a few backfills of twenty workers."""
@@ -65,14 +67,14 @@ class LeaseTiming:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"lease timing: {name} must be a positive number of seconds, got {value!r}.")
+                raise ConfigError(f"lease timing: {name} must be a positive number of seconds, got {value!r}.")
         if self.stale_s < self.reread_s:
-            raise ValueError(
+            raise ConfigError(
                 f"lease timing: stale_s ({self.stale_s:g}) must be at least reread_s ({self.reread_s:g}), "
                 "or every worker would pause between two reads."
             )
         if self.renew_s + self.skew_s * 2 >= self.ttl_s:
-            raise ValueError(
+            raise ConfigError(
                 f"lease timing: ttl_s ({self.ttl_s:g}) must exceed renew_s + 2 x skew_s "
                 f"({self.renew_s + 2 * self.skew_s:g}), or a healthy holder's workers would pause between renewals."
             )

@@ -30,6 +30,16 @@ FORBIDDEN = (
         (module, ("pipeline.runner",), "the planner, the store and the executors share the chunk types, not the runner")
         for module in ("pipeline.chunks", "pipeline.plan", "pipeline.manifests", "pipeline.executors")
     ),
+    (
+        "pipeline.shares",
+        ("pipeline.leases", "pipeline.manifests", "pipeline.runner", "pipeline.backfill"),
+        "the share arithmetic is pure: it reads no store and no clock, so it is tested on simulated time",
+    ),
+    (
+        "pipeline.leases",
+        ("pipeline.runner", "pipeline.backfill", "pipeline.chunks"),
+        "a worker and an attempt both hold leases: the lease code sits under both",
+    ),
 )
 
 # Packages that import nothing of the project outside themselves.

@@ -54,3 +54,28 @@ def test_retry_after_holds_the_next_call_even_when_unpaced():
     pacer.hold(2.0)
     pacer.before_call()
     assert clock.now == pytest.approx(2.0)
+
+
+def test_a_share_scales_the_ceiling_and_a_smaller_one_holds_from_the_next_call():
+    clock = FakeClock()
+    pacer = Pacer(Pacing(min_interval_s=0.1, tokens_per_second=1000.0), clock, clock.sleep)
+    pacer.before_call(estimated_tokens=50)  # spacing 0.1 s, tokens 0.05 s
+    pacer.share(0.25)  # a newcomer took three quarters: the call already spaced waits the new spacing
+    pacer.before_call(estimated_tokens=200)
+    assert clock.now == pytest.approx(0.4)
+    pacer.before_call()  # 200 tokens at a quarter of 1,000/s: 0.8 s, more than the 0.4 s spacing
+    assert clock.now == pytest.approx(1.2)
+    pacer.share(1.0)  # the newcomer left: back to the whole ceiling from the next spacing on
+    pacer.before_call()
+    pacer.before_call()
+    assert clock.now == pytest.approx(1.2 + 0.4 + 0.1)
+    assert "share 1.000" in repr(pacer)
+
+
+def test_a_share_and_the_throttle_factor_multiply():
+    clock = FakeClock()
+    pacer = Pacer(Pacing(min_interval_s=0.1), clock, clock.sleep)
+    pacer.slow_to(0.5)
+    pacer.share(0.5)
+    assert pacer.spacing() == pytest.approx(0.4)
+    assert pacer.calls_per_second(None) == pytest.approx(2.5)

@@ -227,7 +227,7 @@ def run_attempt(
         with _given_or_opened(ledger, backfill, store) as before:
             backfill = paced_from_round_before(backfill, before, attempt)
     execution = backfill.execution_plan(max(plan.num_rows, 1))
-    holder = _lease(backfill, store, execution, attempt, run_id)
+    holder = _lease(backfill, store, executor, execution, attempt, run_id)
     if backfill.limit != declared.limit:
         paced = (
             f"paced from the advice of attempt {attempt - 1}, which was throttled "
@@ -299,12 +299,18 @@ def run_attempt(
 
 
 def _lease(
-    backfill: Backfill, store: ManifestStore, execution: ExecutionPlan, attempt: int, run_id: str
+    backfill: Backfill, store: ManifestStore, executor: Executor, execution: ExecutionPlan, attempt: int, run_id: str
 ) -> LeaseHolder | None:
     """Take this attempt's lease on its service's budget (none when the limit has no rate or token budget)."""
     budget = backfill.limit.budget()
     if not budget:
         return None
+    if store.is_local and executor.name != "local":
+        raise ConfigError(
+            f"{backfill.name}: {executor.name} workers cannot read the leases in the local folder {store.root}, "
+            f"so they could not make room for other backfills of {backfill.service}. Give the manifests an s3:// "
+            "root (manifest_root), which every worker reads, or run with the local executor."
+        )
     lease = new_lease(
         backfill.service,
         backfill.name,

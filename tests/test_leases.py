@@ -241,7 +241,9 @@ def _simulate(tmp_path, seed: int, read_failures: float) -> tuple[list[float], l
                 continue
             if backfill.holder is None:  # arrival: the lease first, then the workers
                 last_event = truth.now
-                backfill.holder = LeaseHolder(store, lease_for(backfill.name, backfill.weight, backfill.min_share), TIMING, skewed())
+                backfill.holder = LeaseHolder(
+                    store, lease_for(backfill.name, backfill.weight, backfill.min_share), TIMING, skewed()
+                )
                 lease = backfill.holder.acquire()
                 backfill.next_renew = truth.now + TIMING.renew_s
                 for _ in range(2):

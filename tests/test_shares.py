@@ -58,9 +58,7 @@ def test_a_lease_added_never_gives_another_lease_more():
     """The property the protocol rests on: views that count extra leases only ever use less."""
     rng = random.Random(17)
     for _ in range(3000):
-        leases = [
-            lease(f"l{i}", rng.choice([0.5, 1, 2, 3, 10]), rng.choice([0, 0, 0.1, 0.3, 0.6])) for i in range(6)
-        ]
+        leases = [lease(f"l{i}", rng.choice([0.5, 1, 2, 3, 10]), rng.choice([0, 0, 0.1, 0.3, 0.6])) for i in range(6)]
         for size in range(1, 6):
             before = allocate(leases[:size])
             after = allocate(leases[: size + 1])

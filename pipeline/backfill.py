@@ -26,7 +26,7 @@ from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
 from pipeline.leases import LeaseHolder, ShareChange, ShareTicket, lease_store, new_lease, preview_share
 from pipeline.ledger import Ledger
-from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
+from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan, early_calls
 from pipeline.manifests import ManifestError, ManifestStore, check_name, result_table
 from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
@@ -227,37 +227,40 @@ def run_attempt(
         with _given_or_opened(ledger, backfill, store) as before:
             backfill = paced_from_round_before(backfill, before, attempt)
     execution = backfill.execution_plan(max(plan.num_rows, 1))
-    holder = _lease(backfill, store, executor, execution, attempt, run_id)
     if backfill.limit != declared.limit:
         paced = (
             f"paced from the advice of attempt {attempt - 1}, which was throttled "
             f"(see `paceline advise`): requests_per_second={backfill.limit.requests_per_second:g}"
         )
         execution = dataclasses.replace(execution, explanation=[paced, *execution.explanation])
-    if holder is not None:
-        execution = dataclasses.replace(execution, explanation=[*execution.explanation, holder.describe()])
     scan = store.scan_chunks(backfill.name, attempt)
     stopped = stopped_for_credit(store, backfill.name, attempt, scan.finished)
     finished = scan.finished - stopped.keys()
-    chunks = iter_chunks(
-        plan,
-        backfill=backfill.name,
-        attempt=attempt,
-        run_id=run_id,
-        pacing=execution.pacing,
-        skip=finished,
-        first_wave=execution.max_parallelism,
-        share=_ticket(holder, store, backfill),
-    )
-    credit = _CreditWatch(set(stopped))
-    chunks = (_left_by_credit(chunk, stopped) for chunk in credit.until_dry(chunks))
     total_chunks = chunk_count(plan)
     done_items = int(pc.sum(pc.is_in(plan["chunk_id"], pa.array(sorted(finished), pa.int32()))).as_py() or 0)
     progress = Progress(len(finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
-    credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
-    compactor = Compactor(store, backfill.name, attempt, finished, compaction) if compaction else None
+    credit = _CreditWatch(set(stopped))
+    holder = _lease(backfill, store, executor, execution, attempt, run_id)
+    compactor = None
     try:
+        if holder is not None:
+            execution = _make_room(backfill, execution, holder, plan.num_rows)
+            holder.start()
+            execution = dataclasses.replace(execution, explanation=[*execution.explanation, holder.describe()])
+        chunks = iter_chunks(
+            plan,
+            backfill=backfill.name,
+            attempt=attempt,
+            run_id=run_id,
+            pacing=execution.pacing,
+            skip=finished,
+            first_wave=execution.max_parallelism,
+            share=_ticket(holder, store, backfill),
+        )
+        chunks = (_left_by_credit(chunk, stopped) for chunk in credit.until_dry(chunks))
+        credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
+        compactor = Compactor(store, backfill.name, attempt, finished, compaction) if compaction else None
         for result in executor.map(function, chunks, execution.max_parallelism):
             credit.note(result)
             if result.out_of_credit is not None:  # written, but not finished: a rerun continues it
@@ -278,8 +281,6 @@ def run_attempt(
         for refused in credentials.held_back:  # the run ended before it could tell: record them after all
             _write_chunk(store, refused, stopped, compactor)
         credit.record(store, backfill.name, attempt)
-        if credit.said is not None:
-            raise _out_of_credit(backfill, credit.said)
     except BaseException:
         if compactor is not None:
             compactor.stop()
@@ -287,7 +288,11 @@ def run_attempt(
             holder.abandon()  # workers may still be calling: the lease expires after they stop
         raise
     if holder is not None:
-        holder.release()
+        holder.release()  # every worker has returned: the others may have its part at once
+    if credit.said is not None:
+        if compactor is not None:
+            compactor.stop()
+        raise _out_of_credit(backfill, credit.said)
     compacted = compactor.finish() if compactor else compact_attempt(store, backfill.name, attempt)
     with open_ledger(backfill, store) as after:  # the round's own rows: written after any ledger before it
         report = after.attempt_report(backfill.name, attempt, run_id)
@@ -323,8 +328,33 @@ def _lease(
     )
     holder = LeaseHolder(lease_store(store.root, store.s3_endpoint_url), lease, backfill.lease_timing)
     holder.acquire()
-    holder.start()
     return holder
+
+
+def _make_room(backfill: Backfill, execution: ExecutionPlan, holder: LeaseHolder, items: int) -> ExecutionPlan:
+    """Run with fewer workers when the backfills already running hold most of the early-call headroom.
+
+    One plan keeps its workers within ``limits.early_calls`` so that even
+    workers whose phases line up cannot crowd the busiest second; backfills
+    sharing a budget share that headroom too. A newcomer takes what the
+    others leave (at least one worker; each keeps up to 64 calls in flight,
+    so fewer workers still reach the rate), and writes its smaller count in
+    its lease for the next newcomer. Two newcomers at once each count the
+    other's first count, which is never smaller, so together they fit too.
+    """
+    headroom = early_calls(backfill.limit, backfill.estimates)
+    taken = sum(lease.workers for lease in holder.others)
+    if headroom is None or execution.max_parallelism + taken <= headroom:
+        return execution
+    room = max(1, headroom - taken)
+    pinned = dataclasses.replace(backfill.overrides, max_parallelism=room)
+    fewer = derive_plan(backfill.limit, backfill.estimates, pinned, max(items, 1))
+    holder.shrink_to(room)
+    why = (
+        f"{room} worker(s), not {execution.max_parallelism}: the other backfills of {backfill.service} run "
+        f"{taken} of the {headroom} workers whose calls may line up in one second without crowding it"
+    )
+    return dataclasses.replace(fewer, explanation=[*execution.explanation, why])
 
 
 def _share_preview(backfill: Backfill, store: ManifestStore) -> list[str]:

@@ -239,6 +239,11 @@ class LeaseHolder:
             return
         self._note(self._store.read(self.lease.service), now)
 
+    def shrink_to(self, workers: int) -> None:
+        """Record fewer workers than the lease was written with (newcomers count them against the headroom)."""
+        self.lease = replace(self.lease, workers=workers)
+        self._version = self._store.write(self.lease, self._version)
+
     def start(self) -> None:
         """Renew every ``renew_s`` on a daemon thread until ``release``."""
         self._thread = threading.Thread(target=self._renew_until_released, name="paceline-lease", daemon=True)

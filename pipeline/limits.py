@@ -405,7 +405,20 @@ def _choose_workers(
 
 
 def _within_the_shortest_window(workers: int, limit: ServiceLimit, estimates: Estimates, why: list[str]) -> int:
-    """Fewer workers, so the busiest short window holds by construction, not only on average.
+    """Fewer workers, so the busiest short window holds by construction, not only on average (``early_calls``)."""
+    bound = early_calls(limit, estimates)
+    if bound is None or bound >= workers:
+        return workers
+    why.append(
+        f"at most {bound} workers: each may be one call early in any second (its phase is its own), so "
+        f"workers <= the limit per second x (1 - safety {limit.safety:g}) keeps the busiest second under the "
+        "limit; calls in flight make up the rate"
+    )
+    return bound
+
+
+def early_calls(limit: ServiceLimit, estimates: Estimates = Estimates()) -> int | None:
+    """How many workers may run against this limit at once, however their phases line up (None: no such bound).
 
     Each worker spaces its own calls, but its phase is its own: in any window,
     a worker may place one call more than its share. So the busiest window can
@@ -417,9 +430,10 @@ def _within_the_shortest_window(workers: int, limit: ServiceLimit, estimates: Es
     which providers may enforce that finely. Calls in flight per worker make
     up the rate, so a worker with one connection or a politeness ceiling
     (which cannot keep more than one call in flight) is never capped here.
+    Backfills that share a budget share this bound too (``pipeline.backfill``).
     """
     if limit.per_worker_requests_per_second is not None or limit.concurrency_cap() is not None:
-        return workers
+        return None
     headroom = 1 - limit.safety
     caps = []
     if limit.global_rate() is not None:
@@ -427,16 +441,8 @@ def _within_the_shortest_window(workers: int, limit: ServiceLimit, estimates: Es
     if limit.tokens_per_minute is not None and estimates.tokens_per_item:
         caps.append(limit.tokens_per_minute / 60 * headroom / estimates.tokens_per_item)
     if not caps:
-        return workers
-    bound = max(1, math.floor(min(caps) + 1e-9))
-    if bound >= workers:
-        return workers
-    why.append(
-        f"at most {bound} workers: each may be one call early in any second (its phase is its own), so "
-        f"workers <= the limit per second x (1 - safety {limit.safety:g}) keeps the busiest second under the "
-        "limit; calls in flight make up the rate"
-    )
-    return bound
+        return None
+    return max(1, math.floor(min(caps) + 1e-9))
 
 
 def _choose_interval(

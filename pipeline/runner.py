@@ -200,6 +200,7 @@ class _WorkerLoop:
     ):
         self._pacing, self._memory, self._emit = pacing, memory, emit
         self._share, self._shares = share, None
+        self._stagger = 0.0  # this worker's place in the staggered start, kept for a start after a wait for its share
         self._secrets = hooks.secrets
         self._clock, self._sleep = clock, sleep
         self._call = work.call
@@ -377,11 +378,15 @@ class _WorkerLoop:
         seen it first), while the last read of the leases is too old to
         vouch for, and once the lease lapsed (``pipeline.shares``).
         """
+        waited = False
         while True:
             allowed = shares.fraction()
             if allowed.value > 0:
                 self.pacer.share(allowed.value)
+                if waited:  # the workers all waited for the same moment: stagger their first calls again
+                    self.pacer.start_after(self._stagger / allowed.value)
                 return
+            waited = True
             self._sleep(min(self._share.timing.reread_s, max(MIN_LOOK_S, allowed.until - time.time())))
 
     def close(self) -> None:
@@ -405,6 +410,7 @@ class _WorkerLoop:
         held = _Held(chunk)
         self._held.append(held)
         if not self._taken:
+            self._stagger = chunk.start_delay_s
             self.pacer.start_after(chunk.start_delay_s)  # the staggered start: only a worker's first chunk
         self._taken += 1
         if held.size and (self._connected or self._connect(held)):

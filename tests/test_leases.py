@@ -8,11 +8,20 @@ that the budget is never spent twice at any instant.
 
 import dataclasses
 import random
+import re
 
 import pytest
 
+from pipeline.backfill import Backfill, plan_backfill, run_attempt
+from pipeline.errors import ConfigError
+from pipeline.executors import BurlaExecutor, LocalExecutor
+from pipeline.items import Values
 from pipeline.leases import LeaseHolder, LeaseLost, LocalLeases, ShareTicket, ShareWatch, lease_store, new_lease
+from pipeline.limits import Estimates, Overrides, ServiceLimit
+from pipeline.manifests import ManifestStore
 from pipeline.shares import LeaseTiming
+from pipeline.work import FunctionWork
+from tests.conftest import Killed, StopsAfter
 
 TIMING = LeaseTiming()
 BUDGET = {"requests_per_second": 100.0}
@@ -300,3 +309,73 @@ def test_a_settled_budget_is_used_whole(tmp_path, seed):
     steady = [in_use for in_use, calm in zip(samples, settled) if calm]
     assert steady, "the simulation never settled: lengthen it"
     assert min(steady) >= 1.0 - 1e-9
+
+
+# -- an attempt's lease ------------------------------------------------------------------------------------
+
+
+def _backfill(name: str, count: int = 40, **fields) -> Backfill:
+    limit = ServiceLimit("api", requests_per_second=100, safety=0.9)  # 10 workers may line up in one second
+    work = FunctionWork(lambda: None, lambda client, item: {"n": item.id})
+    return Backfill(name, Values.of(range(count)), work, limit, Estimates(seconds_per_call=0.1), **fields)
+
+
+def test_a_run_holds_its_lease_while_it_runs_and_releases_it_after(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    backfill = _backfill("nightly")
+    plan_backfill(backfill, store)
+    seen = []
+
+    def look(progress):
+        seen.extend((lease.backfill, lease.workers) for lease in LocalLeases(str(tmp_path)).read("api"))
+
+    result = run_attempt(backfill, store, LocalExecutor(), on_progress=look)
+    assert seen and set(seen) == {("nightly", result.execution.max_parallelism)}
+    assert LocalLeases(str(tmp_path)).read("api") == []
+    assert [(change.share, change.leases) for change in result.shares] == [(1.0, 1)]
+
+
+def test_a_newcomer_runs_fewer_workers_when_the_others_hold_the_headroom(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    running = LeaseHolder(LocalLeases(str(tmp_path)), lease_for("nightly"), TIMING)
+    running.lease = dataclasses.replace(running.lease, workers=8)
+    running.acquire()
+    backfill = _backfill("adhoc")
+    plan_backfill(backfill, store)
+    assert backfill.execution_plan(40).max_parallelism == 9  # 90 req/s x 0.1 s
+    result = run_attempt(backfill, store, LocalExecutor())
+    running.release()
+    assert result.execution.max_parallelism == 2
+    assert any(
+        "2 worker(s), not 9: the other backfills of api run 8 of the 10" in line
+        for line in result.execution.explanation
+    )
+    assert result.counts["ok"] == 40
+
+
+def test_a_run_that_dies_leaves_its_lease_to_expire(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    backfill = _backfill("nightly", 200, overrides=Overrides(chunk_size=10))
+    plan_backfill(backfill, store)
+    with pytest.raises(Killed):
+        run_attempt(backfill, store, StopsAfter(2))
+    (lease,) = LocalLeases(str(tmp_path)).read("api")
+    assert lease.backfill == "nightly"  # not removed: its workers might still be calling; it lapses instead
+
+
+def test_burla_with_a_local_root_is_refused_before_any_call(tmp_path):
+    store = ManifestStore(str(tmp_path))
+    backfill = _backfill("nightly")
+    plan_backfill(backfill, store)
+    with pytest.raises(ConfigError, match="burla workers cannot read the leases in the local folder"):
+        run_attempt(backfill, store, BurlaExecutor())
+    assert LocalLeases(str(tmp_path)).read("api") == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [({"share": 0}, "share must be a positive number"), ({"min_share": 1.0}, "min_share must be in [0, 1)")],
+)
+def test_a_share_that_cannot_be_used_is_refused_with_the_field(fields, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        _backfill("nightly", **fields)

@@ -301,6 +301,7 @@ class _WorkerLoop:
             and not (self.throttle or self._again or self._in_flight or self._reconnect or self._charges_tokens)
             and not self._counts_returns
             and self._heard_by is None
+            and self._shares is None
         )
 
     def _run_unpaced(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,36 @@ def test_bad_declarations_are_refused_before_any_call(
             name="llm_bad", service="llm", items=write_prompts(tmp_path, 1, 1), work=llm_work(model, **options)
         ).build(service)
     assert llm.stats()["count"] == 0
+
+
+def test_two_backfills_share_one_token_budget(runner, tmp_path: Path) -> None:
+    """Two prompt backfills of one organisation, the second started while the first runs: together they stay
+    under the token budget the server enforces, without one refusal (each alone would aim at all of it)."""
+    tpm, words, count = 1_500, 40, 24
+    limit = ServiceLimit(name="llm", tokens_per_minute=per_minute(tpm), requests_per_minute=per_minute(200), safety=0.8)
+    tokens_per_item = (words * 7 + 20) / 4 + 4 + 16
+    results = {}
+    with start_llm(tpm=tpm, rpm=200, window_s=WINDOW_S, key=KEY, completion_tokens=16) as server:
+
+        def run(name: str, folder: Path) -> None:
+            folder.mkdir()
+            backfill = BackfillSpec(
+                name=name,
+                service="llm",
+                items=write_prompts(folder, count, words),
+                work=llm_work("local-llm", max_tokens=64),
+                estimates=Estimates(seconds_per_call=0.2, tokens_per_item=tokens_per_item),
+            ).build(Service(limit, f"{server.url}/v1", KEY))
+            results[name] = runner.run(backfill)
+
+        first = threading.Thread(target=run, args=("org_nightly", tmp_path / "a"))
+        first.start()
+        time.sleep(1.0)
+        run("org_adhoc", tmp_path / "b")
+        first.join()
+        stats = server.stats()
+
+    assert [results[name].counts["ok"] for name in ("org_nightly", "org_adhoc")] == [count, count]
+    assert stats["by_status"] == {"200": 2 * count}, "never throttled: the two shared the budget"
+    assert stats["busiest_window_tokens"] <= tpm
+    assert any(change.leases == 2 for change in results["org_nightly"].shares), "the first saw the second arrive"

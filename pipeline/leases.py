@@ -371,3 +371,33 @@ class ShareWatch:
                 self.read_once()
             except Exception:  # noqa: BLE001 - the store blinked: the view ages, and pauses the worker if it must
                 continue
+
+
+class _Watches:
+    """One watch per lease per process, shared by its workers: hundreds of local workers read the store once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str, str], tuple[ShareWatch, int]] = {}
+
+    def open(self, ticket: ShareTicket) -> ShareWatch:
+        key = (ticket.root, ticket.service, ticket.lease_id)
+        with self._lock:
+            watch, users = self._open.get(key) or (None, 0)
+            if watch is None:
+                watch = ShareWatch(ticket).start()
+            self._open[key] = (watch, users + 1)
+            return watch
+
+    def close(self, ticket: ShareTicket) -> None:
+        key = (ticket.root, ticket.service, ticket.lease_id)
+        with self._lock:
+            watch, users = self._open.pop(key)
+            if users > 1:
+                self._open[key] = (watch, users - 1)
+            else:
+                watch.close()
+
+
+WATCHES = _Watches()
+"""The process's watches: a worker opens its lease's watch when it starts and closes it when it ends."""

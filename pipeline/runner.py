@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from pipeline.chunks import Chunk, ChunkResult, ChunkWorker, fill_failed
 from pipeline.connection import ChunkClient, ConnectionLost
-from pipeline.leases import ShareTicket, ShareWatch
+from pipeline.leases import WATCHES, ShareTicket, ShareWatch
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.headers import ServiceSignal
@@ -242,7 +242,7 @@ class _WorkerLoop:
         self._chunks = chunks
         try:
             if self._share is not None:
-                self._shares = ShareWatch(self._share).start()
+                self._shares = WATCHES.open(self._share)
             self._loop()
             if self._held:  # a bug, if ever: the rows still say so, and every item has one
                 self._give_up(Failure("runner_error", True, "the worker ended without a row for this item"))
@@ -393,7 +393,8 @@ class _WorkerLoop:
     def close(self) -> None:
         """Let go of the call threads (a stopped worker does not wait for calls nobody will read), then the client."""
         if self._shares is not None:
-            self._shares.close()
+            WATCHES.close(self._share)  # type: ignore[arg-type]
+            self._shares = None
         if self._pool is not None:
             self._pool.shutdown(wait=not self._stopped and not self._in_flight, cancel_futures=True)
         self._connection.close()

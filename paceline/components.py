@@ -69,7 +69,7 @@ from pipeline.workloads.s3_postgres import S3ToPostgresWork, s3_postgres_work
 from pipeline.workloads.scrape import ByDomain, ScrapeWork, scrape_work
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource
 from resources.execution import EXECUTOR_KINDS
-from resources.fields import field_like, fields_like, fields_of
+from resources.fields import field_like, field_of, fields_like, fields_of
 
 _ENV_REFERENCE = re.compile(
     r"^\{\{\s*env(?:\.(?P<dotted>[A-Za-z_][A-Za-z0-9_]*)|\(\s*['\"](?P<called>[A-Za-z_][A-Za-z0-9_]*)['\"]\s*\))\s*\}\}$"
@@ -490,6 +490,8 @@ class Backfill(_Located, Component, Resolvable):
         default_factory=OverridesOptions, description="Values pinned instead of derived."
     )
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, description="Attempt 0 plus retry rounds, at most.")
+    share: float = field_of(BackfillSpec, "share")
+    min_share: float = field_of(BackfillSpec, "min_share")
     description: str = Field(default="", description="Shown in the UI.")
 
     def spec(self, folder: Path) -> BackfillSpec:
@@ -503,6 +505,8 @@ class Backfill(_Located, Component, Resolvable):
                 estimates=Estimates(**_set_fields(self.estimates)),
                 overrides=Overrides(**_set_fields(self.overrides)),
                 max_attempts=self.max_attempts,
+                share=self.share,
+                min_share=self.min_share,
                 description=self.description,
             )
         except ValueError as error:
@@ -553,6 +557,19 @@ class Backfill(_Located, Component, Resolvable):
             derive_plan(sample.limit, spec.estimates, spec.overrides)
         except LimitError as error:
             raise self.refuse(("overrides",), error, service.declared_at()) from None
+        try:
+            spec.build(sample)  # the engine's own checks of what passes through as written: share, min_share...
+        except ConfigError as error:
+            raise self.refuse(_field_named(error, _PASSED_THROUGH), error) from None
+
+
+_PASSED_THROUGH = ("max_attempts", "min_share", "share")
+
+
+def _field_named(error: ConfigError, fields: Iterable[str]) -> tuple[str, ...]:
+    """The field an engine message is about (it reads "<backfill>: <field> must ..."), to point at its line."""
+    message = str(error)
+    return next(((name,) for name in fields if f": {name} must" in message), ())
 
 
 # --------------------------------------------------------------------------

@@ -13,11 +13,12 @@ same assets, checks, sensor, pool and resource config.
 * ``paceline.Service`` declares one service and its limit, once; every
   ``paceline.Backfill`` that names it shares its resource, so its limit and
   its concurrency pool are one.
-* ``paceline.Backfill`` declares the items, the built-in workload, estimates
-  and pins. It is checked against its service when the definitions load
-  (``dg check defs``): its items files must exist then, the admission check
-  and the workload's own checks run then, before any call, and errors name the
-  YAML file, the line and the fix.
+* ``paceline.Backfill`` declares the items, the built-in workload, estimates,
+  pins, and its ``share`` of the service's budget. It is checked against its
+  service when the definitions load (``dg check defs``): its items files must
+  exist then, the admission check, the workload's own checks and the engine's
+  checks of ``share``, ``min_share`` and ``max_attempts`` run then, before any
+  call, and errors name the YAML file, the line and the fix.
 * ``paceline.Runtime`` says where manifests go and where chunks run: once per
   code location (``paceline/definitions.py`` declares its own in Python).
 

@@ -226,3 +226,20 @@ def test_run_takes_the_share_it_declares_of_a_budget_another_backfill_holds(tmp_
     assert stats["by_status"] == {"200": 200} and stats["busiest_1s"] <= 200 * 0.5 * 1.1
     assert main(["run", *argv[1:], "--share", "0"]) == 2
     assert "share must be a positive number, got 0.0" in capsys.readouterr().err
+
+
+def test_status_lists_the_leases_of_an_s3_store(s3, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)  # as a user of an S3-compatible store sets it for the CLI
+    s3.client().create_bucket(Bucket="leases-status")
+    root = "s3://leases-status/paceline"
+    _holder(root, "nightly", 2).release()  # written and removed: its folder may stay, with nothing live in it
+    holder = _holder(root, "adhoc", 1)
+    try:
+        assert main(["status", "--root", root]) == 0
+    finally:
+        holder.release()
+    out = capsys.readouterr().out
+    assert "partner_api: 1 live lease(s)" in out
+    assert [line.split()[:5] for line in out.splitlines() if line.startswith("adhoc")] == [
+        ["adhoc", "0", "1", "0", "1.000"]
+    ]

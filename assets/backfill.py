@@ -11,10 +11,16 @@ data loops. The retry job materializes one retry round and then
 ``failed_items`` again, so the sensor always sees the state after the round.
 
 ``manifests`` and ``retry_manifests`` sit in the concurrency pool named after
-the service: with the pool limited to 1 (``concurrency: pools: default_limit: 1``
-in ``dagster.yaml``), two backfills of one service never call it at the same
-time, so together they cannot exceed its limit. A pool caps how many steps call at once; the pacing inside a step is
-what keeps the rate.
+the service. The pool does not keep a rate or a token budget: every attempt
+holds a lease on its service's budget, and backfills running at once split
+``limit x safety`` by their ``share`` (``pipeline.shares``); the pacing inside
+each step keeps its part. The pool is still what bounds the rest: connections
+and batches in flight, which leases do not split (``ServiceLimit.budget``), so
+a service limited by those keeps its pool at 1 (set per pool in the UI or with
+``dagster instance concurrency set``); and how many runs of one service start
+at once (``default_limit: 4`` in ``dagster.yaml``). Two runs of one backfill
+may then overlap too: that is safe (each chunk's manifest is replaced whole,
+latest wins), though they may call the same chunks twice.
 
 Each asset carries its ``kinds`` for the UI: ``parquet`` for what it writes,
 ``duckdb`` for what the ledger computes, and where chunks run (``python`` for

@@ -9,6 +9,7 @@ retry round) and ``dagster/uri``, where it lives (a local path or ``s3://``).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from assets.keys import FAILED_COUNT, MAX_RETRY_AFTER, NEXT_ATTEMPT
 from pipeline.advice import Advice
 from pipeline.backfill import PlanResult, RunResult
 from pipeline.chart import rate_chart
+from pipeline.leases import ShareChange
 from pipeline.limits import ServiceLimit
 
 # Dagster's own labels (its TableMetadataSet and UriMetadataSet): the UI shows them as the table's size and place.
@@ -90,7 +92,37 @@ def run_metadata(result: RunResult, limit: ServiceLimit, uri: str, partitioned: 
     }
     if report.max_tokens_per_minute is not None:
         metadata["busiest_tokens_per_minute"] = MetadataValue.float(round(report.max_tokens_per_minute, 1))
+    metadata.update(share_metadata(result.shares, limit))
     return {**metadata, **_table(result.attempt_rows, uri, PARTITION_ROW_COUNT if partitioned else ROW_COUNT)}
+
+
+def share_metadata(shares: list[ShareChange], limit: ServiceLimit) -> dict[str, MetadataValue]:
+    """The part of the service's budget the run had: at its start, at its end, and when it changed.
+
+    A share is a fraction of ``limit x safety`` split by weight among the
+    backfills holding a lease on the service (``pipeline.shares``). A service
+    limited only by connections or batches in flight takes no lease: there
+    the Dagster pool keeps backfills apart.
+    """
+    if not shares:
+        return {
+            "share_changes": MetadataValue.md(
+                f"No lease: {limit.name}'s limit has no rate or token budget to share (connections and batches "
+                "in flight are not split by leases; the service's Dagster pool bounds them)."
+            )
+        }
+    rows = [
+        f"| {datetime.fromtimestamp(change.at, UTC):%Y-%m-%d %H:%M:%S} | {change.share:.3g} | {change.leases} |"
+        for change in shares
+    ]
+    if len(rows) > PREVIEW_ROWS:  # the first changes and the last: enough to see a run's story, never a log
+        rows = [*rows[: PREVIEW_ROWS - 1], f"| …{len(rows) - PREVIEW_ROWS:,} more… | | |", rows[-1]]
+    lines = ["| time (UTC) | share | live leases |", "|---|---|---|", *rows]
+    return {
+        "share_at_start": MetadataValue.float(shares[0].share),
+        "share_at_end": MetadataValue.float(shares[-1].share),
+        "share_changes": MetadataValue.md("\n".join(lines)),
+    }
 
 
 def advice_markdown(advice: list[Advice]) -> MetadataValue:

@@ -13,11 +13,12 @@ same assets, checks, sensor, pool and resource config.
 * ``paceline.Service`` declares one service and its limit, once; every
   ``paceline.Backfill`` that names it shares its resource, so its limit and
   its concurrency pool are one.
-* ``paceline.Backfill`` declares the items, the built-in workload, estimates
-  and pins. It is checked against its service when the definitions load
-  (``dg check defs``): its items files must exist then, the admission check
-  and the workload's own checks run then, before any call, and errors name the
-  YAML file, the line and the fix.
+* ``paceline.Backfill`` declares the items, the built-in workload, estimates,
+  pins, and its ``share`` of the service's budget. It is checked against its
+  service when the definitions load (``dg check defs``): its items files must
+  exist then, the admission check, the workload's own checks and the engine's
+  checks of ``share``, ``min_share`` and ``max_attempts`` run then, before any
+  call, and errors name the YAML file, the line and the fix.
 * ``paceline.Runtime`` says where manifests go and where chunks run: once per
   code location (``paceline/definitions.py`` declares its own in Python).
 
@@ -69,7 +70,7 @@ from pipeline.workloads.s3_postgres import S3ToPostgresWork, s3_postgres_work
 from pipeline.workloads.scrape import ByDomain, ScrapeWork, scrape_work
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource
 from resources.execution import EXECUTOR_KINDS
-from resources.fields import field_like, fields_like, fields_of
+from resources.fields import field_like, field_of, fields_like, fields_of
 
 _ENV_REFERENCE = re.compile(
     r"^\{\{\s*env(?:\.(?P<dotted>[A-Za-z_][A-Za-z0-9_]*)|\(\s*['\"](?P<called>[A-Za-z_][A-Za-z0-9_]*)['\"]\s*\))\s*\}\}$"
@@ -490,6 +491,8 @@ class Backfill(_Located, Component, Resolvable):
         default_factory=OverridesOptions, description="Values pinned instead of derived."
     )
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, description="Attempt 0 plus retry rounds, at most.")
+    share: float = field_of(BackfillSpec, "share")
+    min_share: float = field_of(BackfillSpec, "min_share")
     description: str = Field(default="", description="Shown in the UI.")
 
     def spec(self, folder: Path) -> BackfillSpec:
@@ -503,6 +506,8 @@ class Backfill(_Located, Component, Resolvable):
                 estimates=Estimates(**_set_fields(self.estimates)),
                 overrides=Overrides(**_set_fields(self.overrides)),
                 max_attempts=self.max_attempts,
+                share=self.share,
+                min_share=self.min_share,
                 description=self.description,
             )
         except ValueError as error:
@@ -553,6 +558,19 @@ class Backfill(_Located, Component, Resolvable):
             derive_plan(sample.limit, spec.estimates, spec.overrides)
         except LimitError as error:
             raise self.refuse(("overrides",), error, service.declared_at()) from None
+        try:
+            spec.build(sample)  # the engine's own checks of what passes through as written: share, min_share...
+        except ConfigError as error:
+            raise self.refuse(_field_named(error, _PASSED_THROUGH), error) from None
+
+
+_PASSED_THROUGH = ("max_attempts", "min_share", "share")
+
+
+def _field_named(error: ConfigError, fields: Iterable[str]) -> tuple[str, ...]:
+    """The field an engine message is about (it reads "<backfill>: <field> must ..."), to point at its line."""
+    message = str(error)
+    return next(((name,) for name in fields if f": {name} must" in message), ())
 
 
 # --------------------------------------------------------------------------

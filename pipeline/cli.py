@@ -1,4 +1,4 @@
-"""The ``paceline`` command line: plan a limit, run the demo, and read what the manifests say.
+"""The ``paceline`` command line: plan a limit, run a backfill or the demo, and read what the manifests say.
 
 Every ``PacelineError`` (a declaration that cannot hold, a store that cannot
 be read, a query that does not parse) is the user's to fix, so it is one line
@@ -18,21 +18,26 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from pipeline.advice import advise
 from pipeline.backfill import Backfill, RunResult, open_ledger, plan_backfill, plan_retry, run_attempt
 from pipeline.chart import rate_chart
 from pipeline.compaction import compact, explain_files
 from pipeline.console import ProgressBar, format_table
-from pipeline.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_SAFETY
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_SAFETY, DEFAULT_SHARE
 from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import LocalExecutor
-from pipeline.items import Values
+from pipeline.items import TextLines, Values
+from pipeline.lease_status import LeaseState, lease_states
+from pipeline.leases import ShareChange
 from pipeline.ledger import VIEWS, Ledger
 from pipeline.limits import Estimates, LimitError, Overrides, ServiceLimit, derive_plan
 from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestStore
+from pipeline.pacing.schedule import DEFAULT_SECONDS_PER_CALL
 from pipeline.retries import NextRound, next_round
+from pipeline.spec import described
 from pipeline.workloads.http_api import HttpWork
 
 DEFAULT_ROOT = "data"
@@ -96,6 +101,54 @@ def _parser() -> argparse.ArgumentParser:
         help="make the service enforce less than --limit-rps declares, "
         "to watch the workers back off and the advice find the real limit",
     )
+    _share_arguments(demo)
+
+    run = _command(
+        commands,
+        "run",
+        cmd_run,
+        "run a backfill of an HTTP API (one GET per item) under its limit, sharing the service's budget with "
+        "every other backfill of it that uses the same --root; run it again to resume",
+    )
+    run.add_argument("name", help="the backfill's name: its manifests' folder under --root")
+    run.add_argument(
+        "--service",
+        required=True,
+        help="the service's name: backfills that name the same service under one --root split its budget",
+    )
+    run.add_argument("--items", required=True, help="a text file, one item id per line")
+    run.add_argument(
+        "--url-template", required=True, help="the URL to call per item, {id} for the item id: https://host/items/{id}"
+    )
+    run.add_argument("--rps", type=float, help="requests per second the service allows")
+    run.add_argument("--rpm", type=float, help="requests per minute the service allows")
+    run.add_argument(
+        "--safety",
+        type=float,
+        default=DEFAULT_SAFETY,
+        help=f"fraction of the limit to aim at (default {DEFAULT_SAFETY})",
+    )
+    run.add_argument(
+        "--seconds-per-call",
+        type=float,
+        default=DEFAULT_SECONDS_PER_CALL,
+        help=f"typical latency of one call (default {DEFAULT_SECONDS_PER_CALL:g}; measured and advised after a run)",
+    )
+    run.add_argument(
+        "--token-env",
+        metavar="VARIABLE",
+        help="the environment variable that holds the bearer token (never the token itself: a flag shows in ps)",
+    )
+    run.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help=f"attempt 0 plus retry rounds (default {DEFAULT_MAX_ATTEMPTS})",
+    )
+    _share_arguments(run)
+    run.add_argument(
+        "--root", default=DEFAULT_ROOT, help="where manifests and leases go: a folder or s3://bucket/prefix"
+    )
 
     plan = _command(commands, "plan", cmd_plan, "print how a limit becomes workers, pacing and chunks")
     plan.add_argument("--rps", type=float, help="requests per second the service allows")
@@ -137,6 +190,21 @@ def _parser() -> argparse.ArgumentParser:
     compaction.add_argument("--root", default=DEFAULT_ROOT)
     compaction.add_argument("--backfill", help="only this backfill")
     return parser
+
+
+def _share_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--share",
+        type=float,
+        default=DEFAULT_SHARE,
+        help=f"{_plain(described('share'))} (default {DEFAULT_SHARE:g})",
+    )
+    parser.add_argument("--min-share", type=float, default=0.0, help=f"{_plain(described('min_share'))} (default 0)")
+
+
+def _plain(description: str) -> str:
+    """A field's description as argparse prints it: '%' is its format character; the default follows it."""
+    return description.rstrip(".").replace("%", "%%")
 
 
 def _command(
@@ -204,15 +272,62 @@ def cmd_status(args: argparse.Namespace) -> int:
         summary = ledger.summary()
         if summary.num_rows == 0:
             print(f"No manifests under {args.root}. Run a backfill first (for example `paceline demo`).")
-            return 0
-        print(format_table(summary))
-        print("\nWhat the service did (all runs of each attempt):")
-        print(format_table(ledger.measured_by_attempt()))
-        errors = ledger.why_not_ok()
-        if errors.num_rows:
-            print("\nWhy items are not ok (latest row per item):")
-            print(format_table(errors))
+        else:
+            print(format_table(summary))
+            print("\nWhat the service did (all runs of each attempt):")
+            print(format_table(ledger.measured_by_attempt()))
+            errors = ledger.why_not_ok()
+            if errors.num_rows:
+                print("\nWhy items are not ok (latest row per item):")
+                print(format_table(errors))
+    print()
+    _print_leases(args.root, args.backfill)
     return 0
+
+
+def _print_leases(root: str, backfill: str | None) -> None:
+    """Each service's leases: who shares its budget now, with what weight and share, and until when."""
+    now = time.time()
+    states = {
+        service: [state for state in found if backfill in (None, state.lease.backfill)]
+        for service, found in lease_states(root, None, now).items()
+    }
+    states = {service: found for service, found in states.items() if found}
+    if not states:
+        whose = f"{backfill} holds no lease" if backfill else "no backfill holds a lease"
+        print(
+            f"Leases: {whose} under {root} now. A backfill of a service "
+            "limited by a rate or a token budget holds one while it runs, and splits that budget by weight with "
+            "the others of the same service."
+        )
+        return
+    print("Leases: the backfills sharing each service's budget now (limit x safety, split by weight):")
+    for service, found in states.items():
+        live = sum(state.live for state in found)
+        counted = f"{live} live lease(s)" if live else "no live lease: no backfill of it is running now"
+        print(f"\n{service}: {counted}")
+        print(format_table(_lease_table(found)))
+        if live < len(found):
+            print(
+                "An expired lease was left by a run that stopped without removing it (killed, or its machine "
+                "lost); it counts for nothing, and a rerun of that backfill resumes where it stopped."
+            )
+
+
+def _lease_table(states: list[LeaseState]) -> pa.Table:
+    rows = [
+        {
+            "backfill": state.lease.backfill,
+            "attempt": str(state.lease.attempt),
+            "weight": f"{state.lease.weight:g}",
+            "min_share": f"{state.lease.min_share:g}",
+            "share_now": f"{state.share:.3f}" if state.live else "expired",
+            "expires": f"in {max(state.expires_in_s, 0.0):.1f} s" if state.live else f"{-state.expires_in_s:.0f} s ago",
+            "host/pid": f"{state.lease.host}/{state.lease.pid}",
+        }
+        for state in states
+    ]
+    return pa.Table.from_pylist(rows)
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
@@ -260,34 +375,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
             work=HttpWork(url_template=service.url + "/items/{id}"),
             limit=limit,
             estimates=Estimates(seconds_per_call=0.05, target_chunk_seconds=5),
+            share=args.share,
+            min_share=args.min_share,
         )
-        planned = plan_backfill(backfill, store)
-        print(f"\nPlan: {planned.plan.num_rows:,} items in {planned.chunks} chunks ({planned.path})")
-        print("  " + planned.execution.describe().replace("\n", "\n  "))
-        result = _demo_attempt(backfill, store, 0, service)
-        while True:
-            decision = next_round(
-                result.counts["failed"],
-                result.report.attempt + 1,
-                backfill.max_attempts,
-                retry_after_s=result.max_retry_after,
-            )
-            if not isinstance(decision, NextRound):
-                break
-            if decision.wait_s:
-                print(f"\nWaiting {decision.wait_s:g} s: the service asked for it (Retry-After).")
-                time.sleep(decision.wait_s)
-            with open_ledger(backfill, store) as before:
-                retry = plan_retry(backfill, store, decision.attempt, before)
-                print(f"\nRetry round {decision.attempt}: {retry.plan.num_rows:,} failed items")
-                result = _demo_attempt(backfill, store, decision.attempt, service, before)
+        _plan(backfill, store)
+
+        def attempt(number: int, before: Ledger | None) -> RunResult:
+            result = _attempt(backfill, store, number, before)
+            _print_service_stats(result, backfill.limit, service.stats())
+            return result
+
+        _rounds(backfill, store, attempt)
     _print_next_steps(store)
     return 0
 
 
-def _demo_attempt(
-    backfill: Backfill, store: ManifestStore, attempt: int, service: object, before: Ledger | None = None
-) -> RunResult:
+def cmd_run(args: argparse.Namespace) -> int:
+    token = ""
+    if args.token_env:
+        token = os.environ.get(args.token_env, "")
+        if not token:
+            raise ConfigError(
+                f"--token-env {args.token_env}: that environment variable is not set or empty. "
+                f"Export it (export {args.token_env}=...) or leave --token-env out for a service without a token."
+            )
+    backfill = Backfill(
+        name=args.name,
+        source=TextLines(args.items),
+        work=HttpWork(url_template=args.url_template, token=token),
+        limit=ServiceLimit(
+            args.service, requests_per_second=args.rps, requests_per_minute=args.rpm, safety=args.safety
+        ),
+        estimates=Estimates(seconds_per_call=args.seconds_per_call),
+        max_attempts=args.max_attempts,
+        share=args.share,
+        min_share=args.min_share,
+    )
+    store = ManifestStore(args.root)
+    _plan(backfill, store)
+    result = _rounds(backfill, store, lambda number, before: _attempt(backfill, store, number, before))
+    counts = result.counts
+    print(
+        f"\n{backfill.name}: {counts['ok']:,} ok, {counts['failed']:,} failed, {counts['dead']:,} dead. "
+        f"Manifests: {store.uri(store.attempt_dir(backfill.name, 0)).rsplit('/attempt=', 1)[0]}/"
+    )
+    print(f"`paceline status --root {store.root}` shows them, and every lease on the service's budget.")
+    return 0
+
+
+def _plan(backfill: Backfill, store: ManifestStore) -> None:
+    planned = plan_backfill(backfill, store)
+    print(f"\nPlan: {planned.plan.num_rows:,} items in {planned.chunks} chunks ({planned.path})")
+    print("  " + planned.execution.describe().replace("\n", "\n  "))
+
+
+def _rounds(backfill: Backfill, store: ManifestStore, attempt: Callable[[int, Ledger | None], RunResult]) -> RunResult:
+    """Attempt 0, then a retry round for as long as items fail and attempts are left; the last round's result."""
+    result = attempt(0, None)
+    while True:
+        decision = next_round(
+            result.counts["failed"],
+            result.report.attempt + 1,
+            backfill.max_attempts,
+            retry_after_s=result.max_retry_after,
+        )
+        if not isinstance(decision, NextRound):
+            return result
+        if decision.wait_s:
+            print(f"\nWaiting {decision.wait_s:g} s: the service asked for it (Retry-After).")
+            time.sleep(decision.wait_s)
+        with open_ledger(backfill, store) as before:
+            retry = plan_retry(backfill, store, decision.attempt, before)
+            print(f"\nRetry round {decision.attempt}: {retry.plan.num_rows:,} failed items")
+            result = attempt(decision.attempt, before)
+
+
+def _attempt(backfill: Backfill, store: ManifestStore, attempt: int, before: Ledger | None) -> RunResult:
     """Run one attempt (a retry round paced from the ledger ``before`` it) and print what happened."""
     bar = ProgressBar(f"attempt {attempt}")
     try:
@@ -295,18 +458,15 @@ def _demo_attempt(
     finally:
         bar.close()
     report, counts = result.report, result.counts
-    server = service.stats()  # type: ignore[attr-defined]
-    limit = backfill.limit.requests_per_second or 0
-    target = limit * backfill.limit.safety
+    target = result.execution.target_rate
     print(f"  items: {counts['ok']:,} ok, {counts['failed']:,} failed (will retry), {counts['dead']:,} dead")
-    print(
-        f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
-        f"({report.achieved_rate / target:.0%} of target)"
-    )
-    print(
-        f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
-        f"(declared limit {limit:g}); 429s it had to send: {server['by_status'].get('429', 0)}"
-    )
+    if target:
+        print(
+            f"  achieved {report.achieved_rate:,.1f} calls/s against a target of {target:,.1f}/s "
+            f"({report.achieved_rate / target:.0%} of target)"
+        )
+    if result.shares:
+        print(f"  {_share_line(backfill.service, result.shares)}")
     if report.latency_p50_ms is not None:
         print(
             f"  measured: latency p50 {report.latency_p50_ms:.1f} ms, p95 {report.latency_p95_ms:.1f} ms; "
@@ -316,10 +476,33 @@ def _demo_attempt(
         print(f"  next time: {advice.line()}")
     for status, count, example in report.errors:
         print(f"  {count:>6,} x {status:<14} e.g. {example[:70]}")
-    if attempt == 0 and len(report.per_second) > 2:
-        print()
-        print(rate_chart(report.per_second, limit, target))
     return result
+
+
+def _share_line(service: str, shares: list[ShareChange]) -> str:
+    """The part of the service's budget the attempt had: at its start, at its end, and how often it changed."""
+    first, last = shares[0], shares[-1]
+    if len(shares) == 1 and first.leases == 1:
+        return f"share of {service}'s budget: all of it (no other backfill held a lease on it)"
+    if len(shares) == 1:
+        return f"share of {service}'s budget: {first.share:.3g} throughout, among {first.leases} lease(s)"
+    return (
+        f"share of {service}'s budget: {first.share:.3g} at the start (among {first.leases} lease(s)), "
+        f"{last.share:.3g} at the end (among {last.leases}), {len(shares) - 1} change(s)"
+    )
+
+
+def _print_service_stats(result: RunResult, limit: ServiceLimit, server: dict) -> None:
+    """What the demo service itself saw: the judge of whether the limit held."""
+    declared = limit.requests_per_second or 0
+    print(
+        f"  busiest second seen by the service so far: {server['busiest_1s']} accepted calls "
+        f"(declared limit {declared:g}); 429s it had to send: {server['by_status'].get('429', 0)}"
+    )
+    report = result.report
+    if report.attempt == 0 and len(report.per_second) > 2:
+        print()
+        print(rate_chart(report.per_second, declared, declared * limit.safety))
 
 
 def _print_next_steps(store: ManifestStore) -> None:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.backfill import Backfill
-from pipeline.defaults import DEFAULT_MAX_ATTEMPTS
+from pipeline.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_SHARE
 from pipeline.items import ItemSource
-from pipeline.limits import Estimates, Overrides, ServiceLimit
+from pipeline.limits import DESCRIPTION, Estimates, Overrides, ServiceLimit
 from pipeline.manifests import check_name
 from pipeline.work import Work
 
@@ -38,7 +38,12 @@ class Service:
 
 @dataclass(frozen=True)
 class BackfillSpec:
-    """What a user writes to add a backfill: items, work, and the service they use."""
+    """What a user writes to add a backfill: items, work, and the service they use.
+
+    ``share`` and ``min_share`` carry their descriptions (``described``), so
+    the YAML component and the CLI show the same words; the engine's
+    ``Backfill`` checks their values when ``build`` makes one.
+    """
 
     name: str
     service: str
@@ -47,6 +52,21 @@ class BackfillSpec:
     estimates: Estimates = Estimates()
     overrides: Overrides = Overrides()
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    share: float = field(
+        default=DEFAULT_SHARE,
+        metadata={
+            DESCRIPTION: "This backfill's weight when other backfills of its service run at the same time: "
+            "the service's budget is split by weight (share 3 beside share 1: three quarters). Alone, it "
+            "has the whole budget whatever its weight."
+        },
+    )
+    min_share: float = field(
+        default=0.0,
+        metadata={
+            DESCRIPTION: "The fraction of its service's budget this backfill keeps however many others run, "
+            "in [0, 1) (0.2: a fifth); 0 for none."
+        },
+    )
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -64,4 +84,11 @@ class BackfillSpec:
             estimates=self.estimates,
             overrides=overrides or self.overrides,
             max_attempts=self.max_attempts,
+            share=self.share,
+            min_share=self.min_share,
         )
+
+
+def described(name: str) -> str:
+    """The description of ``BackfillSpec``'s field ``name``, for a layer that shows it (YAML schema, ``--help``)."""
+    return BackfillSpec.__dataclass_fields__[name].metadata[DESCRIPTION]

@@ -1,10 +1,10 @@
 """Pydantic fields derived from a declaration made once elsewhere.
 
 The engine declares each user-facing field once, on its frozen dataclass
-(``ServiceLimit``, ``Estimates``, ``Overrides``), with its type, its default
-and its description. The Dagster resources and the YAML components take
-theirs from there (``fields_of``), or from the resource they configure
-(``fields_like``, ``field_like``), so a new limit, a changed default or a
+(``ServiceLimit``, ``Estimates``, ``Overrides``, ``BackfillSpec``'s share),
+with its type, its default and its description. The Dagster resources and
+the YAML components take theirs from there (``fields_of``, ``field_of``), or
+from the resource they configure (``fields_like``, ``field_like``), so a new limit, a changed default or a
 reworded description is one edit that the launchpad, ``dg check yaml`` and the
 schema reference all follow.
 """
@@ -27,11 +27,17 @@ def fields_of(declaration: type, required: Collection[str] = ()) -> dict[str, An
     name, a resource keyed by that name may not.
     """
     types = get_type_hints(declaration)
-    fields = {}
-    for field in dataclasses.fields(declaration):
-        default = {} if field.name in required else {"default": field.default}
-        fields[field.name] = (types[field.name], Field(description=field.metadata[DESCRIPTION], **default))
-    return fields
+    return {
+        field.name: (types[field.name], field_of(declaration, field.name, field.name in required))
+        for field in dataclasses.fields(declaration)
+    }
+
+
+def field_of(declaration: type, name: str, required: bool = False) -> Any:
+    """A new ``Field`` with the default (unless ``required``) and the description of a dataclass's field ``name``."""
+    field = declaration.__dataclass_fields__[name]
+    default = {} if required else {"default": field.default}
+    return Field(description=field.metadata[DESCRIPTION], **default)
 
 
 def fields_like(model: type[BaseModel]) -> dict[str, Any]:

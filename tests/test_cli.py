@@ -3,6 +3,7 @@
 import argparse
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,9 +12,12 @@ from pipeline.backfill import Backfill, plan_backfill, plan_retry, run_attempt
 from pipeline.cli import main
 from pipeline.executors import LocalExecutor
 from pipeline.items import Values
+from pipeline.leases import LeaseHolder, lease_store, new_lease
 from pipeline.limits import ServiceLimit
+from pipeline.localservices import start_http_api
 from pipeline.manifests import ManifestStore
 from pipeline.outcomes import Retryable
+from pipeline.shares import LeaseTiming
 from pipeline.work import FunctionWork
 
 
@@ -92,7 +96,7 @@ def test_help_is_plain_text_and_lists_every_command(capsys):
     out = capsys.readouterr().out
     assert "``" not in out, "the help is read in a terminal, not rendered as reST"
     commands = {action.dest for action in _subcommands()}
-    assert commands == {"demo", "plan", "query", "advise", "status", "compact"}
+    assert commands == {"demo", "run", "plan", "query", "advise", "status", "compact"}
     for name in commands:
         assert f"\n    {name} " in out, f"--help lists {name}"
 
@@ -158,3 +162,84 @@ def test_status_advise_and_query_read_max_attempts_stored_with_the_plan(tmp_path
 def _rows(table: str) -> list[list[str]]:
     """The cells of a table printed by ``format_table`` (no cell holds a space here), row by row, rule left out."""
     return [line.split() for line in table.splitlines() if line.strip() and set(line) != {"-", " "}]
+
+
+def _holder(root, backfill: str, weight: float, min_share: float = 0.0, clock=time.time) -> LeaseHolder:
+    """A real lease on partner_api's budget (200 req/s after safety) in ``root``, as a running attempt holds one."""
+    lease = new_lease("partner_api", backfill, 0, f"run-{backfill}", weight, min_share, {"requests_per_second": 200}, 4)
+    holder = LeaseHolder(lease_store(str(root)), lease, LeaseTiming(), clock)
+    holder.acquire()
+    return holder
+
+
+def test_status_lists_each_services_leases_and_their_shares_now(tmp_path, capsys):
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    assert "no backfill holds a lease under" in capsys.readouterr().out
+
+    nightly, adhoc = _holder(tmp_path, "nightly", 3, 0.2), _holder(tmp_path, "adhoc", 1)
+    _holder(tmp_path, "crashed", 5, clock=lambda: time.time() - 60)  # renewed last a minute ago: expired
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "No manifests under" in out, "the leases show before any chunk has finished"
+    assert "partner_api: 2 live lease(s)" in out
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["nightly"], ["adhoc"], ["crashed"])
+    }
+    assert rows["nightly"][:5] == ["nightly", "0", "3", "0.2", "0.750"], (
+        "3:1 by weight; the expired lease counts for nothing"
+    )
+    assert rows["adhoc"][:5] == ["adhoc", "0", "1", "0", "0.250"]
+    assert rows["nightly"][5] == "in" and 8 < float(rows["nightly"][6]) <= 10, (
+        "a lease lives ttl_s (10 s) from its last renewal"
+    )
+    assert rows["nightly"][-1] == f"{nightly.lease.host}/{nightly.lease.pid}"
+    assert rows["crashed"][:6] == ["crashed", "0", "5", "0", "expired", "50"], "expired 50 s ago (60 - ttl 10)"
+    assert "it counts for nothing" in out
+
+    nightly.release()
+    adhoc.release()
+    assert main(["status", "--root", str(tmp_path), "--backfill", "crashed"]) == 0
+    out = capsys.readouterr().out
+    assert "partner_api: no live lease: no backfill of it is running now" in out
+    assert "nightly" not in out
+
+
+def test_run_takes_the_share_it_declares_of_a_budget_another_backfill_holds(tmp_path, capsys):
+    """Weights 3 and 9 would give 0.25; min_share 0.5 keeps half: the flags reached the engine's lease."""
+    items = tmp_path / "ids.txt"
+    items.write_text("\n".join(str(n) for n in range(1, 201)) + "\n")
+    nightly = _holder(tmp_path / "data", "nightly", 9)
+    nightly.start()
+    try:
+        with start_http_api(rps=400) as api:
+            argv = ["run", "adhoc", "--service", "partner_api", "--items", str(items), "--rps", "400"]
+            argv += ["--url-template", api.url + "/items/{id}", "--root", str(tmp_path / "data")]
+            assert main([*argv, "--share", "3", "--min-share", "0.5"]) == 0
+            stats = api.stats()
+    finally:
+        nightly.release()
+    out = capsys.readouterr().out
+    assert "share of partner_api's budget: 0.5 throughout, among 2 lease(s)" in out
+    assert "adhoc: 200 ok, 0 failed, 0 dead" in out
+    assert stats["by_status"] == {"200": 200} and stats["busiest_1s"] <= 200 * 0.5 * 1.1
+    assert main(["run", *argv[1:], "--share", "0"]) == 2
+    assert "share must be a positive number, got 0.0" in capsys.readouterr().err
+
+
+def test_status_lists_the_leases_of_an_s3_store(s3, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)  # as a user of an S3-compatible store sets it for the CLI
+    s3.client().create_bucket(Bucket="leases-status")
+    root = "s3://leases-status/paceline"
+    _holder(root, "nightly", 2).release()  # written and removed: its folder may stay, with nothing live in it
+    holder = _holder(root, "adhoc", 1)
+    try:
+        assert main(["status", "--root", root]) == 0
+    finally:
+        holder.release()
+    out = capsys.readouterr().out
+    assert "partner_api: 1 live lease(s)" in out
+    assert [line.split()[:5] for line in out.splitlines() if line.startswith("adhoc")] == [
+        ["adhoc", "0", "1", "0", "1.000"]
+    ]

@@ -20,11 +20,14 @@ from dagster import Definitions, EnvVar, instance_for_test, load_from_defs_folde
 
 from assets import STORE_KEY, BackfillKeys, paceline_definitions
 from paceline import Service
+from paceline.components import Backfill as BackfillComponent
 from paceline.components import EstimatesOptions, ExecutorOptions, OverridesOptions
 from paceline.definitions import defs as location
 from pipeline.items import TextLines
+from pipeline.leases import LeaseHolder, lease_store, new_lease
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices import start_http_api
+from pipeline.shares import LeaseTiming
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
 from resources import ExecutorResource, ManifestStoreResource, ServiceResource
@@ -124,6 +127,38 @@ def test_a_yaml_backfill_and_the_same_backfill_in_python_are_the_same_definition
     )
     assert _shape(from_yaml) == _shape(from_python)
     assert _shape(from_yaml)["resources"]["users_api"]["secret"] == {"env": "USERS_API_TOKEN"}
+
+
+def test_a_yaml_share_reaches_the_plan_beside_a_running_backfill(tmp_path, monkeypatch):
+    """share: 3 and min_share: 0.2 in YAML: the plan's explanation says the part of the budget it would get."""
+    package = f"shares_{tmp_path.name.replace('-', '_')}"
+    dg_project(tmp_path, package, README_YAML.replace("  max_attempts: 3\n", "  share: 3\n  min_share: 0.2\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("USERS_API_URL", "http://127.0.0.1:9")  # the plan makes no call
+    monkeypatch.setenv("USERS_API_TOKEN", TOKEN)
+    budget = {"requests_per_second": 100.0}
+    nightly = LeaseHolder(
+        lease_store("data"), new_lease("users_api", "nightly", 0, "r", 1, 0, budget, 2), LeaseTiming()
+    )
+    nightly.acquire()
+    try:
+        defs = load_from_defs_folder(path_within_project=tmp_path)
+        keys = BackfillKeys.of("users")
+        with instance_for_test() as instance:
+            job = defs.resolve_implicit_global_asset_job_def()
+            assert job.execute_in_process(instance=instance, asset_selection=[keys.plan]).success
+            derivation = metadata(instance, keys.plan)["derivation"]
+    finally:
+        nightly.release()
+    assert "1 other backfill(s) hold a lease on users_api now" in derivation
+    assert "it would get share 0.75 of the budget (weight 3, min_share 0.2)" in derivation
+
+
+def test_the_share_fields_are_the_specs_own():
+    for name in ("share", "min_share"):
+        declared, shown = BackfillSpec.__dataclass_fields__[name], BackfillComponent.model_fields[name]
+        assert (shown.default, shown.description) == (declared.default, declared.metadata["description"]), name
 
 
 def _shape(defs: Definitions) -> dict:
@@ -228,6 +263,20 @@ BAD_YAML = {
             "the items file 'missing_ids.txt' does not exist",
             "users/missing_ids.txt",
         ],
+    ),
+    "share_not_a_weight": (
+        "check defs",
+        README_YAML.replace("  max_attempts: 3\n", "  max_attempts: 3\n  share: 0\n"),
+        [
+            "users/defs.yaml:22 (attributes.share)",
+            "users: share must be a positive number, got 0.0",
+            "a backfill with share=3 gets three times the part of one with share=1",
+        ],
+    ),
+    "min_share_not_a_fraction": (
+        "check defs",
+        README_YAML.replace("  max_attempts: 3\n", "  max_attempts: 3\n  min_share: 1.5\n"),
+        ["users/defs.yaml:22 (attributes.min_share)", "users: min_share must be in [0, 1), got 1.5", "0.2: a fifth"],
     ),
     "column_file_missing": (
         "check defs",

@@ -6,6 +6,7 @@ with ``build_sensor_context`` and the runs it requests are executed in-process,
 which is what the daemon would do.
 """
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -29,10 +30,12 @@ from dagster import (
 from assets import BackfillKeys, BackfillOptions, paceline_definitions
 from pipeline.executors import BurlaExecutor, LocalExecutor
 from pipeline.items import JsonlPrompts, Values
+from pipeline.leases import LeaseHolder, lease_store, new_lease
 from pipeline.limits import Estimates, Overrides
 from pipeline.localservices import ServiceHandle, start_http_api, start_llm
 from pipeline.manifests import ManifestStore
 from pipeline.report import measure_against_limit
+from pipeline.shares import LeaseTiming
 from pipeline.spec import BackfillSpec
 from pipeline.workloads.http_api import http_work
 from pipeline.workloads.llm import llm_work
@@ -363,6 +366,27 @@ def test_max_parallelism_pin_passes_the_admission_check_or_is_refused(fresh_api,
     refused = plan_with(50)
     assert not refused.success
     assert "exceeds the 4 safe connections" in str(refused.all_events[-1].event_specific_data.error)
+
+
+def test_a_run_records_the_share_of_the_services_budget_it_had(fresh_api, instance, tmp_path):
+    """Beside a running backfill of weight 1, one of share 3 plans, runs and records three quarters."""
+    root = str(tmp_path / "data")
+    other = new_lease("test_api", "nightly", 0, "run-nightly", 1.0, 0.0, {"requests_per_second": SERVER_RPS / 2}, 2)
+    nightly = LeaseHolder(lease_store(root), other, LeaseTiming())
+    nightly.acquire()
+    nightly.start()
+    try:
+        defs = location(fresh_api, root, dataclasses.replace(spec("weighted", PLAIN[:20]), share=3.0))
+        assert run(defs, instance, "weighted_backfill").success
+    finally:
+        nightly.release()
+    keys = BackfillKeys.of("weighted")
+    plan, manifests = metadata(instance, keys.plan), metadata(instance, keys.manifests)
+    assert "it would get share 0.75 of the budget (weight 3, min_share 0)" in plan["derivation"]
+    assert (manifests["share_at_start"], manifests["share_at_end"]) == (0.75, 0.75)
+    table = manifests["share_changes"].splitlines()
+    assert table[0] == "| time (UTC) | share | live leases |" and table[2].endswith("| 0.75 | 2 |")
+    assert len(table) == 3, "the share never changed: one row"
 
 
 def test_service_backfills_share_the_services_pool(api, tmp_path):

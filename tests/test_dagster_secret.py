@@ -16,6 +16,7 @@ from pipeline.items import Values
 from pipeline.limits import Estimates, Overrides
 from pipeline.localservices import start_http_api
 from pipeline.outcomes import Permanent
+from pipeline.shares import Lease
 from pipeline.spec import BackfillSpec, Service
 from pipeline.work import FunctionWork, Item
 from resources import ManifestStoreResource, ServiceResource
@@ -64,6 +65,7 @@ def test_envvar_secret_appears_in_no_manifest_log_or_metadata(tmp_path, monkeypa
 
     assert result.success and ok == 20  # the service accepted the token on every plain id
     assert any("failed_count" in event for event in events)  # metadata is among the events scanned
+    assert any("share_at_start" in event for event in events)  # the share the run had too
     assert "***" in _parquet_text(tmp_path / "data")  # the echoes were there, and redacted
     printed = capfd.readouterr()
     for where, text in {
@@ -86,3 +88,24 @@ def _parquet_text(root: Path) -> str:
 
 def _files_text(root: Path) -> str:
     return "\n".join(f.read_bytes().decode("utf-8", "replace") for f in root.rglob("*") if f.is_file())
+
+
+def test_a_lease_holds_names_and_numbers_only():
+    """A lease is read by every backfill of its service and by ``paceline status``: it must carry no config
+    value that could be a secret. A new field fails here until someone has looked at what it carries."""
+    assert {name: field.type for name, field in Lease.__dataclass_fields__.items()} == {
+        "lease_id": "str",
+        "service": "str",
+        "backfill": "str",
+        "attempt": "int",
+        "run_id": "str",
+        "weight": "float",
+        "min_share": "float",
+        "budget": "dict[str, float]",
+        "written_at": "float",
+        "expires_at": "float",
+        "active_from": "float",
+        "host": "str",
+        "pid": "int",
+        "workers": "int",
+    }

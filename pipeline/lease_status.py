@@ -1,0 +1,66 @@
+"""Who holds a lease on each service's budget now, and what share each gets: what ``paceline status`` shows.
+
+A lease counts while ``now < expires_at + skew_s`` (``pipeline.shares``): the
+shares shown are ``allocate`` over those live leases only, the same numbers
+the running workers act on. A lease past that was left by a process that
+stopped without removing it (killed, or its machine lost); it is listed as
+expired so nobody wonders whose file it is, and it counts for nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from pipeline.leases import lease_store
+from pipeline.shares import Lease, LeaseTiming, allocate
+
+_SERVICE_FOLDER = "service="
+_TIMING = LeaseTiming()  # a reader cannot know a holder's own timing; the default skew is what backfills use
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """One lease as a reader sees it at ``now``: live or not, its share of the budget, seconds until it lapses."""
+
+    lease: Lease
+    share: float | None  # among the live leases; None for an expired lease
+    expires_in_s: float  # negative once expired
+
+    @property
+    def live(self) -> bool:
+        return self.share is not None
+
+
+def lease_states(
+    root: str, s3_endpoint_url: str | None, now: float, timing: LeaseTiming = _TIMING
+) -> dict[str, list[LeaseState]]:
+    """Every service with a lease folder under ``root``, and its leases: live first, by share, then expired."""
+    store = lease_store(root, s3_endpoint_url)
+    states = {}
+    for service in lease_services(root, s3_endpoint_url):
+        leases = store.read(service)
+        shares = allocate([lease for lease in leases if now < lease.expires_at + timing.skew_s])
+        found = [LeaseState(lease, shares.get(lease.lease_id), lease.expires_at - now) for lease in leases]
+        states[service] = sorted(found, key=lambda s: (not s.live, -(s.share or 0.0), s.lease.backfill))
+    return states
+
+
+def lease_services(root: str, s3_endpoint_url: str | None = None) -> list[str]:
+    """The services that have a lease folder under ``root`` (``<root>/leases/service=<name>/``): one listing."""
+    parsed = urlparse(root)
+    if parsed.scheme == "s3":
+        import boto3  # third-party, and only where the store is S3
+
+        endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        prefix = f"{parsed.path.strip('/')}/leases/".lstrip("/")
+        pages = boto3.client("s3", endpoint_url=endpoint).get_paginator("list_objects_v2")
+        listed = pages.paginate(Bucket=parsed.netloc, Prefix=prefix, Delimiter="/")
+        names = [
+            entry["Prefix"][len(prefix) :].rstrip("/") for page in listed for entry in page.get("CommonPrefixes", [])
+        ]
+    else:
+        folder = os.path.join(os.path.abspath(parsed.path if parsed.scheme == "file" else root), "leases")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(name[len(_SERVICE_FOLDER) :] for name in names if name.startswith(_SERVICE_FOLDER))

@@ -9,14 +9,11 @@ expired so nobody wonders whose file it is, and it counts for nothing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 from pipeline.leases import lease_store
 from pipeline.shares import Lease, LeaseTiming, allocate
 
-_SERVICE_FOLDER = "service="
 _TIMING = LeaseTiming()  # a reader cannot know a holder's own timing; the default skew is what backfills use
 
 
@@ -39,28 +36,9 @@ def lease_states(
     """Every service with a lease folder under ``root``, and its leases: live first, by share, then expired."""
     store = lease_store(root, s3_endpoint_url)
     states = {}
-    for service in lease_services(root, s3_endpoint_url):
+    for service in store.services():
         leases = store.read(service)
         shares = allocate([lease for lease in leases if now < lease.expires_at + timing.skew_s])
         found = [LeaseState(lease, shares.get(lease.lease_id), lease.expires_at - now) for lease in leases]
         states[service] = sorted(found, key=lambda s: (not s.live, -(s.share or 0.0), s.lease.backfill))
     return states
-
-
-def lease_services(root: str, s3_endpoint_url: str | None = None) -> list[str]:
-    """The services that have a lease folder under ``root`` (``<root>/leases/service=<name>/``): one listing."""
-    parsed = urlparse(root)
-    if parsed.scheme == "s3":
-        import boto3  # third-party, and only where the store is S3
-
-        endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        prefix = f"{parsed.path.strip('/')}/leases/".lstrip("/")
-        pages = boto3.client("s3", endpoint_url=endpoint).get_paginator("list_objects_v2")
-        listed = pages.paginate(Bucket=parsed.netloc, Prefix=prefix, Delimiter="/")
-        names = [
-            entry["Prefix"][len(prefix) :].rstrip("/") for page in listed for entry in page.get("CommonPrefixes", [])
-        ]
-    else:
-        folder = os.path.join(os.path.abspath(parsed.path if parsed.scheme == "file" else root), "leases")
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-    return sorted(name[len(_SERVICE_FOLDER) :] for name in names if name.startswith(_SERVICE_FOLDER))

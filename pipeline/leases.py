@@ -57,6 +57,8 @@ class LeaseStore(Protocol):
 
     def read(self, service: str) -> list[Lease]: ...
 
+    def services(self) -> list[str]: ...
+
     def write(self, lease: Lease, expected: str | None) -> str: ...
 
     def remove(self, lease: Lease) -> None: ...
@@ -70,8 +72,15 @@ def lease_store(root: str, s3_endpoint_url: str | None = None) -> LeaseStore:
     return LocalLeases(os.path.abspath(parsed.path if parsed.scheme == "file" else root))
 
 
+_SERVICE = "service="
+
+
 def _key(service: str) -> str:
-    return f"leases/service={service}"
+    return f"leases/{_SERVICE}{service}"
+
+
+def _services(folders: list[str]) -> list[str]:
+    return sorted(name[len(_SERVICE) :] for name in folders if name.startswith(_SERVICE))
 
 
 class LocalLeases:
@@ -94,6 +103,11 @@ class LocalLeases:
             except (FileNotFoundError, ValueError, TypeError, KeyError):
                 continue  # released between the listing and the read, or not a lease
         return leases
+
+    def services(self) -> list[str]:
+        """The services with a lease folder: one listing."""
+        folder = os.path.join(self._root, "leases")
+        return _services(os.listdir(folder) if os.path.isdir(folder) else [])
 
     def write(self, lease: Lease, expected: str | None) -> str:
         path = self._path(lease)
@@ -156,6 +170,14 @@ class S3Leases:
             except (ValueError, TypeError, KeyError):
                 continue
         return leases
+
+    def services(self) -> list[str]:
+        """The services with a lease folder: one listing, folders only."""
+        prefix = f"{self._prefix}leases/"
+        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix, Delimiter="/")
+        return _services(
+            [entry["Prefix"][len(prefix) :].rstrip("/") for page in pages for entry in page.get("CommonPrefixes", [])]
+        )
 
     def write(self, lease: Lease, expected: str | None) -> str:
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}

@@ -379,3 +379,10 @@ def test_burla_with_a_local_root_is_refused_before_any_call(tmp_path):
 def test_a_share_that_cannot_be_used_is_refused_with_the_field(fields, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         _backfill("nightly", **fields)
+
+
+def test_the_store_lists_the_services_that_have_leases(store):
+    assert store.services() == []
+    store.write(lease_for("nightly"), None)
+    store.write(dataclasses.replace(lease_for("crawl"), service="site"), None)
+    assert store.services() == ["api", "site"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,8 +33,10 @@ from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport
 from pipeline.runner import make_chunk_function
-from pipeline.shares import LeaseTiming
+from pipeline.shares import LeaseTiming, room
 from pipeline.work import Work
+
+log = logging.getLogger(__name__)
 
 
 class AuthenticationFailed(PacelineError):
@@ -306,11 +309,12 @@ def run_attempt(
 def _lease(
     backfill: Backfill, store: ManifestStore, executor: Executor, execution: ExecutionPlan, attempt: int, run_id: str
 ) -> LeaseHolder | None:
-    """Take this attempt's lease on its service's budget (none when the limit has no rate or token budget)."""
+    """Take this attempt's lease on its service's budget (none when its limit counts neither calls nor connections)."""
     budget = backfill.limit.budget()
-    if not budget:
+    connection_cap = backfill.limit.in_flight_budget() or 0
+    if not budget and not connection_cap:
         return None
-    if store.is_local and executor.name != "local":
+    if budget and store.is_local and executor.name != "local":
         raise ConfigError(
             f"{backfill.name}: {executor.name} workers cannot read the leases in the local folder {store.root}, "
             f"so they could not make room for other backfills of {backfill.service}. Give the manifests an s3:// "
@@ -325,6 +329,7 @@ def _lease(
         backfill.min_share,
         budget,
         execution.max_parallelism,
+        connection_cap,
     )
     holder = LeaseHolder(lease_store(store.root, store.s3_endpoint_url), lease, backfill.lease_timing)
     holder.acquire()
@@ -332,29 +337,52 @@ def _lease(
 
 
 def _make_room(backfill: Backfill, execution: ExecutionPlan, holder: LeaseHolder, items: int) -> ExecutionPlan:
-    """Run with fewer workers when the backfills already running hold most of the early-call headroom.
+    """Run with fewer workers where the backfills already running hold what all of them must fit in.
 
-    One plan keeps its workers within ``limits.early_calls`` so that even
-    workers whose phases line up cannot crowd the busiest second; backfills
-    sharing a budget share that headroom too. A newcomer takes what the
-    others leave (at least one worker; each keeps up to 64 calls in flight,
-    so fewer workers still reach the rate), and writes its smaller count in
-    its lease for the next newcomer. Two newcomers at once each count the
-    other's first count, which is never smaller, so together they fit too.
+    Connections (or batches) in flight: the attempt claims one per worker
+    and waits while the others hold them all. Early calls: one plan keeps its
+    workers within ``limits.early_calls`` so that even workers whose phases
+    line up cannot crowd the busiest second; backfills sharing a budget share
+    that headroom, and a newcomer takes what the others leave (at least one
+    worker; each keeps up to 64 calls in flight, so fewer workers still reach
+    the rate). Either way the smaller count is written in the lease for the
+    next newcomer (``shares.room`` says why two at once fit too).
     """
-    headroom = early_calls(backfill.limit, backfill.estimates)
-    taken = sum(lease.workers for lease in holder.others)
-    if headroom is None or execution.max_parallelism + taken <= headroom:
+    wanted, why = execution.max_parallelism, []
+    cap = backfill.limit.in_flight_budget()
+    if cap is not None:
+        workers = holder.wait_for_connections(wanted, cap, lambda held, of: _waiting(backfill, held, of))
+        if workers < wanted:
+            why.append(
+                f"{workers} worker(s), not {wanted}: the other backfills of {backfill.service} hold the rest of its connections"
+            )
+    else:
+        headroom = early_calls(backfill.limit, backfill.estimates)
+        workers = wanted if headroom is None else max(1, room(wanted, headroom, holder.others, "workers"))
+        if workers < wanted:
+            taken = sum(lease.workers for lease in holder.others)
+            why.append(
+                f"{workers} worker(s), not {wanted}: the other backfills of {backfill.service} run "
+                f"{taken} of the {headroom} workers whose calls may line up in one second without crowding it"
+            )
+    if workers == wanted:
         return execution
-    room = max(1, headroom - taken)
-    pinned = dataclasses.replace(backfill.overrides, max_parallelism=room)
+    holder.claim(workers=workers)
+    pinned = dataclasses.replace(backfill.overrides, max_parallelism=workers)
     fewer = derive_plan(backfill.limit, backfill.estimates, pinned, max(items, 1))
-    holder.shrink_to(room)
-    why = (
-        f"{room} worker(s), not {execution.max_parallelism}: the other backfills of {backfill.service} run "
-        f"{taken} of the {headroom} workers whose calls may line up in one second without crowding it"
+    return dataclasses.replace(fewer, explanation=[*execution.explanation, *why])
+
+
+def _waiting(backfill: Backfill, held: int, cap: int) -> None:
+    log.warning(
+        "%s: waiting for a connection to %s: the other backfills hold %d of the %d it allows; "
+        "trying again every %.1f s or so",
+        backfill.name,
+        backfill.service,
+        held,
+        cap,
+        backfill.lease_timing.reread_s,
     )
-    return dataclasses.replace(fewer, explanation=[*execution.explanation, why])
 
 
 def _share_preview(backfill: Backfill, store: ManifestStore) -> list[str]:
@@ -375,7 +403,8 @@ def _share_preview(backfill: Backfill, store: ManifestStore) -> list[str]:
 
 
 def _ticket(holder: LeaseHolder | None, store: ManifestStore, backfill: Backfill) -> ShareTicket | None:
-    if holder is None:
+    """What the workers need to pace at their share: nothing where the lease splits connections only, not a pace."""
+    if holder is None or not holder.lease.budget:
         return None
     return ShareTicket(
         store.root,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from pipeline.errors import PacelineError
-from pipeline.shares import Fraction, Lease, LeaseTiming, ShareView, allocate, fraction
+from pipeline.shares import Fraction, Lease, LeaseTiming, ShareView, allocate, fraction, room
 
 
 class LeaseLost(PacelineError):
@@ -261,10 +262,44 @@ class LeaseHolder:
             return
         self._note(self._store.read(self.lease.service), now)
 
-    def shrink_to(self, workers: int) -> None:
-        """Record fewer workers than the lease was written with (newcomers count them against the headroom)."""
-        self.lease = replace(self.lease, workers=workers)
+    def claim(self, **holds: int) -> list[Lease]:
+        """Write what the attempt holds (``workers=``, ``connections=``) and return the others live after the write.
+
+        Claim first, then look: a newcomer that sees room after its own
+        claim is visible knows every later newcomer will count it.
+        """
+        now = self._clock()
+        self.lease = replace(self.lease, expires_at=now + self._timing.ttl_s, **holds)
         self._version = self._store.write(self.lease, self._version)
+        self.others = [
+            lease
+            for lease in self._store.read(self.lease.service)
+            if lease.lease_id != self.lease.lease_id and self._live(lease, now)
+        ]
+        return self.others
+
+    def wait_for_connections(
+        self, wanted: int, cap: int, on_wait: Callable[[int, int], None], sleep: Callable[[float], None] = time.sleep
+    ) -> int:
+        """Claim up to ``wanted`` connections of ``cap`` beside the others' claims, waiting while none is free.
+
+        With no room, the claim is withdrawn and tried again after a random
+        pause (two newcomers that saw each other both withdraw; the pauses
+        part them), so a waiting attempt never holds what it does not use.
+        ``on_wait(held by others, cap)`` is told once per wait, for the log.
+        """
+        rng = random.Random()
+        while True:
+            others = self.claim(connections=wanted)
+            ceiling = min([cap, *(lease.connection_cap for lease in others if lease.connection_cap)])
+            fits = room(wanted, ceiling, others, "connections")
+            if fits >= 1:
+                if fits < wanted:
+                    self.claim(connections=fits)
+                return fits
+            self.claim(connections=0)
+            on_wait(sum(lease.connections for lease in others), ceiling)
+            sleep(self._timing.reread_s * (1 + rng.random()))
 
     def start(self) -> None:
         """Renew every ``renew_s`` on a daemon thread until ``release``."""
@@ -290,6 +325,12 @@ class LeaseHolder:
     def describe(self) -> str:
         """The share this lease starts with, in words for the plan's explanation."""
         service, share = self.lease.service, self.share()
+        if not self.lease.budget:  # a lease on connections only: no pace to share
+            held = sum(lease.connections for lease in self.others)
+            return (
+                f"holds {self.lease.connections} of {service}'s {self.lease.connection_cap} connections; "
+                f"{len(self.others)} other running lease(s) hold {held}"
+            )
         if not self.others:
             return f"the only backfill leasing {service}'s budget now: share 1 (others that start will take part of it)"
         wait = max(0.0, self.lease.active_from + self._timing.skew_s - self.lease.written_at)
@@ -330,6 +371,7 @@ def new_lease(
     min_share: float,
     budget: dict[str, float],
     workers: int,
+    connection_cap: int = 0,
 ) -> Lease:
     """A lease not yet written (``LeaseHolder.acquire`` stamps its times)."""
     return Lease(
@@ -347,6 +389,8 @@ def new_lease(
         host=socket.gethostname(),
         pid=os.getpid(),
         workers=workers,
+        connections=workers if connection_cap else 0,
+        connection_cap=connection_cap,
     )
 
 

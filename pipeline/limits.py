@@ -126,6 +126,11 @@ class ServiceLimit:
             budget["tokens_per_minute"] = self.tokens_per_minute * self.safety
         return budget
 
+    def in_flight_budget(self) -> int | None:
+        """Connections or batches a run may hold at once (declared x safety, at least one), if the limit counts them."""
+        declared = self.concurrency_cap()
+        return None if declared is None else max(1, math.floor(declared * self.safety))
+
     def concurrency_cap(self) -> int | None:
         """Live workers the service tolerates (connections or batches in flight)."""
         caps = [self.safe_connections, self.concurrent_batches]
@@ -317,9 +322,8 @@ def _in_flight_cap(limit: ServiceLimit, window_calls: int, why: list[str]) -> in
 
 def _worker_cap(limit: ServiceLimit, why: list[str]) -> int | None:
     caps: list[int] = []
-    declared = limit.concurrency_cap()
-    if declared is not None:
-        safe = max(1, math.floor(declared * limit.safety))
+    declared, safe = limit.concurrency_cap(), limit.in_flight_budget()
+    if declared is not None and safe is not None:
         caps.append(safe)
         why.append(f"{declared} connections/batches in flight x safety {limit.safety:g} = {safe} workers at most")
     if limit.max_workers is not None:

@@ -115,6 +115,8 @@ class Lease:
     host: str = ""
     pid: int = 0
     workers: int = 0
+    connections: int = 0  # connections (or batches) in flight it holds: its workers, where the limit counts them
+    connection_cap: int = 0  # the connections its declaration allows in total (0: its limit counts none)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -216,3 +218,14 @@ def fraction(
 def _smallest(leases: list[Lease], unit: str) -> float:
     """The smallest budget any lease declares for ``unit`` (leases that do not count it do not lower it)."""
     return min(lease.budget[unit] for lease in leases if unit in lease.budget)
+
+
+def room(wanted: int, headroom: int, others: list[Lease], counted: str) -> int:
+    """How many of ``wanted`` workers fit in ``headroom`` beside what the live ``others`` hold of it.
+
+    ``counted`` names the lease field that says what a lease holds (``workers``
+    or ``connections``). Every lease writes what it wants before it reads the
+    others, and only ever lowers it after, so two newcomers at once each count
+    the other's first want, never less than what it ends with: together they fit.
+    """
+    return min(wanted, headroom - sum(getattr(lease, counted) for lease in others))

@@ -386,3 +386,40 @@ def test_the_store_lists_the_services_that_have_leases(store):
     store.write(lease_for("nightly"), None)
     store.write(dataclasses.replace(lease_for("crawl"), service="site"), None)
     assert store.services() == ["api", "site"]
+
+
+def connection_lease(backfill: str, workers: int, cap: int):
+    return new_lease("db", backfill, 0, "run", 1.0, 0.0, {}, workers, connection_cap=cap)
+
+
+def test_a_newcomer_takes_the_connections_left_and_writes_what_it_took(tmp_path):
+    store = LocalLeases(str(tmp_path))
+    LeaseHolder(store, connection_lease("nightly", 1, 3), TIMING).acquire()
+    newcomer = LeaseHolder(store, connection_lease("adhoc", 3, 3), TIMING)
+    newcomer.acquire()
+    assert newcomer.wait_for_connections(3, 3, on_wait=lambda held, cap: None) == 2
+    assert {lease.backfill: lease.connections for lease in store.read("db")} == {"nightly": 1, "adhoc": 2}
+
+
+def test_a_newcomer_waits_for_a_connection_and_holds_none_meanwhile(tmp_path):
+    store = LocalLeases(str(tmp_path))
+    running = LeaseHolder(store, connection_lease("nightly", 2, 2), TIMING)
+    running.acquire()
+    newcomer = LeaseHolder(store, connection_lease("adhoc", 2, 2), TIMING)
+    newcomer.acquire()
+    told, held_while_waiting = [], []
+
+    def sleep(seconds: float) -> None:
+        held_while_waiting.append(next(x.connections for x in store.read("db") if x.backfill == "adhoc"))
+        running.release()
+
+    got = newcomer.wait_for_connections(2, 2, on_wait=lambda held, cap: told.append((held, cap)), sleep=sleep)
+    assert got == 2 and told == [(2, 2)] and held_while_waiting == [0]
+
+
+def test_the_smallest_connection_cap_any_live_lease_declares_holds(tmp_path):
+    store = LocalLeases(str(tmp_path))
+    LeaseHolder(store, connection_lease("nightly", 1, 2), TIMING).acquire()
+    newcomer = LeaseHolder(store, connection_lease("adhoc", 4, 10), TIMING)
+    newcomer.acquire()
+    assert newcomer.wait_for_connections(4, 10, on_wait=lambda held, cap: None) == 1

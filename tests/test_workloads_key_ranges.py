@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
+import time
 import uuid
 
 import psycopg
 import pytest
 
 from pipeline.items import KeyRanges
-from pipeline.limits import Estimates, ServiceLimit
+from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.localservices.postgres import PostgresHandle
 from pipeline.spec import BackfillSpec, Service
 from pipeline.workloads import WorkloadConfigError, key_range_work
@@ -112,3 +115,29 @@ def test_unparsable_dsn_is_refused() -> None:
     service = Service(ServiceLimit(name="db", safe_connections=2), "localhost:5432/db")
     with pytest.raises(WorkloadConfigError, match="KeyRangeWork.dsn: cannot be parsed"):
         spec("range_dsn", "SELECT %(lo)s, %(hi)s").build(service)
+
+
+def test_two_backfills_share_the_connection_cap(runner, postgres: PostgresHandle, pg_connections) -> None:
+    """A second backfill of one database, started while the first holds three of its four connections, runs
+    with the one left; the server never sees more than four. Leases split connections first come, first served."""
+    cap, app = 4, f"shared-{uuid.uuid4().hex[:8]}"
+    dsn = postgres.create_role(f"shared_{uuid.uuid4().hex[:8]}", connection_limit=10)  # the lease must hold it
+    table = accounts_table(dsn)
+    service = Service(ServiceLimit(name="db", safe_connections=cap, safety=1.0), dsn)
+    query = f"SELECT pg_sleep(0.1), count(*) AS n FROM {table} WHERE id >= %(lo)s AND id < %(hi)s"
+    first = dataclasses.replace(
+        spec("slow_sums", query, application_name=app).build(service), overrides=Overrides(max_parallelism=3)
+    )
+    second = spec("slow_counts", query, application_name=app).build(service)
+    results = {}
+    with pg_connections(app) as sampled:
+        running = threading.Thread(target=lambda: results.setdefault("first", runner.run(first)))
+        running.start()
+        time.sleep(0.5)  # the first holds its three connections by now (twenty ranges of 0.1 s on three)
+        results["second"] = runner.run(second)
+        running.join()
+
+    assert 1 <= sampled.peak <= cap  # judged by the server (7 without leases)
+    assert results["first"].counts["ok"] == results["second"].counts["ok"] == ROWS // 100
+    assert results["second"].execution.max_parallelism == 1
+    assert any("hold the rest of its connections" in line for line in results["second"].execution.explanation)

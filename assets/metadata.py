@@ -19,7 +19,6 @@ from assets.keys import FAILED_COUNT, MAX_RETRY_AFTER, NEXT_ATTEMPT
 from pipeline.advice import Advice
 from pipeline.backfill import PlanResult, RunResult
 from pipeline.chart import rate_chart
-from pipeline.leases import ShareChange
 from pipeline.limits import ServiceLimit
 
 # Dagster's own labels (its TableMetadataSet and UriMetadataSet): the UI shows them as the table's size and place.
@@ -92,25 +91,29 @@ def run_metadata(result: RunResult, limit: ServiceLimit, uri: str, partitioned: 
     }
     if report.max_tokens_per_minute is not None:
         metadata["busiest_tokens_per_minute"] = MetadataValue.float(round(report.max_tokens_per_minute, 1))
-    metadata.update(share_metadata(result.shares, limit))
+    metadata.update(share_metadata(result, limit))
     return {**metadata, **_table(result.attempt_rows, uri, PARTITION_ROW_COUNT if partitioned else ROW_COUNT)}
 
 
-def share_metadata(shares: list[ShareChange], limit: ServiceLimit) -> dict[str, MetadataValue]:
+def share_metadata(result: RunResult, limit: ServiceLimit) -> dict[str, MetadataValue]:
     """The part of the service's budget the run had: at its start, at its end, and when it changed.
 
     A share is a fraction of ``limit x safety`` split by weight among the
-    backfills holding a lease on the service (``pipeline.shares``). A service
-    limited only by connections or batches in flight takes no lease: there
-    the Dagster pool keeps backfills apart.
+    backfills holding a lease on the service (``pipeline.shares``).
+    Connections and batches in flight are claimed, not shared by weight: for
+    a service limited only by them, the metadata says how many the run held.
     """
-    if not shares:
+    shares = result.shares
+    if not limit.budget():
+        held = result.execution.max_parallelism
         return {
             "share_changes": MetadataValue.md(
-                f"No lease: {limit.name}'s limit has no rate or token budget to share (connections and batches "
-                "in flight are not split by leases; the service's Dagster pool bounds them)."
+                f"{limit.name} counts connections in flight, which backfills claim first come, first served: "
+                f"this run held {held} of the {limit.in_flight_budget()} its limit allows."
             )
         }
+    if not shares:
+        return {}
     rows = [
         f"| {datetime.fromtimestamp(change.at, UTC):%Y-%m-%d %H:%M:%S} | {change.share:.3g} | {change.leases} |"
         for change in shares

@@ -296,9 +296,8 @@ def _print_leases(root: str, backfill: str | None) -> None:
     if not states:
         whose = f"{backfill} holds no lease" if backfill else "no backfill holds a lease"
         print(
-            f"Leases: {whose} under {root} now. A backfill of a service "
-            "limited by a rate or a token budget holds one while it runs, and splits that budget by weight with "
-            "the others of the same service."
+            f"Leases: {whose} under {root} now. A running backfill holds one on its service: it splits a rate "
+            "or token budget by weight with the others of the same service, and claims its connections."
         )
         return
     print("Leases: the backfills sharing each service's budget now (limit x safety, split by weight):")
@@ -321,9 +320,12 @@ def _lease_table(states: list[LeaseState]) -> pa.Table:
             "attempt": str(state.lease.attempt),
             "weight": f"{state.lease.weight:g}",
             "min_share": f"{state.lease.min_share:g}",
-            "share_now": f"{state.share:.3f}" if state.live else "expired",
+            "share_now": "expired" if not state.live else "-" if state.share is None else f"{state.share:.3f}",
             "expires": f"in {max(state.expires_in_s, 0.0):.1f} s" if state.live else f"{-state.expires_in_s:.0f} s ago",
             "host/pid": f"{state.lease.host}/{state.lease.pid}",
+            "connections": f"{state.lease.connections} of {state.lease.connection_cap}"
+            if state.lease.connection_cap
+            else "-",
         }
         for state in states
     ]

@@ -22,12 +22,9 @@ class LeaseState:
     """One lease as a reader sees it at ``now``: live or not, its share of the budget, seconds until it lapses."""
 
     lease: Lease
-    share: float | None  # among the live leases; None for an expired lease
+    live: bool
+    share: float | None  # among the live leases; None for an expired lease, or one on connections only
     expires_in_s: float  # negative once expired
-
-    @property
-    def live(self) -> bool:
-        return self.share is not None
 
 
 def lease_states(
@@ -38,7 +35,10 @@ def lease_states(
     states = {}
     for service in store.services():
         leases = store.read(service)
-        shares = allocate([lease for lease in leases if now < lease.expires_at + timing.skew_s])
-        found = [LeaseState(lease, shares.get(lease.lease_id), lease.expires_at - now) for lease in leases]
+        live = [lease for lease in leases if now < lease.expires_at + timing.skew_s]
+        shares = allocate(live)
+        found = [
+            LeaseState(lease, lease in live, shares.get(lease.lease_id), lease.expires_at - now) for lease in leases
+        ]
         states[service] = sorted(found, key=lambda s: (not s.live, -(s.share or 0.0), s.lease.backfill))
     return states

@@ -135,15 +135,18 @@ def allocate(leases: list[Lease]) -> dict[str, float]:
     no floor is above its share. Floors that add up to more than the whole
     budget are scaled down together (they cannot all be kept). The result
     is monotone: a lease added never gives another lease more, which is what
-    lets workers act on views that disagree (module docstring).
+    lets workers act on views that disagree (module docstring). A lease that
+    declares no budget (its limit counts connections only) spends none and
+    takes no part.
     """
+    leases = [lease for lease in leases if lease.budget]
     if not leases:
         return {}
     floor_total = sum(lease.min_share for lease in leases)
     scale = 1.0 / floor_total if floor_total > 1.0 else 1.0
     floors = {lease.lease_id: lease.min_share * scale for lease in leases}
     shares: dict[str, float] = {}
-    free = [lease for lease in leases]
+    free = list(leases)
     while True:
         left = 1.0 - sum(shares.values())
         weight = sum(lease.weight for lease in free)

@@ -439,8 +439,13 @@ def segments_and_transitions(
     return segments, transitions
 
 
-def stacked_chart(per_second: dict[str, list[int]], limit: float, target: float, height: int = 10) -> list[str]:
-    """Each backfill's calls per second, stacked, against the limit ('═') and the target ('─')."""
+def stacked_chart(
+    per_second: dict[str, list[int]], limit: float, target: float, events: dict[float, str], height: int = 10
+) -> list[str]:
+    """Each backfill's calls per second, stacked, against the limit ('═') and the target ('─').
+
+    ``events`` (second -> one character) are marked under the time axis.
+    """
     names = list(per_second)
     width = max(len(v) for v in per_second.values())
     step = max(1, math.ceil(width / 60))
@@ -460,6 +465,10 @@ def stacked_chart(per_second: dict[str, list[int]], limit: float, target: float,
             cells += mark
         lines.append(f"{high:6.0f} ┤{cells}")
     lines.append(" " * 7 + "└" + "─" * len(columns) + f" {width} s ({step} s per column)")
+    marks = [" "] * len(columns)
+    for second, mark in sorted(events.items()):
+        marks[min(len(columns) - 1, max(0, int(second / step)))] = mark
+    lines.append(" " * 8 + "".join(marks).rstrip())
     return lines
 
 
@@ -476,6 +485,7 @@ class Cell:
     chart: list[str]
     loads: tuple[float, float]
     seen: list[Seen]
+    per_second: list[int]  # every backfill's calls together
     goals: list[tuple[str, bool, str]] = field(default_factory=list)
 
     @property
@@ -493,15 +503,10 @@ def judge(spec: CellSpec, procs: list[Proc], arrivals: list[dict[str, Any]], sta
     for name in dict.fromkeys(p.name for p in procs):
         times = np.array([a["t"] - start for a in arrivals if a["item"].partition("-")[0] == name])
         per_second[name] = np.bincount(times.astype(np.int64), minlength=span).tolist() if len(times) else [0] * span
-    chart = stacked_chart(per_second, spec.limit, spec.target)
-    events = [" "] * (len(chart[-2]) - 8)
-    step = max(1, math.ceil(span / 60))
-    for proc in procs:
-        column = min(len(events) - 1, int((proc.started - start) / step))
-        events[column] = proc.name.upper() if proc.step == "rerun" else proc.name
-        if proc.killed_at is not None:
-            events[min(len(events) - 1, int((proc.killed_at - start) / step))] = "x"
-    chart.append(" " * 8 + "".join(events).rstrip() + "   (a b c: process start; x: kill -9; B: rerun)")
+    events = {p.started - start: p.name.upper() if p.step == "rerun" else p.name for p in procs}
+    events.update({p.killed_at - start: "x" for p in procs if p.killed_at is not None})
+    chart = stacked_chart(per_second, spec.limit, spec.target, events)
+    chart[-1] += "   (a b c: process start; x: kill -9; B: rerun)"
     busiest = busiest_window([a["t"] for a in arrivals], 1.0)
     cell = Cell(
         spec,
@@ -515,6 +520,7 @@ def judge(spec: CellSpec, procs: list[Proc], arrivals: list[dict[str, Any]], sta
         chart,
         (0.0, 0.0),
         seen,
+        np.sum(list(per_second.values()), axis=0).tolist(),
     )
     _goals(cell)
     return cell
@@ -736,7 +742,7 @@ def _cell_rows(outcome: Outcome, cell: Cell) -> None:
             changes = ", ".join(f"{share:g} at {at - cell.start:.1f} s" for at, share, _ in proc.result["shares"])
             outcome.row(f"  {proc.label}: shares it recorded", changes)
     outcome.row("  load average (1 min) before / after", f"{cell.loads[0]:.2f} / {cell.loads[1]:.2f}")
-    outcome.row("  calls per second (server)", "")
+    outcome.row("  calls per second (server), all backfills", " ".join(map(str, cell.per_second)))
     for line in cell.chart:
         outcome.row("", line)
     outcome.metrics[f"{key}_busiest_1s"] = cell.busiest

@@ -21,6 +21,7 @@ from benchmarks import (
     overhead,
     planning,
     real_limit,
+    shared_budget,
     utilisation,
 )
 from benchmarks.common import Outcome, machine_line, write_json
@@ -37,6 +38,7 @@ BENCHMARKS = {
         closed_loop,
         real_limit,
         conventions,
+        shared_budget,
     )
 }
 

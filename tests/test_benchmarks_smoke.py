@@ -20,6 +20,7 @@ from benchmarks import (
     overhead,
     planning,
     real_limit,
+    shared_budget,
     utilisation,
 )
 from benchmarks.common import child_env
@@ -124,3 +125,16 @@ def test_conventions_quick_prints_every_cell_and_loses_nothing():
     for key in keys:
         assert outcome.metrics[f"{key}_lost"] == 0, outcome.render()
         assert any(label.startswith(key) for label, _ in outcome.rows), outcome.render()
+
+
+def test_shared_budget_quick_holds_the_limit_across_processes_and_loses_nothing():
+    """Every cell runs and is judged; the server never saw the limit exceeded, nothing is lost, the killed
+    backfill's rerun finishes it. Shares and goodput are the benchmark's report, with generous floors here."""
+    outcome = shared_budget.run(quick=True)
+    metrics = outcome.metrics
+    for cell in shared_budget.cells(quick=True):
+        key = cell.key
+        assert any(label.startswith(key) for label, _ in outcome.rows), outcome.render()
+        assert metrics[f"{key}_busiest_1s"] <= cell.limit, outcome.render()
+        assert metrics[f"{key}_lost"] == 0 and metrics[f"{key}_finished"], outcome.render()
+        assert (metrics[f"{key}_lowest_goodput"] or 0.0) >= 0.6, outcome.render()

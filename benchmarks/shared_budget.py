@@ -157,7 +157,7 @@ def cells(quick: bool) -> list[CellSpec]:
         CellSpec("two_1to1_200ms", "the 1:1 cell against a service answering in 200 ms", pair, latency_ms=200.0),
         CellSpec(
             "two_7to1_200ms",
-            "200 ms service, weights 7:1, the light one 5 s after: its 20 workers at 1.1 calls/s each",
+            "200 ms service, weights 7:1, the light one 5 s after (with the one worker the first one's 20 leave)",
             (Launch("a", 7, 5400, 0.0), Launch("b", 1, 450, 5.0)),
             latency_ms=200.0,
         ),

@@ -383,7 +383,7 @@ class _WorkerLoop:
         while True:
             allowed = shares.fraction()
             if allowed.value > 0:
-                self.pacer.share(allowed.value)
+                self.pacer.share(allowed.value, self._stagger)
                 if waited:  # the workers all waited for the same moment: stagger their first calls again
                     self.pacer.start_after(self._stagger / allowed.value)
                 return

@@ -79,3 +79,18 @@ def test_a_share_and_the_throttle_factor_multiply():
     pacer.share(0.5)
     assert pacer.spacing() == pytest.approx(0.4)
     assert pacer.calls_per_second(None) == pytest.approx(2.5)
+
+
+def test_a_smaller_share_keeps_staggered_workers_spread_over_the_longer_period():
+    """Four workers staggered over one 0.1 s period; at half the share the period is 0.2 s, and their calls
+    spread over all of it rather than bunching in its first half."""
+    clock = FakeClock()
+    pacers = [Pacer(Pacing(min_interval_s=0.1), clock, clock.sleep) for _ in range(4)]
+    starts = []
+    for k, pacer in enumerate(pacers):
+        clock.now = k * 0.025
+        pacer.before_call()
+        pacer.share(0.5, phase_s=k * 0.025)
+        starts.append(pacer.wait_s() + clock.now)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps == pytest.approx([0.05, 0.05, 0.05])

@@ -182,18 +182,24 @@ class Pacer:
         self._factor = min(1.0, max(factor, 1e-3))
         self._rescale()
 
-    def share(self, fraction: float) -> None:
+    def share(self, fraction: float, phase_s: float = 0.0) -> None:
         """Run at ``fraction`` (0 < fraction <= 1) of the ceiling: this backfill's share of a budget it shares.
 
         A smaller share holds from the very next call: the spacing already
         promised at the last start is stretched to the new one, so no call
         goes out at the old pace once the worker has heard of a newcomer.
+        ``phase_s`` is the worker's place in the staggered start (its delay
+        at the whole ceiling): a smaller share moves it as much as the period
+        grew, so the workers' calls stay spread over the longer period instead
+        of bunched in the part of it the old one covered.
         """
-        before = self._scale
+        before, share_before = self._scale, self._share
         self._share = min(1.0, max(fraction, 1e-3))
         self._rescale()
         if self._scale < before and self._last_start > -math.inf:
-            self._spaced_until = max(self._spaced_until, self._last_start + self._pacing.min_interval_s / self._scale)
+            shift = phase_s * (1 / self._share - 1 / share_before)
+            spaced = self._last_start + self._pacing.min_interval_s / self._scale + shift
+            self._spaced_until = max(self._spaced_until, spaced)
             self._tokens_until = self._last_start + (self._tokens_until - self._last_start) * before / self._scale
 
     def _rescale(self) -> None:

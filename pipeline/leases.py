@@ -401,22 +401,25 @@ def preview_share(store: LeaseStore, lease: Lease, timing: LeaseTiming, now: flo
 
 
 class ShareWatch:
-    """A worker's view of the leases, re-read every ``reread_s`` on a daemon thread.
+    """A worker's view of the leases, re-read every ``reread_s`` on a daemon thread, as long as its lease lives.
 
     The worker asks ``fraction()`` before each call; the answer needs no I/O.
     A read that fails leaves the last view in place, and a view too old to
-    vouch for makes the fraction 0 (``pipeline.shares.fraction``).
+    vouch for makes the fraction 0 (``pipeline.shares.fraction``). The
+    thread ends by itself once its lease is gone (released, or lapsed), so
+    nobody has to close it; a worker that still asks after that (a lease
+    written again after a late renewal) starts it again.
     """
 
     def __init__(self, ticket: ShareTicket, clock: Callable[[], float] = time.time):
         self._ticket, self._clock = ticket, clock
         self._store = ticket.store()
         self._view: ShareView | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._reread, name="paceline-shares", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> ShareWatch:
         self.read_once()
+        self._thread = threading.Thread(target=self._reread, name="paceline-shares", daemon=True)
         self._thread.start()
         return self
 
@@ -426,44 +429,41 @@ class ShareWatch:
         self._view = ShareView(tuple(self._store.read(self._ticket.service)), started)
 
     def fraction(self) -> Fraction:
+        if self._thread is not None and not self._thread.is_alive():
+            self.start()
         return fraction(self._view, self._ticket.lease_id, self._ticket.budget, self._clock(), self._ticket.timing)
 
-    def close(self) -> None:
-        self._stop.set()
-
     def _reread(self) -> None:
-        while not self._stop.wait(self._ticket.timing.reread_s):
+        while self._lease_lives():
+            time.sleep(self._ticket.timing.reread_s)
             try:
                 self.read_once()
             except Exception:  # noqa: BLE001 - the store blinked: the view ages, and pauses the worker if it must
                 continue
 
+    def _lease_lives(self) -> bool:
+        view, lease_id = self._view, self._ticket.lease_id
+        own = next((lease for lease in view.leases if lease.lease_id == lease_id), None) if view else None
+        return own is not None and self._clock() < own.expires_at + self._ticket.timing.skew_s
 
-class _Watches:
-    """One watch per lease per process, shared by its workers: hundreds of local workers read the store once."""
+
+class Watches:
+    """The watches of one process's workers, one per lease: hundreds of local workers read the store once.
+
+    It travels inside the worker to Burla, so it holds no lock (locks do not
+    pickle) and pickles empty: two workers that start at once may each start
+    a watch, which costs one extra reader for as long as the lease lives.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[tuple[str, str, str], tuple[ShareWatch, int]] = {}
+        self._by_lease: dict[tuple[str, str, str], ShareWatch] = {}
 
-    def open(self, ticket: ShareTicket) -> ShareWatch:
+    def of(self, ticket: ShareTicket) -> ShareWatch:
         key = (ticket.root, ticket.service, ticket.lease_id)
-        with self._lock:
-            watch, users = self._open.get(key) or (None, 0)
-            if watch is None:
-                watch = ShareWatch(ticket).start()
-            self._open[key] = (watch, users + 1)
-            return watch
+        watch = self._by_lease.get(key)
+        if watch is None:
+            watch = self._by_lease[key] = ShareWatch(ticket).start()
+        return watch
 
-    def close(self, ticket: ShareTicket) -> None:
-        key = (ticket.root, ticket.service, ticket.lease_id)
-        with self._lock:
-            watch, users = self._open.pop(key)
-            if users > 1:
-                self._open[key] = (watch, users - 1)
-            else:
-                watch.close()
-
-
-WATCHES = _Watches()
-"""The process's watches: a worker opens its lease's watch when it starts and closes it when it ends."""
+    def __getstate__(self) -> dict:
+        return {"_by_lease": {}}

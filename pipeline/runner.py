@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from pipeline.chunks import Chunk, ChunkResult, ChunkWorker, fill_failed
 from pipeline.connection import ChunkClient, ConnectionLost
-from pipeline.leases import WATCHES, ShareTicket, ShareWatch
+from pipeline.leases import ShareTicket, ShareWatch, Watches
 from pipeline.outcomes import CallAgain, Failure, Permanent, classify, redact, scrub
 from pipeline.pacing.cost import TokenCost
 from pipeline.pacing.headers import ServiceSignal
@@ -75,6 +75,7 @@ class PacedWorker(ChunkWorker):
     def __init__(self, work: Work):
         self.work = work
         self._idle: list[WorkerMemory] = []  # list.pop and list.append are atomic: no lock on a worker's path
+        self._watches = Watches()  # one reader of the leases per process, whatever the workers it runs
 
     def run(self, chunks: Iterator[Chunk], emit: Callable[[ChunkResult], None]) -> None:
         try:
@@ -82,7 +83,7 @@ class PacedWorker(ChunkWorker):
         except IndexError:
             memory = WorkerMemory()
         try:
-            run_worker(self.work, chunks, emit, memory)
+            run_worker(self.work, chunks, emit, memory, watches=self._watches)
         finally:
             self._idle.append(memory)
 
@@ -101,13 +102,17 @@ def run_worker(
     memory: WorkerMemory,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    watches: Watches | None = None,
 ) -> None:
-    """One worker over ``chunks`` (one run and pacing: one executor map); each result goes to ``emit`` when whole."""
+    """One worker over ``chunks`` (one run and pacing: one executor map); each result goes to ``emit`` when whole.
+
+    ``watches`` are the lease watches this worker shares with the others of its process.
+    """
     first = next(chunks, None)
     if first is None:
         return
     loop = _WorkerLoop(
-        work, WorkHooks.of(work), first.pacing, memory.of_run(first.run_id), emit, clock, sleep, first.share
+        work, WorkHooks.of(work), first.pacing, memory.of_run(first.run_id), emit, clock, sleep, first.share, watches
     )
     loop.run(itertools.chain((first,), chunks))
 
@@ -197,9 +202,10 @@ class _WorkerLoop:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         share: ShareTicket | None = None,
+        watches: Watches | None = None,
     ):
         self._pacing, self._memory, self._emit = pacing, memory, emit
-        self._share, self._shares = share, None
+        self._share, self._watches, self._shares = share, watches or Watches(), None
         self._stagger = 0.0  # this worker's place in the staggered start, kept for a start after a wait for its share
         self._secrets = hooks.secrets
         self._clock, self._sleep = clock, sleep
@@ -242,7 +248,7 @@ class _WorkerLoop:
         self._chunks = chunks
         try:
             if self._share is not None:
-                self._shares = WATCHES.open(self._share)
+                self._shares = self._watches.of(self._share)
             self._loop()
             if self._held:  # a bug, if ever: the rows still say so, and every item has one
                 self._give_up(Failure("runner_error", True, "the worker ended without a row for this item"))
@@ -392,9 +398,6 @@ class _WorkerLoop:
 
     def close(self) -> None:
         """Let go of the call threads (a stopped worker does not wait for calls nobody will read), then the client."""
-        if self._shares is not None:
-            WATCHES.close(self._share)  # type: ignore[arg-type]
-            self._shares = None
         if self._pool is not None:
             self._pool.shutdown(wait=not self._stopped and not self._in_flight, cancel_futures=True)
         self._connection.close()

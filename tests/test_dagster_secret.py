@@ -108,4 +108,6 @@ def test_a_lease_holds_names_and_numbers_only():
         "host": "str",
         "pid": "int",
         "workers": "int",
+        "connections": "int",
+        "connection_cap": "int",
     }

@@ -10,13 +10,23 @@ import dataclasses
 import random
 import re
 
+import cloudpickle
 import pytest
 
 from pipeline.backfill import Backfill, plan_backfill, run_attempt
 from pipeline.errors import ConfigError
 from pipeline.executors import BurlaExecutor, LocalExecutor
 from pipeline.items import Values
-from pipeline.leases import LeaseHolder, LeaseLost, LocalLeases, ShareTicket, ShareWatch, lease_store, new_lease
+from pipeline.leases import (
+    LeaseHolder,
+    LeaseLost,
+    LocalLeases,
+    ShareTicket,
+    ShareWatch,
+    Watches,
+    lease_store,
+    new_lease,
+)
 from pipeline.limits import Estimates, Overrides, ServiceLimit
 from pipeline.manifests import ManifestStore
 from pipeline.shares import LeaseTiming
@@ -423,3 +433,18 @@ def test_the_smallest_connection_cap_any_live_lease_declares_holds(tmp_path):
     newcomer = LeaseHolder(store, connection_lease("adhoc", 4, 10), TIMING)
     newcomer.acquire()
     assert newcomer.wait_for_connections(4, 10, on_wait=lambda held, cap: None) == 1
+
+
+def test_a_workers_watches_travel_empty_and_end_with_their_lease(tmp_path):
+    """The worker goes to Burla pickled, watches and all: a running watch (a thread) must not go with it."""
+    store = LocalLeases(str(tmp_path))
+    timing = LeaseTiming(reread_s=0.05, stale_s=0.2, skew_s=0.05, ttl_s=1.0, renew_s=0.05)
+    holder = LeaseHolder(store, lease_for("nightly"), timing)
+    lease = holder.acquire()
+    watches = Watches()
+    watch = watches.of(ShareTicket(str(tmp_path), None, "api", lease.lease_id, BUDGET, timing))
+    assert watches.of(ShareTicket(str(tmp_path), None, "api", lease.lease_id, BUDGET, timing)) is watch
+    assert cloudpickle.loads(cloudpickle.dumps(watches))._by_lease == {}
+    holder.release()
+    watch._thread.join(timeout=5)
+    assert not watch._thread.is_alive(), "the watch ends once its lease is gone"

@@ -129,12 +129,12 @@ def test_workers_running_at_once_never_share_a_memory_and_the_next_resumes_from_
     memories: dict[int, WorkerMemory] = {}
     real_run_worker = runner.run_worker
 
-    def spy(work, chunks, emit, memory):
+    def spy(work, chunks, emit, memory, **options):
         chunk = next(chunks)
         memories[chunk.chunk_id] = memory
         if chunk.chunk_id < 2:
             both_running.wait(timeout=10)  # two workers running at once, on two threads
-        return real_run_worker(work, itertools.chain([chunk], chunks), emit, memory)
+        return real_run_worker(work, itertools.chain([chunk], chunks), emit, memory, **options)
 
     monkeypatch.setattr(runner, "run_worker", spy)
     function = make_chunk_function(FunctionWork(lambda: None, lambda client, item: None))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,18 +23,17 @@ from pipeline.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_SHARE
 from pipeline.errors import ConfigError, PacelineError
 from pipeline.executors import Executor
 from pipeline.items import ItemSource, NormalizeReport, normalize
-from pipeline.leases import LeaseHolder, ShareChange, ShareTicket, lease_store, new_lease, preview_share
+from pipeline.leases import ShareChange
 from pipeline.ledger import Ledger
-from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan, early_calls
+from pipeline.limits import Estimates, ExecutionPlan, Overrides, ServiceLimit, derive_plan
 from pipeline.manifests import ManifestError, ManifestStore, check_name, result_table
 from pipeline.outcomes import OUT_OF_CREDIT
 from pipeline.plan import chunk_count, iter_chunks, make_plan
 from pipeline.report import AttemptReport
 from pipeline.runner import make_chunk_function
-from pipeline.shares import LeaseTiming, room
+from pipeline.shares import LeaseTiming
+from pipeline.sharing import make_room, share_preview, take_lease, ticket
 from pipeline.work import Work
-
-log = logging.getLogger(__name__)
 
 
 class AuthenticationFailed(PacelineError):
@@ -139,7 +136,7 @@ def plan_backfill(backfill: Backfill, store: ManifestStore) -> PlanResult:
     execution = backfill.execution_plan(items.num_rows) if items.num_rows else execution_check
     plan = make_plan(items, execution.chunk_size, execution.max_chunks_per_group)
     execution = explain_files(execution, chunk_count(plan))
-    execution = dataclasses.replace(execution, explanation=[*execution.explanation, *_share_preview(backfill, store)])
+    execution = dataclasses.replace(execution, explanation=[*execution.explanation, *share_preview(backfill, store)])
     path = store.plan_path(backfill.name, 0)
     _refuse_a_different_plan_over_manifests(backfill, store, path, plan)
     store.write_plan(backfill.name, 0, plan, backfill.max_attempts)
@@ -244,11 +241,11 @@ def run_attempt(
     progress = Progress(len(finished), total_chunks, done_items, plan.num_rows, 0)
     function = make_chunk_function(backfill.work)
     credit = _CreditWatch(set(stopped))
-    holder = _lease(backfill, store, executor, execution, attempt, run_id)
+    holder = take_lease(backfill, store, executor.name, execution, attempt, run_id)
     compactor = None
     try:
         if holder is not None:
-            execution = _make_room(backfill, execution, holder, plan.num_rows)
+            execution = make_room(backfill, execution, holder, plan.num_rows)
             holder.start()
             execution = dataclasses.replace(execution, explanation=[*execution.explanation, holder.describe()])
         chunks = iter_chunks(
@@ -259,7 +256,7 @@ def run_attempt(
             pacing=execution.pacing,
             skip=finished,
             first_wave=execution.max_parallelism,
-            share=_ticket(holder, store, backfill),
+            share=ticket(holder, store, backfill),
         )
         chunks = (_left_by_credit(chunk, stopped) for chunk in credit.until_dry(chunks))
         credentials = _CredentialCheck(backfill, execution.pacing.auth_fail_fast)
@@ -304,116 +301,6 @@ def run_attempt(
     advice = advise(report, declared.limit, declared.estimates)
     shares = holder.changes if holder is not None else []
     return RunResult(report, counts, len(finished), scan.unreadable, execution, compacted, rows, advice, shares)
-
-
-def _lease(
-    backfill: Backfill, store: ManifestStore, executor: Executor, execution: ExecutionPlan, attempt: int, run_id: str
-) -> LeaseHolder | None:
-    """Take this attempt's lease on its service's budget (none when its limit counts neither calls nor connections)."""
-    budget = backfill.limit.budget()
-    connection_cap = backfill.limit.in_flight_budget() or 0
-    if not budget and not connection_cap:
-        return None
-    if budget and store.is_local and executor.name != "local":
-        raise ConfigError(
-            f"{backfill.name}: {executor.name} workers cannot read the leases in the local folder {store.root}, "
-            f"so they could not make room for other backfills of {backfill.service}. Give the manifests an s3:// "
-            "root (manifest_root), which every worker reads, or run with the local executor."
-        )
-    lease = new_lease(
-        backfill.service,
-        backfill.name,
-        attempt,
-        run_id,
-        backfill.share,
-        backfill.min_share,
-        budget,
-        execution.max_parallelism,
-        connection_cap,
-    )
-    holder = LeaseHolder(lease_store(store.root, store.s3_endpoint_url), lease, backfill.lease_timing)
-    holder.acquire()
-    return holder
-
-
-def _make_room(backfill: Backfill, execution: ExecutionPlan, holder: LeaseHolder, items: int) -> ExecutionPlan:
-    """Run with fewer workers where the backfills already running hold what all of them must fit in.
-
-    Connections (or batches) in flight: the attempt claims one per worker
-    and waits while the others hold them all. Early calls: one plan keeps its
-    workers within ``limits.early_calls`` so that even workers whose phases
-    line up cannot crowd the busiest second; backfills sharing a budget share
-    that headroom, and a newcomer takes what the others leave (at least one
-    worker; each keeps up to 64 calls in flight, so fewer workers still reach
-    the rate). Either way the smaller count is written in the lease for the
-    next newcomer (``shares.room`` says why two at once fit too).
-    """
-    wanted, why = execution.max_parallelism, []
-    cap = backfill.limit.in_flight_budget()
-    if cap is not None:
-        workers = holder.wait_for_connections(wanted, cap, lambda held, of: _waiting(backfill, held, of))
-        if workers < wanted:
-            why.append(
-                f"{workers} worker(s), not {wanted}: the other backfills of {backfill.service} hold the rest of its connections"
-            )
-    else:
-        headroom = early_calls(backfill.limit, backfill.estimates)
-        workers = wanted if headroom is None else max(1, room(wanted, headroom, holder.others, "workers"))
-        if workers < wanted:
-            taken = sum(lease.workers for lease in holder.others)
-            why.append(
-                f"{workers} worker(s), not {wanted}: the other backfills of {backfill.service} run "
-                f"{taken} of the {headroom} workers whose calls may line up in one second without crowding it"
-            )
-    if workers == wanted:
-        return execution
-    holder.claim(workers=workers)
-    pinned = dataclasses.replace(backfill.overrides, max_parallelism=workers)
-    fewer = derive_plan(backfill.limit, backfill.estimates, pinned, max(items, 1))
-    return dataclasses.replace(fewer, explanation=[*execution.explanation, *why])
-
-
-def _waiting(backfill: Backfill, held: int, cap: int) -> None:
-    log.warning(
-        "%s: waiting for a connection to %s: the other backfills hold %d of the %d it allows; "
-        "trying again every %.1f s or so",
-        backfill.name,
-        backfill.service,
-        held,
-        cap,
-        backfill.lease_timing.reread_s,
-    )
-
-
-def _share_preview(backfill: Backfill, store: ManifestStore) -> list[str]:
-    """The share this backfill would start with among the leases live now (the run itself reads them again)."""
-    budget = backfill.limit.budget()
-    if not budget:
-        return []
-    lease = new_lease(backfill.service, backfill.name, 0, "", backfill.share, backfill.min_share, budget, 0)
-    share, live = preview_share(
-        lease_store(store.root, store.s3_endpoint_url), lease, backfill.lease_timing, time.time()
-    )
-    if not live:
-        return [f"no other backfill holds a lease on {backfill.service} now: it starts with its whole budget"]
-    return [
-        f"{live} other backfill(s) hold a lease on {backfill.service} now: started now, it would get share "
-        f"{share:.3g} of the budget (weight {backfill.share:g}, min_share {backfill.min_share:g})"
-    ]
-
-
-def _ticket(holder: LeaseHolder | None, store: ManifestStore, backfill: Backfill) -> ShareTicket | None:
-    """What the workers need to pace at their share: nothing where the lease splits connections only, not a pace."""
-    if holder is None or not holder.lease.budget:
-        return None
-    return ShareTicket(
-        store.root,
-        store.s3_endpoint_url,
-        backfill.service,
-        holder.lease.lease_id,
-        holder.lease.budget,
-        backfill.lease_timing,
-    )
 
 
 @contextlib.contextmanager

@@ -40,6 +40,11 @@ FORBIDDEN = (
         ("pipeline.runner", "pipeline.backfill", "pipeline.chunks"),
         "a worker and an attempt both hold leases: the lease code sits under both",
     ),
+    (
+        "pipeline.sharing",
+        ("pipeline.backfill", "pipeline.runner"),
+        "an attempt's lease takes what it needs of a backfill as a protocol: the backfill calls it, not the reverse",
+    ),
 )
 
 # Packages that import nothing of the project outside themselves.

@@ -88,12 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(commands, "demo", cmd_demo, "run a backfill against the bundled rate-limited service")
     demo.add_argument("--items", type=int, default=3000, help="how many items (default 3000)")
     demo.add_argument("--limit-rps", type=float, default=200, help="the demo service's limit (default 200/s)")
-    demo.add_argument(
-        "--safety",
-        type=float,
-        default=DEFAULT_SAFETY,
-        help=f"fraction of the limit to aim at (default {DEFAULT_SAFETY})",
-    )
+    _safety_argument(demo)
     demo.add_argument("--root", default=str(Path(DEFAULT_ROOT) / "demo"), help="where manifests go")
     demo.add_argument(
         "--real-limit",
@@ -122,12 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--rps", type=float, help="requests per second the service allows")
     run.add_argument("--rpm", type=float, help="requests per minute the service allows")
-    run.add_argument(
-        "--safety",
-        type=float,
-        default=DEFAULT_SAFETY,
-        help=f"fraction of the limit to aim at (default {DEFAULT_SAFETY})",
-    )
+    _safety_argument(run)
     run.add_argument(
         "--seconds-per-call",
         type=float,
@@ -158,12 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--batches", type=int, help="concurrent batches in flight")
     plan.add_argument("--per-worker-rps", type=float, help="politeness: requests/s per worker")
     plan.add_argument("--max-workers", type=int, help="a global worker cap")
-    plan.add_argument(
-        "--safety",
-        type=float,
-        default=DEFAULT_SAFETY,
-        help=f"fraction of the limit to aim at (default {DEFAULT_SAFETY})",
-    )
+    _safety_argument(plan)
     plan.add_argument("--seconds-per-call", type=float, default=0.05, help="typical latency of one call")
     plan.add_argument("--tokens-per-item", type=float, help="estimated tokens per item")
     plan.add_argument("--items", type=int, help="number of items, to size chunks")
@@ -192,14 +177,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _safety_argument(parser: argparse.ArgumentParser) -> None:
+    _number_option(parser, "--safety", DEFAULT_SAFETY, "fraction of the limit to aim at")
+
+
 def _share_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--share",
-        type=float,
-        default=DEFAULT_SHARE,
-        help=f"{_plain(described('share'))} (default {DEFAULT_SHARE:g})",
-    )
-    parser.add_argument("--min-share", type=float, default=0.0, help=f"{_plain(described('min_share'))} (default 0)")
+    _number_option(parser, "--share", DEFAULT_SHARE, _plain(described("share")))
+    _number_option(parser, "--min-share", 0.0, _plain(described("min_share")))
+
+
+def _number_option(parser: argparse.ArgumentParser, flag: str, default: float, help_text: str) -> None:
+    parser.add_argument(flag, type=float, default=default, help=f"{help_text} (default {default:g})")
 
 
 def _plain(description: str) -> str:

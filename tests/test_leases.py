@@ -398,25 +398,25 @@ def test_the_store_lists_the_services_that_have_leases(store):
     assert store.services() == ["api", "site"]
 
 
-def connection_lease(backfill: str, workers: int, cap: int):
-    return new_lease("db", backfill, 0, "run", 1.0, 0.0, {}, workers, connection_cap=cap)
+def connection_holders(tmp_path, running: tuple[int, int], newcomer: tuple[int, int]):
+    """A running backfill of a database and a newcomer, each as (workers, connection cap), both leases written."""
+    store = LocalLeases(str(tmp_path))
+    holders = []
+    for backfill, (workers, cap) in (("nightly", running), ("adhoc", newcomer)):
+        lease = new_lease("db", backfill, 0, "run", 1.0, 0.0, {}, workers, connection_cap=cap)
+        holders.append(LeaseHolder(store, lease, TIMING))
+        holders[-1].acquire()
+    return store, *holders
 
 
 def test_a_newcomer_takes_the_connections_left_and_writes_what_it_took(tmp_path):
-    store = LocalLeases(str(tmp_path))
-    LeaseHolder(store, connection_lease("nightly", 1, 3), TIMING).acquire()
-    newcomer = LeaseHolder(store, connection_lease("adhoc", 3, 3), TIMING)
-    newcomer.acquire()
+    store, _, newcomer = connection_holders(tmp_path, (1, 3), (3, 3))
     assert newcomer.wait_for_connections(3, 3, on_wait=lambda held, cap: None) == 2
     assert {lease.backfill: lease.connections for lease in store.read("db")} == {"nightly": 1, "adhoc": 2}
 
 
 def test_a_newcomer_waits_for_a_connection_and_holds_none_meanwhile(tmp_path):
-    store = LocalLeases(str(tmp_path))
-    running = LeaseHolder(store, connection_lease("nightly", 2, 2), TIMING)
-    running.acquire()
-    newcomer = LeaseHolder(store, connection_lease("adhoc", 2, 2), TIMING)
-    newcomer.acquire()
+    store, running, newcomer = connection_holders(tmp_path, (2, 2), (2, 2))
     told, held_while_waiting = [], []
 
     def sleep(seconds: float) -> None:
@@ -428,10 +428,7 @@ def test_a_newcomer_waits_for_a_connection_and_holds_none_meanwhile(tmp_path):
 
 
 def test_the_smallest_connection_cap_any_live_lease_declares_holds(tmp_path):
-    store = LocalLeases(str(tmp_path))
-    LeaseHolder(store, connection_lease("nightly", 1, 2), TIMING).acquire()
-    newcomer = LeaseHolder(store, connection_lease("adhoc", 4, 10), TIMING)
-    newcomer.acquire()
+    _, _, newcomer = connection_holders(tmp_path, (1, 2), (4, 10))
     assert newcomer.wait_for_connections(4, 10, on_wait=lambda held, cap: None) == 1
 
 

@@ -1,6 +1,6 @@
 """Who holds a lease on each service's budget now, and what share each gets: what ``paceline status`` shows.
 
-A lease counts while ``now < expires_at + skew_s`` (``pipeline.shares``): the
+A lease counts while ``now < expires_at + skew_s`` (``Lease.counted_until``): the
 shares shown are ``allocate`` over those live leases only, the same numbers
 the running workers act on. A lease past that was left by a process that
 stopped without removing it (killed, or its machine lost); it is listed as
@@ -35,7 +35,7 @@ def lease_states(
     states = {}
     for service in store.services():
         leases = store.read(service)
-        live = [lease for lease in leases if now < lease.expires_at + timing.skew_s]
+        live = [lease for lease in leases if now < lease.counted_until(timing)]
         shares = allocate(live)
         found = [
             LeaseState(lease, lease in live, shares.get(lease.lease_id), lease.expires_at - now) for lease in leases

@@ -31,7 +31,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from pipeline.errors import PacelineError
-from pipeline.shares import Fraction, Lease, LeaseTiming, ShareView, allocate, fraction, room
+from pipeline.shares import Fraction, Lease, LeaseTiming, ShareView, allocate, fraction, live_others, room
 
 
 class LeaseLost(PacelineError):
@@ -237,19 +237,17 @@ class LeaseHolder:
         alone = now - self._timing.skew_s  # nobody else to wait for: active at once on every worker's clock
         self.lease = replace(self.lease, written_at=now, expires_at=now + self._timing.ttl_s, active_from=alone)
         self._version = self._store.write(self.lease, None)
-        leases = self._store.read(self.lease.service)
-        self.others = [lease for lease in leases if lease.lease_id != self.lease.lease_id and self._live(lease, now)]
+        self._note(self._store.read(self.lease.service), now)
         if self.others:
             self.lease = replace(self.lease, active_from=now + self._timing.stale_s)
             self._version = self._store.write(self.lease, self._version)
-        self._note(leases + ([] if any(x.lease_id == self.lease.lease_id for x in leases) else [self.lease]), now)
         return self.lease
 
     def step(self) -> None:
         """Renew the lease (on time: same ``active_from``; late or lost: as a newcomer) and note the share."""
         now = self._clock()
         renewed = replace(self.lease, expires_at=now + self._timing.ttl_s)
-        late = now >= self.lease.expires_at - self._timing.skew_s
+        late = now >= self.lease.lapses_at(self._timing)
         try:
             if late:
                 raise LeaseLost(f"lease {self.lease.lease_id} renewed late")
@@ -271,11 +269,7 @@ class LeaseHolder:
         now = self._clock()
         self.lease = replace(self.lease, expires_at=now + self._timing.ttl_s, **holds)
         self._version = self._store.write(self.lease, self._version)
-        self.others = [
-            lease
-            for lease in self._store.read(self.lease.service)
-            if lease.lease_id != self.lease.lease_id and self._live(lease, now)
-        ]
+        self._note(self._store.read(self.lease.service), now)
         return self.others
 
     def wait_for_connections(
@@ -351,12 +345,10 @@ class LeaseHolder:
             except Exception:  # noqa: BLE001 - the store is unreachable: workers pause on stale views; try again
                 continue
 
-    def _live(self, lease: Lease, now: float) -> bool:
-        return now < lease.expires_at + self._timing.skew_s
-
     def _note(self, leases: list[Lease], now: float) -> None:
-        live = [lease for lease in leases if lease.lease_id == self.lease.lease_id or self._live(lease, now)]
-        self.others = [lease for lease in live if lease.lease_id != self.lease.lease_id]
+        """What a read found: the others live now, and this lease's share among them, kept when it changed."""
+        self.others = live_others(leases, self.lease.lease_id, now, self._timing)
+        live = [self.lease, *self.others]
         share = round(allocate(live).get(self.lease.lease_id, 0.0), 4)
         if not self.changes or self.changes[-1].share != share or self.changes[-1].leases != len(live):
             self.changes.append(ShareChange(now, share, len(live)))
@@ -396,7 +388,7 @@ def new_lease(
 
 def preview_share(store: LeaseStore, lease: Lease, timing: LeaseTiming, now: float) -> tuple[float, int]:
     """The share ``lease`` would start with if it were written now, and how many live leases it would join."""
-    live = [other for other in store.read(lease.service) if now < other.expires_at + timing.skew_s]
+    live = live_others(store.read(lease.service), lease.lease_id, now, timing)
     return allocate([*live, lease]).get(lease.lease_id, 0.0), len(live)
 
 
@@ -444,7 +436,7 @@ class ShareWatch:
     def _lease_lives(self) -> bool:
         view, lease_id = self._view, self._ticket.lease_id
         own = next((lease for lease in view.leases if lease.lease_id == lease_id), None) if view else None
-        return own is not None and self._clock() < own.expires_at + self._ticket.timing.skew_s
+        return own is not None and self._clock() < own.counted_until(self._ticket.timing)
 
 
 class Watches:

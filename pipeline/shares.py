@@ -118,6 +118,14 @@ class Lease:
     connections: int = 0  # connections (or batches) in flight it holds: its workers, where the limit counts them
     connection_cap: int = 0  # the connections its declaration allows in total (0: its limit counts none)
 
+    def lapses_at(self, timing: LeaseTiming) -> float:
+        """When its own workers stop trusting it (by their clock): before anyone else could count it dead."""
+        return self.expires_at - timing.skew_s
+
+    def counted_until(self, timing: LeaseTiming) -> float:
+        """Until when the others count it (by their clock), renewed or not."""
+        return self.expires_at + timing.skew_s
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -201,21 +209,26 @@ def fraction(
     own = next((lease for lease in view.leases if lease.lease_id == lease_id), None)
     if own is None:
         return Fraction(0.0, "own lease not found")
-    lapse = own.expires_at - timing.skew_s
+    lapse = own.lapses_at(timing)
     if now >= lapse:
         return Fraction(0.0, "own lease lapsed")
     stale = view.read_at + timing.stale_s
     start = own.active_from + timing.skew_s
     if now < start:
         return Fraction(0.0, "waiting until every worker has seen this lease", min(start, stale))
-    live = [lease for lease in view.leases if lease is own or now < lease.expires_at + timing.skew_s]
+    live = [own, *live_others(list(view.leases), lease_id, now, timing)]
     shares = view.shares if len(live) == len(view.leases) else allocate(live)
     ratio = min((_smallest(live, unit) / own_budget for unit, own_budget in budget.items()), default=1.0)
     value = min(1.0, shares.get(lease_id, 0.0) * ratio)
-    expiries = [lease.expires_at + timing.skew_s for lease in live if lease is not own]
+    expiries = [lease.counted_until(timing) for lease in live if lease is not own]
     return Fraction(
         value, f"share {shares.get(lease_id, 0.0):.3f} of {len(live)} lease(s)", min([lapse, stale, *expiries])
     )
+
+
+def live_others(leases: list[Lease], lease_id: str, now: float, timing: LeaseTiming) -> list[Lease]:
+    """The leases other than ``lease_id`` that count at ``now``: every reader counts with this one rule."""
+    return [lease for lease in leases if lease.lease_id != lease_id and now < lease.counted_until(timing)]
 
 
 def _smallest(leases: list[Lease], unit: str) -> float:
